@@ -1,0 +1,1 @@
+"""Host glue: the only code importing modules.*, backend.* or gradio."""

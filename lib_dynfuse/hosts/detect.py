@@ -1,0 +1,110 @@
+"""Which WebUI hosts us, decided by capability (never by git tag or version string).
+
+* new Forge: the webui root holds `modules_forge` and the `backend` package (backend.patcher.lora);
+* old Forge, reForge, Forge Classic: `modules_forge` with `ldm_patched` and no `backend` -> unsupported;
+* otherwise AUTOMATIC1111.
+
+Each host's adapter lives in its own module and is imported only when that host is detected.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Any
+
+from lib_dynfuse.hosts.base import HostAdapter, Job, refuse
+
+A1111 = "a1111"
+FORGE = "forge"
+OLD_FORGE = "old-forge"
+
+# host -> "module:Class"
+ADAPTERS = {
+    A1111: "lib_dynfuse.hosts.a1111:A1111Adapter",
+    FORGE: "lib_dynfuse.hosts.forge:ForgeAdapter",
+}
+
+OLD_FORGE_MESSAGE = (
+    "this WebUI is old Forge, reForge or Forge Classic (it has ldm_patched and no backend package); DynFuse "
+    "supports AUTOMATIC1111 1.9-1.10.1 and current Forge only."
+)
+
+
+def _root() -> str | None:
+    try:
+        from modules import paths
+
+        return os.path.realpath(paths.script_path)
+    except Exception:  # noqa: BLE001 - no host, or a host without modules.paths
+        return None
+
+
+def _spec_under_root(name: str, root: str | None) -> bool:
+    """The module exists and lives inside the webui (a stray pip package of the same name does not count)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    if root is None:
+        return True
+    locations = [spec.origin] if spec.origin and spec.origin != "namespace" else []
+    locations += list(spec.submodule_search_locations or [])
+    return any(os.path.realpath(loc).startswith(root) for loc in locations if loc)
+
+
+def detect_host() -> str:
+    root = _root()
+    if not _spec_under_root("modules_forge", root):
+        return A1111
+    if _spec_under_root("backend.patcher.lora", root) and _spec_under_root("backend.diffusion_engine.base", root):
+        return FORGE
+    return OLD_FORGE
+
+
+class UnsupportedHost(HostAdapter):
+    """Keeps dynfuse off with one clear message; the WebUI runs as usual."""
+
+    name = OLD_FORGE
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+
+    def begin_job(self, p: Any, settings: Any) -> Job | None:
+        if settings is not None and getattr(settings, "enabled", False):
+            refuse(p, f"{self.message} DynFuse is off for this generation.", "off: unsupported WebUI")
+        return None
+
+    def take_over(self, p: Any, job: Job) -> None:
+        return None
+
+    def release(self, job: Job, keep_job: bool = False) -> None:
+        return None
+
+
+_adapter: HostAdapter | None = None
+
+
+def get_adapter() -> HostAdapter:
+    """The adapter for this process's host, created once (a Reload UI keeps it; cleanup() resets its state)."""
+    global _adapter
+    if _adapter is None:
+        host = detect_host()
+        if host == OLD_FORGE:
+            _adapter = UnsupportedHost(OLD_FORGE_MESSAGE)
+        else:
+            module_name, class_name = ADAPTERS[host].split(":")
+            _adapter = getattr(importlib.import_module(module_name), class_name)()
+    return _adapter
+
+
+def reset_adapter() -> None:
+    """Forget the adapter (script unload, tests switching hosts)."""
+    global _adapter
+    if _adapter is not None:
+        _adapter.cleanup()
+    _adapter = None
