@@ -1,0 +1,205 @@
+"""Differentiable latent -> RGB decoders for guidance.
+
+Every decoder maps a diffusion latent (the sampler's x0 estimate, already multiplied by the VAE scale factor)
+to RGB in roughly [0, 1]. Values are not clamped: a clamp would zero the gradient of saturated pixels.
+
+Decoders are private modules built outside inference mode. Forge runs sampling under
+``torch.inference_mode()`` and loads its weights as inference tensors, which cannot take part in a backward
+pass; parameters created (or cloned) under ``torch.inference_mode(False)`` can.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import DecoderError
+
+DECODER_KINDS = ("auto", "approx", "taesd", "vae")
+
+# Latent -> RGB projections the hosts use for their "Approx cheap" live preview (A1111
+# modules/sd_vae_approx.py). Rows are latent channels, columns R, G, B; the result is ~[-1, 1].
+_APPROX_SD1 = (
+    (0.298, 0.207, 0.208),
+    (0.187, 0.286, 0.173),
+    (-0.158, 0.189, 0.264),
+    (-0.184, -0.271, -0.473),
+)
+_APPROX_SDXL = (
+    (0.3448, 0.4168, 0.4395),
+    (-0.1953, -0.0290, 0.0250),
+    (0.1074, 0.0886, -0.0163),
+    (-0.3730, -0.2499, -0.2088),
+)
+
+
+class _Family:
+    def __init__(self, approx: tuple, taesd_file: str, vae_scale: float) -> None:
+        self.approx = approx
+        self.taesd_file = taesd_file
+        self.vae_scale = vae_scale
+
+
+_FAMILIES = {
+    "SD1.5": _Family(_APPROX_SD1, "taesd_decoder.pth", 0.18215),
+    # SD2 shares the SD1 VAE, hence its preview table and TAESD.
+    "SD2": _Family(_APPROX_SD1, "taesd_decoder.pth", 0.18215),
+    "SDXL": _Family(_APPROX_SDXL, "taesdxl_decoder.pth", 0.13025),
+}
+_FAMILY_ALIASES = {"sd1": "SD1.5", "sd15": "SD1.5", "sd1.5": "SD1.5", "sd2": "SD2", "sdxl": "SDXL"}
+
+
+def family_key(family: str) -> str:
+    """Canonical model family name ("SD1.5", "SD2" or "SDXL") for a loosely written one."""
+    if family in _FAMILIES:
+        return family
+    key = _FAMILY_ALIASES.get(family.lower().replace("-", "").replace("_", "").replace(" ", ""))
+    if key is None:
+        raise DecoderError(f"DynFuse guidance: no decoder for the model family '{family}' "
+                           f"(supported: {', '.join(_FAMILIES)}).")
+    return key
+
+
+def private_module(module: nn.Module) -> nn.Module:
+    """A gradient-capable private copy of a host module (e.g. Forge's VAE), frozen, in eval mode.
+
+    Copies under ``inference_mode(False)`` and clones any parameter or buffer that is still an inference
+    tensor, so the copy can sit on a backward path even when the host's original cannot.
+    """
+    with torch.inference_mode(False):
+        twin = copy.deepcopy(module)
+        for owner in twin.modules():
+            for name, param in list(owner.named_parameters(recurse=False)):
+                if param.is_inference():
+                    setattr(owner, name, nn.Parameter(param.clone(), requires_grad=False))
+            for name, buf in list(owner.named_buffers(recurse=False)):
+                if buf is not None and buf.is_inference():
+                    owner.register_buffer(name, buf.clone())
+        return twin.eval().requires_grad_(False)
+
+
+class ApproxDecoder(nn.Module):
+    """The hosts' linear latent -> RGB preview projection, at latent resolution (the scorers resize)."""
+
+    def __init__(self, family: str = "SD1.5") -> None:
+        super().__init__()
+        with torch.inference_mode(False):
+            self.register_buffer("coeffs", torch.tensor(_FAMILIES[family_key(family)].approx))
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        rgb = torch.einsum("bchw,cr->brhw", latent, self.coeffs.to(latent.dtype))
+        return rgb * 0.5 + 0.5
+
+
+class _TaesdClamp(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Soft clamp to +-3, as TAESD was trained with.
+        return torch.tanh(x / 3) * 3
+
+
+def _conv(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(n_in, n_out, 3, padding=1, bias=bias)
+
+
+class _TaesdBlock(nn.Module):
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(_conv(n_in, n_out), nn.ReLU(), _conv(n_out, n_out), nn.ReLU(),
+                                  _conv(n_out, n_out))
+        self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
+        self.fuse = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.conv(x) + self.skip(x))
+
+
+class TaesdDecoder(nn.Sequential):
+    """The TAESD decoder (madebyollin/taesd). Its state-dict keys are those of ``taesd_decoder.pth`` /
+    ``taesdxl_decoder.pth`` ("1.weight", "3.conv.0.weight", ...). Input: the diffusion latent as is;
+    output: RGB in ~[0, 1] at 8x the latent resolution."""
+
+    def __init__(self, latent_channels: int = 4) -> None:
+        layers: list[nn.Module] = [_TaesdClamp(), _conv(latent_channels, 64), nn.ReLU()]
+        for _ in range(3):
+            layers += [_TaesdBlock(64, 64) for _ in range(3)]
+            layers += [nn.Upsample(scale_factor=2), _conv(64, 64, bias=False)]
+        layers += [_TaesdBlock(64, 64), _conv(64, 3)]
+        super().__init__(*layers)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "TaesdDecoder":
+        """Builds the decoder (outside inference mode) and loads a TAESD decoder state dict."""
+        with torch.inference_mode(False):
+            state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+            decoder = cls()
+            decoder.load_state_dict(state)
+        return decoder.eval().requires_grad_(False)
+
+
+class VaeDecoder(nn.Module):
+    """Wraps a host VAE decode: ``decode(latent / scale_factor)`` in [-1, 1] -> [0, 1].
+
+    ``vae`` is a module with a ``decode`` method (A1111's ``first_stage_model``; on Forge pass
+    ``private_module(forge_objects.vae.first_stage_model)``) or any callable taking the unscaled latent.
+    The full VAE is exact but by far the slowest decoder to differentiate.
+    """
+
+    def __init__(self, vae: nn.Module | Callable[[torch.Tensor], torch.Tensor], scale_factor: float) -> None:
+        super().__init__()
+        self.vae = vae if isinstance(vae, nn.Module) else None
+        self._decode = getattr(vae, "decode", vae)
+        self.scale_factor = scale_factor
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        param = next(self.vae.parameters(), None) if self.vae is not None else None
+        z = latent / self.scale_factor
+        if param is not None:
+            z = z.to(param.dtype)
+        return self._decode(z) * 0.5 + 0.5
+
+
+def taesd_path(family: str, taesd_dir: str | os.PathLike | None) -> str | None:
+    """The TAESD decoder weights file for ``family`` in ``taesd_dir`` (A1111/Forge: models/VAE-taesd),
+    or None when the folder is not given or the file is not there."""
+    if not taesd_dir:
+        return None
+    path = os.path.join(os.fspath(taesd_dir), _FAMILIES[family_key(family)].taesd_file)
+    return path if os.path.isfile(path) else None
+
+
+def make_decoder(kind: str, family: str, *, taesd_dir: str | os.PathLike | None = None,
+                 vae: nn.Module | Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 ) -> tuple[nn.Module, str]:
+    """Builds a decoder; returns ``(decoder, kind_used)``.
+
+    kind: "approx" (linear projection), "taesd" (needs ``taesd_dir`` holding taesd_decoder.pth or
+    taesdxl_decoder.pth), "vae" (needs ``vae``), or "auto" (taesd when its file is present, else approx).
+    family: "SD1.5", "SD2" or "SDXL". Raises DecoderError with a one-line message.
+    """
+    key = family_key(family)
+    if kind == "auto":
+        kind = "taesd" if taesd_path(key, taesd_dir) else "approx"
+    if kind == "approx":
+        return ApproxDecoder(key), kind
+    if kind == "taesd":
+        path = taesd_path(key, taesd_dir)
+        if path is None:
+            wanted = os.path.join(os.fspath(taesd_dir or "models/VAE-taesd"), _FAMILIES[key].taesd_file)
+            raise DecoderError(f"DynFuse guidance: the TAESD decoder file {wanted} is missing; "
+                               "choose decoder 'approx' or 'auto', or put the file there.")
+        try:
+            return TaesdDecoder.from_file(path), kind
+        except Exception as error:  # a damaged or foreign file: say which and why
+            raise DecoderError(f"DynFuse guidance: could not load the TAESD decoder {path} ({error}).") from error
+    if kind == "vae":
+        if vae is None:
+            raise DecoderError("DynFuse guidance: decoder 'vae' needs the model's VAE, which is not available.")
+        return VaeDecoder(vae, _FAMILIES[key].vae_scale), kind
+    raise DecoderError(f"DynFuse guidance: unknown decoder '{kind}' (use one of {', '.join(DECODER_KINDS)}).")
+
+
+__all__ = ["DECODER_KINDS", "ApproxDecoder", "DecoderError", "TaesdDecoder", "VaeDecoder", "family_key",
+           "make_decoder", "private_module", "taesd_path"]
