@@ -372,7 +372,7 @@ def from_infotext(params: Mapping[str, str], warn: Callable[[str], object] = pri
                   fill_defaults: bool = False) -> dict[str, object]:
     """{field: value} for the DynFuse keys present in parsed infotext; damaged values skipped with a warning.
 
-    `enabled` is True when the infotext has a "DynFuse method". With fill_defaults, every field that
+    `enabled` is True when the infotext has a "DynFuse method" key (even a damaged one). With fill_defaults, every field that
     to_infotext leaves out when it is the default gets its default (only when DynFuse was used), so pasting
     restores the generation exactly instead of keeping whatever the UI held.
     """
@@ -385,7 +385,7 @@ def from_infotext(params: Mapping[str, str], warn: Callable[[str], object] = pri
             result.update(entry.decode(text))
         except SettingsError as e:
             warn(f"DynFuse: ignoring damaged infotext value {entry.key}: {text!r} ({e})")
-    if "method" in result:
+    if "DynFuse method" in params:
         result["enabled"] = True
         if fill_defaults:
             for entry in INFOTEXT_KEYS:

@@ -1,0 +1,158 @@
+"""The per-layer fusion: base output in, base + the chosen LoRA contribution out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lib_dynfuse.decisions import DecisionLog
+from lib_dynfuse.deltas import Delta, LayerGeometry
+from lib_dynfuse.divergence import row_divergence
+from lib_dynfuse.layout import BatchLayout, StepClock
+from lib_dynfuse.policies import EngineOptions, Policy
+
+
+@dataclass(frozen=True)
+class DecisionPlan:
+    """Which rows of one UNet call decide, for which units (images, or rows), and which unit each row follows.
+
+    ``pending`` lists images of the call without a conditional row (a separate uncond chunk): they follow the
+    decision their cond row made earlier in the same step, or their own first row when there was none.
+    """
+
+    deciding_rows: tuple[int, ...]
+    units: tuple[int, ...]
+    unit_of_row: tuple[int, ...]  # index into units + pending
+    pending: tuple[tuple[int, int], ...] = ()  # (image, its first row)
+    tied: bool = False
+
+    @classmethod
+    def per_row(cls, rows: int) -> DecisionPlan:
+        r = tuple(range(rows))
+        return cls(r, r, r)
+
+    @classmethod
+    def tied(cls, layout: BatchLayout) -> DecisionPlan:
+        deciding = layout.deciding_row
+        decided = [image for image in layout.images if layout.is_cond[deciding[image]]]
+        pending = tuple((image, deciding[image]) for image in layout.images if image not in decided)
+        order = decided + [image for image, _ in pending]
+        index = {image: i for i, image in enumerate(order)}
+        return cls(tuple(deciding[i] for i in decided), tuple(decided),
+                   tuple(index[image] for image in layout.image_of_row), pending, tied=True)
+
+
+@dataclass
+class StepState:
+    """What every hook of the session reads for the current UNet call."""
+
+    policy: Policy
+    options: EngineOptions
+    log: DecisionLog
+    clock: StepClock = field(default_factory=lambda: StepClock(0, 1))
+    layout: BatchLayout | None = None
+    _plans: dict[int, DecisionPlan] = field(default_factory=dict)
+    _indices: dict[tuple[int, torch.device], Tensor] = field(default_factory=dict)
+
+    def plan(self, rows: int) -> DecisionPlan:
+        plan = self._plans.get(rows)
+        if plan is None:
+            if self.layout is None or len(self.layout) != rows or self.options.decide_per == "row":
+                plan = DecisionPlan.per_row(rows)
+            else:
+                plan = DecisionPlan.tied(self.layout)
+            self._plans[rows] = plan
+        return plan
+
+    def row_index(self, plan: DecisionPlan, device: torch.device) -> Tensor:
+        key = (id(plan), device)
+        index = self._indices.get(key)
+        if index is None:
+            index = self._indices[key] = torch.tensor(plan.unit_of_row, device=device)
+        return index
+
+    def set_layout(self, layout: BatchLayout | None) -> None:
+        if layout != self.layout:
+            self.layout = layout
+            self._plans.clear()
+            self._indices.clear()
+
+
+class LayerFusion:
+    """One hooked layer: its two deltas (either may be absent) and the decisions it made this step."""
+
+    def __init__(self, name: str, module: nn.Module, subject: Delta | None, style: Delta | None) -> None:
+        if subject is None and style is None:
+            raise ValueError(f"layer {name} has neither a subject nor a style delta")
+        self.name = name
+        self.module = module
+        self.subject = subject
+        self.style = style
+        self.geometry = LayerGeometry.of(module)
+        self.channel_dim = -1 if self.geometry.kind == "linear" else 1
+        self._prepared: dict[tuple[torch.device, torch.dtype], tuple[Delta | None, Delta | None]] = {}
+        self._tied: dict[int, tuple[int, Tensor, Tensor]] = {}
+
+    @property
+    def contested(self) -> bool:
+        return self.subject is not None and self.style is not None
+
+    def deltas_for(self, x: Tensor) -> tuple[Delta | None, Delta | None]:
+        # Factors are moved once per device/dtype, not per call (Forge may compute on another device than
+        # the one its weights are stored on).
+        key = (x.device, x.dtype)
+        pair = self._prepared.get(key)
+        if pair is None:
+            pair = tuple(None if d is None else d.to(device=x.device, dtype=x.dtype) for d in (self.subject, self.style))
+            self._prepared[key] = pair
+        return pair
+
+    def static_output(self, x: Tensor, base: Tensor) -> Tensor:
+        """What the host's merge would give: base plus both deltas at their strengths."""
+        out = base
+        for delta in self.deltas_for(x):
+            if delta is not None:
+                out = out + delta.output(x, self.geometry)
+        return out
+
+    def fuse(self, x: Tensor, base: Tensor, state: StepState) -> Tensor:
+        subject, style = self.deltas_for(x)
+        if subject is None or style is None:
+            return self.static_output(x, base)
+        y_subject = subject.output(x, self.geometry)
+        y_style = style.output(x, self.geometry)
+        plan = state.plan(base.shape[0])
+        step = state.clock.index
+        reuse = {image: self._tied[image] for image, _ in plan.pending
+                 if image in self._tied and self._tied[image][0] == step}
+        fresh = [(image, row) for image, row in plan.pending if image not in reuse]
+        units = plan.units + tuple(image for image, _ in fresh)
+        w_subject, w_style = self._decide(base, y_subject, y_style, plan.deciding_rows + tuple(r for _, r in fresh),
+                                          units, state)
+        if plan.pending:
+            order = plan.units + tuple(image for image, _ in plan.pending)
+            w_subject = torch.stack([reuse[i][1] if i in reuse else w_subject[units.index(i)] for i in order])
+            w_style = torch.stack([reuse[i][2] if i in reuse else w_style[units.index(i)] for i in order])
+        if plan.tied:
+            for i, image in enumerate(plan.units):
+                self._tied[image] = (step, w_subject[i], w_style[i])
+        index = state.row_index(plan, base.device)
+        shape = (-1,) + (1,) * (base.dim() - 1)
+        w_subject_rows = w_subject.to(base.dtype)[index].view(shape)
+        w_style_rows = w_style.to(base.dtype)[index].view(shape)
+        return base + y_subject.mul_(w_subject_rows).add_(y_style.mul_(w_style_rows))
+
+    def _decide(self, base: Tensor, y_subject: Tensor, y_style: Tensor, rows: tuple[int, ...],
+                units: tuple[int, ...], state: StepState) -> tuple[Tensor, Tensor]:
+        d_subject = d_style = None
+        if state.policy.needs_divergence:
+            kwargs = dict(channel_dim=self.channel_dim, measure=state.options.measure,
+                          temperature=state.options.temperature, standardize=state.options.standardize, rows=rows)
+            d_subject = row_divergence(base, y_subject, **kwargs)
+            d_style = row_divergence(base, y_style, **kwargs)
+        w_subject, w_style = state.policy.weights(self.name, state.clock.progress, state.clock.index,
+                                                  d_subject, d_style, len(units), base.device)
+        state.log.record(self.name, state.clock.index, units, w_subject, d_subject, d_style)
+        return w_subject, w_style

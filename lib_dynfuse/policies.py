@@ -1,0 +1,185 @@
+"""Who wins a layer at a step: the rules that turn two LoRA contributions into one.
+
+A policy returns, for each decision unit (an image, or a batch row), the weight of the subject delta and the
+weight of the style delta. The hard rules return one-hot weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from lib_dynfuse.deltas import Delta, LayerGeometry
+from lib_dynfuse.divergence import MEASURES
+
+METHODS = ("kl", "kl-soft", "k-lora", "switch", "static", "subject-only", "style-only")
+DIVERGENCE_METHODS = ("kl", "kl-soft")
+KLORA_SCHEDULES = ("S", "S*")
+
+
+@dataclass
+class EngineOptions:
+    """Everything the fusion engine needs to know about the user's choice of rule."""
+
+    method: str = "kl"
+    measure: str = "kl"
+    temperature: float = 1.0
+    standardize: bool = False
+    decide_per: str = "image"
+    soft_temperature: float = 1.0
+    switch_every: int = 5
+    klora_alpha: float = 1.5
+    klora_beta: float = 0.5
+    klora_schedule: str = "S"
+
+    def validate(self) -> None:
+        checks = {
+            "method": self.method in METHODS,
+            "measure": self.measure in MEASURES,
+            "temperature": self.temperature > 0,
+            "decide_per": self.decide_per in ("image", "row"),
+            "soft_temperature": self.soft_temperature > 0,
+            "switch_every": int(self.switch_every) == self.switch_every and self.switch_every >= 1,
+            "klora_alpha": self.klora_alpha > 0,
+            "klora_beta": self.klora_beta >= 0,
+            "klora_schedule": self.klora_schedule in KLORA_SCHEDULES,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
+            raise ValueError(f"invalid DynFuse engine options: {values}")
+
+    def non_defaults(self) -> dict[str, object]:
+        default = EngineOptions()
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)}
+
+
+@dataclass(frozen=True)
+class LayerPair:
+    """The two contributions to one layer, as the policies see them."""
+
+    subject: Delta
+    style: Delta
+    geometry: LayerGeometry
+
+
+class Policy:
+    needs_divergence = False
+
+    def __init__(self, options: EngineOptions) -> None:
+        self.options = options
+
+    def prepare(self, layers: Mapping[str, LayerPair]) -> None:
+        """Called once per generation with every layer both LoRAs touch."""
+
+    def weights(self, layer: str, progress: float, step: int, d_subject: Tensor | None, d_style: Tensor | None,
+                units: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Weights ``[units]`` of the subject and of the style delta."""
+        raise NotImplementedError
+
+
+def _constant(units: int, device: torch.device, subject: float, style: float) -> tuple[Tensor, Tensor]:
+    return (torch.full((units,), subject, device=device), torch.full((units,), style, device=device))
+
+
+class StaticPolicy(Policy):
+    def __init__(self, options: EngineOptions, subject: float = 1.0, style: float = 1.0) -> None:
+        super().__init__(options)
+        self.subject, self.style = subject, style
+
+    def weights(self, layer, progress, step, d_subject, d_style, units, device):
+        return _constant(units, device, self.subject, self.style)
+
+
+class KLPolicy(Policy):
+    """The paper's rule: the LoRA that moves the layer's output distribution more wins (ties go to the subject)."""
+
+    needs_divergence = True
+
+    def weights(self, layer, progress, step, d_subject, d_style, units, device):
+        subject_wins = (d_subject >= d_style).float()
+        return subject_wins, 1.0 - subject_wins
+
+
+class KLSoftPolicy(Policy):
+    needs_divergence = True
+
+    def weights(self, layer, progress, step, d_subject, d_style, units, device):
+        w = torch.softmax(torch.stack([d_subject, d_style]) / self.options.soft_temperature, dim=0)
+        return w[0], w[1]
+
+
+class SwitchPolicy(Policy):
+    """LoRA Switch: the whole UNet alternates between the LoRAs every ``switch_every`` steps, subject first."""
+
+    def weights(self, layer, progress, step, d_subject, d_style, units, device):
+        subject = (step // self.options.switch_every) % 2 == 0
+        return _constant(units, device, float(subject), float(not subject))
+
+
+class KLoraPolicy(Policy):
+    """K-LoRA (Ouyang et al. 2025): top-K magnitude sums of ΔW, balanced by γ and scaled by a time schedule.
+
+    Everything except the schedule is input-independent, so each layer's ratio R = (S_c / γ) / S_s is computed
+    once per generation; the subject wins while R >= S(t).
+    """
+
+    def __init__(self, options: EngineOptions) -> None:
+        super().__init__(options)
+        self.ratio: dict[str, float] = {}
+        self.gamma = 1.0
+
+    def prepare(self, layers: Mapping[str, LayerPair]) -> None:
+        top_k: dict[str, tuple[float, float]] = {}
+        l1_ratio: dict[str, float] = {}
+        for name, pair in layers.items():
+            w_c = pair.subject.dense_weight(pair.geometry).abs().flatten()
+            w_s = pair.style.dense_weight(pair.geometry).abs().flatten()
+            k = min(pair.subject.rank * pair.style.rank, w_c.numel())
+            top_k[name] = (float(w_c.topk(k).values.sum()), float(w_s.topk(k).values.sum()))
+            l1_ratio[name] = float(w_c.sum()) / max(float(w_s.sum()), 1e-30)
+        self.gamma = robust_mean(list(l1_ratio.values()))
+        self.ratio = {name: (s_c / self.gamma) / max(s_s, 1e-30) for name, (s_c, s_s) in top_k.items()}
+
+    def scale(self, progress: float) -> float:
+        alpha = self.options.klora_alpha
+        if self.options.klora_schedule == "S*":
+            # The reference code's S*(t): offset 0.85·α, wrapped modulo α, so style gets in early as well.
+            return (alpha * progress + 0.85 * alpha) % alpha
+        return alpha * progress + self.options.klora_beta
+
+    def switch_progress(self, layer: str) -> float:
+        """Progress at which the layer hands over from subject to style under S(t) (0: style throughout,
+        1: subject throughout)."""
+        r = self.ratio[layer]
+        return min(max((r - self.options.klora_beta) / self.options.klora_alpha, 0.0), 1.0)
+
+    def weights(self, layer, progress, step, d_subject, d_style, units, device):
+        subject = self.ratio[layer] >= self.scale(progress)
+        return _constant(units, device, float(subject), float(not subject))
+
+
+def robust_mean(values: list[float]) -> float:
+    """K-LoRA's γ: the mean of the per-layer L1 ratios, re-taken without the layers at 3× the mean or more."""
+    if not values:
+        return 1.0
+    mean = sum(values) / len(values)
+    kept = [v for v in values if v < 3 * mean]
+    return sum(kept) / len(kept) if kept else mean
+
+
+def make_policy(options: EngineOptions) -> Policy:
+    options.validate()
+    builders = {
+        "kl": KLPolicy,
+        "kl-soft": KLSoftPolicy,
+        "k-lora": KLoraPolicy,
+        "switch": SwitchPolicy,
+        "static": StaticPolicy,
+        "subject-only": lambda o: StaticPolicy(o, 1.0, 0.0),
+        "style-only": lambda o: StaticPolicy(o, 0.0, 1.0),
+    }
+    return builders[options.method](options)
