@@ -68,7 +68,8 @@ def _parse_tag(args: str, text: str) -> LoraTag | None:
             role = value.strip().lower()
             if role not in ROLES:
                 raise TagError(
-                    f"DynFuse: {ROLE_ARG}={value} in {text} is unknown; use {ROLE_ARG}=subject or {ROLE_ARG}=style"
+                    f"DynFuse: {ROLE_ARG}={value} in {text} is unknown; "
+                    f"use {ROLE_ARG}=subject or {ROLE_ARG}=style"
                 )
     return LoraTag(name=positional[0], te=te, unet=unet, role=role, text=text)
 
@@ -105,7 +106,8 @@ def resolve_roles(tags: list[LoraTag], subject: str, style: str) -> tuple[LoraTa
         marked = list(dict.fromkeys(t.name for t in tags if t.role == role))
         if len(marked) > 1:
             raise RoleError(
-                f"DynFuse: {len(marked)} LoRAs are marked {ROLE_ARG}={role} ({', '.join(marked)}); mark only one"
+                f"DynFuse: {len(marked)} LoRAs are marked {ROLE_ARG}={role} ({', '.join(marked)}); "
+                "mark only one"
             )
         if marked:
             chosen[role] = marked[0]

@@ -18,8 +18,8 @@ from dataclasses import Field, dataclass, field, fields, replace
 from PIL import Image, UnidentifiedImageError
 
 from lib_dynfuse import __version__
-from lib_dynfuse.policies import DIVERGENCE_METHODS, KLORA_SCHEDULES, METHODS, EngineOptions
 from lib_dynfuse.divergence import MEASURES
+from lib_dynfuse.policies import DIVERGENCE_METHODS, KLORA_SCHEDULES, METHODS, EngineOptions
 
 DECIDE_PER = ("image", "row")
 DECODERS = ("auto", "approx", "taesd", "vae")
@@ -30,74 +30,155 @@ class SettingsError(ValueError):
     """A setting the user must change; the message names it and says what to use instead."""
 
 
-def _setting(default: object, kind: str, label: str, doc: str, *, choices: tuple[str, ...] | None = None,
-             low: float | None = None, high: float | None = None, low_open: bool = False) -> Field:
+def _setting(
+    default: object,
+    kind: str,
+    label: str,
+    doc: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+) -> Field:
     """A dataclass field carrying what every consumer needs to know about it.
 
     kind: bool | float | optfloat (None allowed) | int | str | images (tuple of PIL) | image (PIL or None).
     low/high are inclusive bounds unless low_open.
     """
-    meta = {"kind": kind, "label": label, "doc": doc, "choices": choices, "low": low, "high": high,
-            "low_open": low_open}
+    meta = {
+        "kind": kind,
+        "label": label,
+        "doc": doc,
+        "choices": choices,
+        "low": low,
+        "high": high,
+        "low_open": low_open,
+    }
     return field(default=default, metadata=meta)
 
 
 @dataclass
 class DynFuseSettings:
     enabled: bool = _setting(False, "bool", "enabled", "Turn dynamic fusion on for this generation.")
-    subject: str = _setting("Auto", "str", "subject",
-                            "Subject LoRA: its name as written in <lora:NAME:...>, or Auto (first LoRA tag).")
-    style: str = _setting("Auto", "str", "style",
-                          "Style LoRA: its name as written in <lora:NAME:...>, or Auto (next LoRA tag).")
+    subject: str = _setting(
+        "Auto",
+        "str",
+        "subject",
+        "Subject LoRA: its name as written in <lora:NAME:...>, or Auto (first LoRA tag).",
+    )
+    style: str = _setting(
+        "Auto", "str", "style", "Style LoRA: its name as written in <lora:NAME:...>, or Auto (next LoRA tag)."
+    )
     subject_strength: float | None = _setting(
-        None, "optfloat", "subject strength", "Subject LoRA strength; null uses the tag's own unet weight.",
-        low=STRENGTH_RANGE[0], high=STRENGTH_RANGE[1])
+        None,
+        "optfloat",
+        "subject strength",
+        "Subject LoRA strength; null uses the tag's own unet weight.",
+        low=STRENGTH_RANGE[0],
+        high=STRENGTH_RANGE[1],
+    )
     style_strength: float | None = _setting(
-        None, "optfloat", "style strength", "Style LoRA strength; null uses the tag's own unet weight.",
-        low=STRENGTH_RANGE[0], high=STRENGTH_RANGE[1])
-    method: str = _setting("kl", "str", "method", "Fusion rule: who wins each layer at each step.",
-                           choices=METHODS)
+        None,
+        "optfloat",
+        "style strength",
+        "Style LoRA strength; null uses the tag's own unet weight.",
+        low=STRENGTH_RANGE[0],
+        high=STRENGTH_RANGE[1],
+    )
+    method: str = _setting(
+        "kl", "str", "method", "Fusion rule: who wins each layer at each step.", choices=METHODS
+    )
     measure: str = _setting("kl", "str", "measure", "Divergence used by kl and kl-soft.", choices=MEASURES)
-    temperature: float = _setting(1.0, "float", "KL temperature",
-                                  "Softmax temperature of the divergence.", low=0.0, high=100.0, low_open=True)
-    standardize: bool = _setting(False, "bool", "standardize",
-                                 "Divide outputs by the base output's per-token std before the divergence.")
-    decide_per: str = _setting("image", "str", "decide per",
-                               "image: the conditional row decides for both rows of its image; row: each row "
-                               "decides alone.", choices=DECIDE_PER)
-    soft_temperature: float = _setting(1.0, "float", "soft temperature",
-                                       "kl-soft: temperature of the softmax over the two divergences.",
-                                       low=0.0, low_open=True)
-    switch_every: int = _setting(5, "int", "switch every", "switch: alternate the LoRAs every this many steps.",
-                                 low=1)
-    klora_alpha: float = _setting(1.5, "float", "K-LoRA alpha", "k-lora: scale of the top-K comparison.",
-                                  low=0.0, low_open=True)
+    temperature: float = _setting(
+        1.0,
+        "float",
+        "KL temperature",
+        "Softmax temperature of the divergence.",
+        low=0.0,
+        high=100.0,
+        low_open=True,
+    )
+    standardize: bool = _setting(
+        False,
+        "bool",
+        "standardize",
+        "Divide outputs by the base output's per-token std before the divergence.",
+    )
+    decide_per: str = _setting(
+        "image",
+        "str",
+        "decide per",
+        "image: the conditional row decides for both rows of its image; row: each row decides alone.",
+        choices=DECIDE_PER,
+    )
+    soft_temperature: float = _setting(
+        1.0,
+        "float",
+        "soft temperature",
+        "kl-soft: temperature of the softmax over the two divergences.",
+        low=0.0,
+        low_open=True,
+    )
+    switch_every: int = _setting(
+        5, "int", "switch every", "switch: alternate the LoRAs every this many steps.", low=1
+    )
+    klora_alpha: float = _setting(
+        1.5, "float", "K-LoRA alpha", "k-lora: scale of the top-K comparison.", low=0.0, low_open=True
+    )
     klora_beta: float = _setting(0.5, "float", "K-LoRA beta", "k-lora: weight of the step schedule.", low=0.0)
-    klora_schedule: str = _setting("S", "str", "K-LoRA schedule", "k-lora: step schedule S(t) or S*(t).",
-                                   choices=KLORA_SCHEDULES)
+    klora_schedule: str = _setting(
+        "S", "str", "K-LoRA schedule", "k-lora: step schedule S(t) or S*(t).", choices=KLORA_SCHEDULES
+    )
     show_map: bool = _setting(False, "bool", "show map", "Add the selection map image to the outputs.")
-    guidance: bool = _setting(False, "bool", "guidance",
-                              "Steer the x0 estimate toward the reference images (CLIP for style, DINO for "
-                              "subject).")
-    guidance_strength: float = _setting(0.2, "float", "guidance strength",
-                                        "Step size relative to the classifier-free guidance update.",
-                                        low=0.0, high=2.0)
-    guidance_balance: float = _setting(0.5, "float", "guidance balance",
-                                       "1 = subject (DINO) only, 0 = style (CLIP) only.", low=0.0, high=1.0)
-    guidance_start: float = _setting(0.2, "float", "guidance start",
-                                     "Fraction of the schedule where guidance starts.", low=0.0, high=1.0)
-    guidance_end: float = _setting(0.7, "float", "guidance end",
-                                   "Fraction of the schedule where guidance ends (after start).",
-                                   low=0.0, high=1.0)
+    guidance: bool = _setting(
+        False,
+        "bool",
+        "guidance",
+        "Steer the x0 estimate toward the reference images (CLIP for style, DINO for subject).",
+    )
+    guidance_strength: float = _setting(
+        0.2,
+        "float",
+        "guidance strength",
+        "Step size relative to the classifier-free guidance update.",
+        low=0.0,
+        high=2.0,
+    )
+    guidance_balance: float = _setting(
+        0.5, "float", "guidance balance", "1 = subject (DINO) only, 0 = style (CLIP) only.", low=0.0, high=1.0
+    )
+    guidance_start: float = _setting(
+        0.2, "float", "guidance start", "Fraction of the schedule where guidance starts.", low=0.0, high=1.0
+    )
+    guidance_end: float = _setting(
+        0.7,
+        "float",
+        "guidance end",
+        "Fraction of the schedule where guidance ends (after start).",
+        low=0.0,
+        high=1.0,
+    )
     guidance_every: int = _setting(1, "int", "guidance every", "Guide every this many steps.", low=1)
-    guidance_decoder: str = _setting("auto", "str", "guidance decoder",
-                                     "Latent decoder for guidance: auto (TAESD when present, else approx), "
-                                     "approx, taesd or vae.", choices=DECODERS)
-    subject_refs: tuple = _setting((), "images", "subject references",
-                                   "Subject reference images (API: base64 strings, data: URLs allowed).")
-    style_ref: object | None = _setting(None, "image", "style reference",
-                                        "Style reference image (API: a base64 string, data: URL allowed).")
-    show_loss_plot: bool = _setting(False, "bool", "show loss plot", "Add the guidance loss curve to the outputs.")
+    guidance_decoder: str = _setting(
+        "auto",
+        "str",
+        "guidance decoder",
+        "Latent decoder for guidance: auto (TAESD when present, else approx), approx, taesd or vae.",
+        choices=DECODERS,
+    )
+    subject_refs: tuple = _setting(
+        (),
+        "images",
+        "subject references",
+        "Subject reference images (API: base64 strings, data: URLs allowed).",
+    )
+    style_ref: object | None = _setting(
+        None, "image", "style reference", "Style reference image (API: a base64 string, data: URL allowed)."
+    )
+    show_loss_plot: bool = _setting(
+        False, "bool", "show loss plot", "Add the guidance loss curve to the outputs."
+    )
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(**{f.name: getattr(self, f.name) for f in fields(EngineOptions)})
@@ -107,8 +188,9 @@ class DynFuseSettings:
             _check(f, getattr(self, f.name))
         if not self.guidance_start < self.guidance_end:
             raise SettingsError(
-                f"DynFuse: guidance_start ({self.guidance_start}) must be before guidance_end ({self.guidance_end}); "
-                "lower the start or raise the end")
+                f"DynFuse: guidance_start ({self.guidance_start}) must be before "
+                f"guidance_end ({self.guidance_end}); lower the start or raise the end"
+            )
 
 
 DEFAULTS = DynFuseSettings()
@@ -153,8 +235,15 @@ def _is_kind(kind: str, value: object) -> bool:
     return isinstance(value, {"bool": bool, "str": str, "images": (tuple, list), "image": Image.Image}[kind])
 
 
-_KIND_TEXT = {"bool": "true or false", "float": "a number", "optfloat": "a number or null",
-              "int": "a whole number", "str": "a string", "images": "a list of images", "image": "an image or null"}
+_KIND_TEXT = {
+    "bool": "true or false",
+    "float": "a number",
+    "optfloat": "a number or null",
+    "int": "a whole number",
+    "str": "a string",
+    "images": "a list of images",
+    "image": "an image or null",
+}
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
@@ -193,7 +282,9 @@ def coerce(name: str, value: object) -> object:
         else:
             raise bad
     elif kind in ("float", "optfloat", "int"):
-        if kind == "optfloat" and (value is None or isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        if kind == "optfloat" and (
+            value is None or isinstance(value, str) and value.strip().lower() in ("", "none", "null")
+        ):
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise bad
@@ -228,8 +319,10 @@ def from_api(payload: Mapping[str, object]) -> DynFuseSettings:
         raise SettingsError(f"DynFuse: the settings must be a JSON object, not {type(payload).__name__}")
     unknown = [key for key in payload if key not in FIELDS]
     if unknown:
-        raise SettingsError(f"DynFuse: unknown setting(s) {', '.join(map(repr, unknown))}; "
-                            f"known settings: {', '.join(FIELDS)}")
+        raise SettingsError(
+            f"DynFuse: unknown setting(s) {', '.join(map(repr, unknown))}; "
+            f"known settings: {', '.join(FIELDS)}"
+        )
     settings = replace(DEFAULTS, **{key: coerce(key, value) for key, value in payload.items()})
     settings.validate()
     return settings
@@ -242,7 +335,8 @@ def xyz_label(name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- infotext
 
-def _num(value: float | int) -> str:
+
+def _num(value: float) -> str:
     """Shortest text that reads back as exactly the same number."""
     if isinstance(value, int):
         return str(value)
@@ -269,7 +363,10 @@ def _encode_lora(name: str, strength: float | None) -> str:
 def _decode_lora(role: str, text: str) -> dict[str, object]:
     name, colon, strength = text.partition(":")
     name = _NAME_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), name)
-    return {role: coerce(role, name), f"{role}_strength": coerce(f"{role}_strength", strength) if colon else None}
+    return {
+        role: coerce(role, name),
+        f"{role}_strength": coerce(f"{role}_strength", strength) if colon else None,
+    }
 
 
 _GUIDANCE_PARTS = ("strength", "balance", "start", "end", "every", "decoder")
@@ -301,6 +398,7 @@ class InfotextKey:
     applies: whether the key means anything for these settings (e.g. soft temperature only for kl-soft).
     Keys with encode=None are written by others and ignored when pasting.
     """
+
     key: str
     fields: tuple[str, ...]
     applies: Callable[[DynFuseSettings], bool] = lambda s: True
@@ -309,17 +407,27 @@ class InfotextKey:
     decode: Callable[[str], dict[str, object]] | None = None
 
 
-def _simple(name: str, applies: Callable[[DynFuseSettings], bool] = lambda s: True, *,
-            always: bool = False) -> InfotextKey:
-    return InfotextKey(f"DynFuse {FIELDS[name].metadata['label']}", (name,), applies, always,
-                       encode=lambda s, labels: _format(getattr(s, name)),
-                       decode=lambda text: {name: coerce(name, text)})
+def _simple(
+    name: str, applies: Callable[[DynFuseSettings], bool] = lambda s: True, *, always: bool = False
+) -> InfotextKey:
+    return InfotextKey(
+        f"DynFuse {FIELDS[name].metadata['label']}",
+        (name,),
+        applies,
+        always,
+        encode=lambda s, labels: _format(getattr(s, name)),
+        decode=lambda text: {name: coerce(name, text)},
+    )
 
 
 def _lora_key(role: str) -> InfotextKey:
-    return InfotextKey(f"DynFuse {role}", (role, f"{role}_strength"), always=True,
-                       encode=lambda s, labels: _encode_lora(labels[role], getattr(s, f"{role}_strength")),
-                       decode=lambda text: _decode_lora(role, text))
+    return InfotextKey(
+        f"DynFuse {role}",
+        (role, f"{role}_strength"),
+        always=True,
+        encode=lambda s, labels: _encode_lora(labels[role], getattr(s, f"{role}_strength")),
+        decode=lambda text: _decode_lora(role, text),
+    )
 
 
 def _uses_divergence(s: DynFuseSettings) -> bool:
@@ -343,9 +451,14 @@ INFOTEXT_KEYS: tuple[InfotextKey, ...] = (
     _simple("klora_alpha", _method_is("k-lora")),
     _simple("klora_beta", _method_is("k-lora")),
     _simple("klora_schedule", _method_is("k-lora")),
-    InfotextKey("DynFuse guidance", ("guidance",) + tuple("guidance_" + p for p in _GUIDANCE_PARTS),
-                applies=lambda s: s.guidance, always=True,
-                encode=lambda s, labels: _encode_guidance(s), decode=_decode_guidance),
+    InfotextKey(
+        "DynFuse guidance",
+        ("guidance",) + tuple("guidance_" + p for p in _GUIDANCE_PARTS),
+        applies=lambda s: s.guidance,
+        always=True,
+        encode=lambda s, labels: _encode_guidance(s),
+        decode=_decode_guidance,
+    ),
     InfotextKey("DynFuse version", (), always=True, encode=lambda s, labels: __version__),
     InfotextKey("DynFuse selection", ()),  # written by the report: share of layers won by the subject
     InfotextKey("DynFuse scores", ()),  # written by the report: guidance scores
@@ -368,13 +481,14 @@ def to_infotext(s: DynFuseSettings, *, subject_label: str, style_label: str) -> 
     return result
 
 
-def from_infotext(params: Mapping[str, str], warn: Callable[[str], object] = print, *,
-                  fill_defaults: bool = False) -> dict[str, object]:
+def from_infotext(
+    params: Mapping[str, str], warn: Callable[[str], object] = print, *, fill_defaults: bool = False
+) -> dict[str, object]:
     """{field: value} for the DynFuse keys present in parsed infotext; damaged values skipped with a warning.
 
-    `enabled` is True when the infotext has a "DynFuse method" key (even a damaged one). With fill_defaults, every field that
-    to_infotext leaves out when it is the default gets its default (only when DynFuse was used), so pasting
-    restores the generation exactly instead of keeping whatever the UI held.
+    `enabled` is True when the infotext has a "DynFuse method" key (even a damaged one). With fill_defaults,
+    every field that to_infotext leaves out when it is the default gets its default (only when DynFuse was
+    used), so pasting restores the generation exactly instead of keeping whatever the UI held.
     """
     result: dict[str, object] = {}
     for entry in INFOTEXT_KEYS:
@@ -396,16 +510,25 @@ def from_infotext(params: Mapping[str, str], warn: Callable[[str], object] = pri
 
 # ---------------------------------------------------------------------------------------------- schema
 
+
 def _schema_of(f: Field) -> dict[str, object]:
     meta, kind = f.metadata, f.metadata["kind"]
     if kind == "images":
-        schema: dict[str, object] = {"type": "array", "default": [],
-                                     "items": {"type": "string", "contentEncoding": "base64"}}
+        schema: dict[str, object] = {
+            "type": "array",
+            "default": [],
+            "items": {"type": "string", "contentEncoding": "base64"},
+        }
     elif kind == "image":
         schema = {"type": ["string", "null"], "contentEncoding": "base64", "default": None}
     else:
-        json_type = {"bool": "boolean", "float": "number", "optfloat": ["number", "null"], "int": "integer",
-                     "str": "string"}[kind]
+        json_type = {
+            "bool": "boolean",
+            "float": "number",
+            "optfloat": ["number", "null"],
+            "int": "integer",
+            "str": "string",
+        }[kind]
         schema = {"type": json_type, "default": f.default}
     if meta["choices"] is not None:
         schema["enum"] = list(meta["choices"])
@@ -432,5 +555,10 @@ def json_schema() -> dict[str, object]:
 
 def describe() -> dict[str, object]:
     """Version and the choices a client needs, for a read-only API route."""
-    return {"version": __version__, "methods": list(METHODS), "measures": list(MEASURES),
-            "decoders": list(DECODERS), "infotext_keys": [entry.key for entry in INFOTEXT_KEYS]}
+    return {
+        "version": __version__,
+        "methods": list(METHODS),
+        "measures": list(MEASURES),
+        "decoders": list(DECODERS),
+        "infotext_keys": [entry.key for entry in INFOTEXT_KEYS],
+    }
