@@ -1,0 +1,149 @@
+"""Installs what DynFuse needs beyond the WebUI itself (open_clip and timm, for guidance).
+
+The WebUI runs this file on every start, so it checks first and stays silent when nothing is missing. It
+installs only packages that are absent, never upgrades or downgrades one, and keeps pip away from the
+host's own torch, torchvision, gradio, safetensors and pydantic by pinning their installed versions in a
+constraints file. A failure prints the command to run by hand and never stops the WebUI from starting.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+
+PYPROJECT = Path(__file__).resolve().parent / "pyproject.toml"
+# Used only where pyproject.toml cannot be read (Python 3.10 without tomli); keep equal to it.
+FALLBACK_DEPENDENCIES = ("open_clip_torch>=2.20.0", "timm>=0.9.2")
+IMPORT_NAMES = {"open_clip_torch": "open_clip"}
+PROTECTED = ("torch", "torchvision", "gradio", "safetensors", "pydantic")
+
+_NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+_AUTO = object()
+
+
+def dependencies(pyproject: Path = PYPROJECT) -> list[str]:
+    """`[project].dependencies` of pyproject.toml."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            return list(FALLBACK_DEPENDENCIES)
+    try:
+        with open(pyproject, "rb") as file:
+            return list(tomllib.load(file)["project"]["dependencies"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return list(FALLBACK_DEPENDENCIES)
+
+
+def distribution_name(requirement: str) -> str:
+    match = _NAME.match(requirement)
+    if match is None:
+        raise ValueError(f"not a requirement: {requirement!r}")
+    return match.group(1)
+
+
+def is_installed(distribution: str) -> bool:
+    """Installed as a distribution, or at least importable (as the WebUI's own launch.is_installed does)."""
+    try:
+        importlib.metadata.distribution(distribution)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        module = IMPORT_NAMES.get(distribution, distribution.replace("-", "_"))
+        return importlib.util.find_spec(module) is not None
+
+
+def protected_pins() -> list[str]:
+    """`name==version` for every installed package pip must leave exactly as it is."""
+    pins = []
+    for name in PROTECTED:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
+def manual_command(missing: Sequence[str], pins: Sequence[str]) -> str:
+    # Listing the pins as requirements has the same effect as the constraints file and needs no file.
+    return " ".join([f'"{sys.executable}"', "-m", "pip", "install", *(f'"{r}"' for r in [*missing, *pins])])
+
+
+def _import_launch() -> ModuleType | None:
+    try:
+        import launch
+    # Standalone, or a host whose launch module fails to import here: plain pip still works.
+    except Exception:  # noqa: BLE001
+        return None
+    return launch
+
+
+def _install(
+    missing: list[str],
+    constraints: str,
+    launch: ModuleType | None,
+    run: Callable[..., subprocess.CompletedProcess],
+) -> bool:
+    run_pip = getattr(launch, "run_pip", None)
+    if run_pip is not None:
+        # The host's run_pip adds the user's index URL and --prefer-binary; it runs through a shell.
+        command = " ".join(["install", *(f'"{r}"' for r in missing), "-c", f'"{constraints}"'])
+        try:
+            run_pip(command, desc=f"DynFuse requirements: {', '.join(missing)}")
+        except Exception as e:  # noqa: BLE001 - run_pip raises RuntimeError, forks may raise others
+            print(e)
+            return False
+        return True
+    result = run([sys.executable, "-m", "pip", "install", *missing, "-c", constraints], check=False)
+    return result.returncode == 0
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+    launch: ModuleType | None | object = _AUTO,
+    pyproject: Path = PYPROJECT,
+    installed: Callable[[str], bool] = is_installed,
+) -> int:
+    """Install the missing dependencies; always returns 0 so that the WebUI keeps starting."""
+    argv = sys.argv[1:] if argv is None else argv
+    missing = [r for r in dependencies(pyproject) if not installed(distribution_name(r))]
+    if not missing:
+        return 0
+    if launch is _AUTO:
+        launch = _import_launch()
+    pins = protected_pins()
+    if "--skip-install" in argv or getattr(getattr(launch, "args", None), "skip_install", False):
+        print(
+            f"DynFuse: {', '.join(missing)} missing and --skip-install given; guidance needs them. "
+            f"Install with:\n    {manual_command(missing, pins)}"
+        )
+        return 0
+
+    handle, constraints = tempfile.mkstemp(prefix="dynfuse-constraints-", suffix=".txt")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write("".join(pin + "\n" for pin in pins))
+        ok = _install(missing, constraints, launch, run)
+    finally:
+        os.unlink(constraints)
+    if not ok:
+        print(
+            f"DynFuse: could not install {', '.join(missing)}; guidance stays off until they are installed. "
+            f"Install by hand with:\n    {manual_command(missing, pins)}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
