@@ -1,0 +1,53 @@
+"""Stand-ins for the hosts' `modules.ui_components.InputAccordion`, for building the UI in tests.
+
+A1111 (gradio 3.41) has a `gr.Checkbox` subclass that hides itself and opens a `gr.Accordion` with the same
+keyword arguments; Forge (gradio 4.40) has the same class under the name `InputAccordionImpl`, reached
+through a factory function `InputAccordion(value, **kwargs)`. Both are followed here: the checkbox's id is
+`<elem_id>-checkbox`, the accordion's id is `elem_id`, `extra()` gives a column for the accordion header, and
+the checkbox's change event calls the host page's `inputAccordionChecked` when the page defines it.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+GRADIO_MAJOR = int(gr.__version__.split(".", 1)[0])
+
+# The host's page script defines inputAccordionChecked; the test page may not load it.
+_SYNC_JS = ('function(checked){ if (typeof inputAccordionChecked === "function") '
+            'inputAccordionChecked("%s", checked); }')
+
+
+class InputAccordionImpl(gr.Checkbox):
+    """A hidden checkbox whose value is the accordion's open (enabled) state."""
+
+    webui_do_not_create_gradio_pyi_thank_you = True  # as Forge marks it, for gradio 4's component registry
+
+    def __init__(self, value: bool = False, setup: bool = False, **kwargs):
+        if not setup:  # gradio 4 re-creates components without the accordion part
+            super().__init__(value=value, **kwargs)
+            return
+        self.accordion_id = kwargs.get("elem_id") or "input-accordion-test"
+        super().__init__(value=value, **{**kwargs, "elem_id": f"{self.accordion_id}-checkbox", "visible": False})
+        js_keyword = "_js" if GRADIO_MAJOR < 4 else "js"  # Forge's shim maps _js to js; plain gradio 4 does not
+        self.change(fn=None, inputs=[self], **{js_keyword: _SYNC_JS % self.accordion_id})
+        self.accordion = gr.Accordion(**{**kwargs, "elem_id": self.accordion_id,
+                                         "label": kwargs.get("label", "Accordion"),
+                                         "elem_classes": ["input-accordion"], "open": value})
+
+    def extra(self) -> gr.Column:
+        return gr.Column(elem_id=self.accordion_id + "-extra", elem_classes="input-accordion-extra", min_width=0)
+
+    def __enter__(self):
+        self.accordion.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        self.accordion.__exit__(exc_type, exc_val, exc_tb)
+
+    def get_block_name(self) -> str:
+        return "checkbox"
+
+
+def InputAccordion(value: bool = False, **kwargs) -> InputAccordionImpl:  # noqa: N802 - the host's name
+    return InputAccordionImpl(value=value, setup=True, **kwargs)
