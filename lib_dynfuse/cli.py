@@ -19,9 +19,7 @@ def _alphas(lora: LoraFile) -> str:
 
 
 def _pair(layer: LoraLayer) -> tuple[LowRankDelta, LayerGeometry]:
-    delta = LowRankDelta(layer.down, layer.up, layer.mid, layer.alpha)
-    shape = tuple(delta.dense_weight(_guess_geometry(layer)).shape)
-    return delta, LayerGeometry("linear" if len(shape) == 2 else "conv2d", shape)
+    return LowRankDelta(layer.down, layer.up, layer.mid, layer.alpha), _guess_geometry(layer)
 
 
 def _guess_geometry(layer: LoraLayer) -> LayerGeometry:

@@ -254,13 +254,3 @@ def guess_family(lora: LoraFile) -> str:
         return "SDXL"
     return "unknown"
 
-
-def geometry_free_weight(layer: LoraLayer) -> Tensor:
-    """ΔW of a layer (scale alpha/rank applied) without knowing the target module, for ``inspect``."""
-    scale = layer.alpha / layer.rank if layer.alpha is not None else 1.0
-    up, down = layer.up.float().flatten(1), layer.down.float()
-    if layer.mid is not None:
-        return torch.einsum("or,rskl,si->oikl", up, layer.mid.float(), down.flatten(1)) * scale
-    if down.dim() == 4:
-        return torch.einsum("or,rikl->oikl", up, down) * scale
-    return (up @ down) * scale

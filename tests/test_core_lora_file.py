@@ -1,0 +1,143 @@
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib_dynfuse.deltas import LayerGeometry
+from lib_dynfuse.lora_file import LoraFileError, deltas_for_model, ldm_candidates, read_lora, resolve_layers
+from tests.lora_files import lora_tensors, write
+from tests.tiny_unet import LAYERS, TinyUNet
+
+DATA = Path(__file__).parent / "data"
+ALL = [f"model.diffusion_model.{p}" for p, _, _ in LAYERS]
+
+
+def table(name):
+    with open(DATA / name, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_every_sd15_kohya_key_maps_to_its_ldm_module():
+    for row in table("sd15-unet-layers.tsv"):
+        key = row["kohya_key"].removeprefix("lora_unet_")
+        target = row["module"].removeprefix("model.diffusion_model.").replace(".", "_")
+        assert target in [key, *ldm_candidates(key)], row["kohya_key"]
+
+
+def test_sdxl_kohya_keys_are_ldm_paths_already():
+    for row in table("sdxl-unet-layers.tsv"):
+        key = row["kohya_key"].removeprefix("lora_unet_")
+        assert key == row["module"].removeprefix("model.diffusion_model.").replace(".", "_")
+
+
+def test_kohya_file_round_trip_onto_the_model(tmp_path):
+    model = TinyUNet()
+    tensors = lora_tensors(model, ALL, rank=3, alpha=1.5, seed=1)
+    tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.randn(3, 12)
+    tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.randn(12, 3)
+    lora = read_lora(write(tmp_path / "dog.safetensors", tensors, {"ss_network_dim": "3"}))
+    assert lora.name == "dog" and lora.rank == 3 and len(lora.layers) == len(ALL)
+    assert lora.text_encoder_keys == ["lora_te_text_model_encoder_layers_0_mlp_fc1"]
+    assert lora.metadata == {"ss_network_dim": "3"}
+    deltas = deltas_for_model(lora, model, strength=0.5)
+    assert sorted(deltas) == sorted(ALL)
+    name = ALL[3]
+    base = name.replace("model.diffusion_model.", "lora_unet_").replace(".", "_")
+    expected = tensors[f"{base}.lora_up.weight"] @ tensors[f"{base}.lora_down.weight"] * 0.5 * 1.5 / 3
+    geometry = LayerGeometry.of(dict(model.named_modules())[name])
+    torch.testing.assert_close(deltas[name].dense_weight(geometry), expected)
+
+
+def test_diffusers_named_kohya_keys_map_onto_ldm_modules(tmp_path):
+    model = TinyUNet()
+    rows = {r["module"]: r["kohya_key"] for r in table("sd15-unet-layers.tsv")}
+    tensors = lora_tensors(model, ALL, key=lambda name: rows[name], seed=2)
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0") for k in tensors)
+    lora = read_lora(write(tmp_path / "diffusers_named.safetensors", tensors))
+    assert sorted(resolve_layers(lora, model)) == sorted(ALL)
+
+
+def test_peft_layout(tmp_path):
+    model = TinyUNet()
+    names = [n for n in ALL if "attn" in n]
+    lora = read_lora(write(tmp_path / "peft.safetensors", lora_tensors(model, names, layout="peft", seed=3)))
+    assert all(layer.alpha is None for layer in lora.layers.values())
+    deltas = deltas_for_model(lora, model)
+    assert sorted(deltas) == sorted(names)
+    assert all(d.scale == 1.0 for d in deltas.values())
+
+
+def test_locon_mid_factors(tmp_path):
+    model = TinyUNet()
+    conv = ["model.diffusion_model.input_blocks.1.0.in_layers.2"]
+    lora = read_lora(write(tmp_path / "locon.safetensors", lora_tensors(model, conv, mid=True, seed=4)))
+    layer = next(iter(lora.layers.values()))
+    assert layer.mid is not None and tuple(layer.mid.shape) == (2, 2, 3, 3)
+    assert deltas_for_model(lora, model)[conv[0]].mid is not None
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(LoraFileError, match="LoRA file not found"):
+        read_lora(tmp_path / "nope.safetensors")
+
+
+def test_truncated_file(tmp_path):
+    good = write(tmp_path / "good.safetensors", lora_tensors(TinyUNet(), ALL, seed=5))
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(LoraFileError, match=r"cannot read truncated.safetensors: damaged or not a .safetensors file"):
+        read_lora(bad)
+
+
+def test_garbage_file(tmp_path):
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(b"this is not a safetensors file at all" * 10)
+    with pytest.raises(LoraFileError, match="cannot read garbage.safetensors"):
+        read_lora(bad)
+
+
+def test_a_checkpoint_is_not_a_lora(tmp_path):
+    path = write(tmp_path / "model.safetensors", {"model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3)})
+    with pytest.raises(LoraFileError, match="model.safetensors is not a LoRA file"):
+        read_lora(path)
+
+
+def test_mismatched_factors(tmp_path):
+    tensors = lora_tensors(TinyUNet(), ALL[3:4], seed=6)
+    key = next(k for k in tensors if k.endswith("lora_up.weight"))
+    tensors[key] = torch.randn(8, 5)
+    with pytest.raises(LoraFileError, match="mismatched factors"):
+        read_lora(write(tmp_path / "bad.safetensors", tensors))
+
+
+def test_a_lora_for_another_model_family_does_not_fit(tmp_path):
+    model = TinyUNet()
+    tensors = {
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.randn(2, 2048),
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.randn(640, 2),
+    }
+    lora = read_lora(write(tmp_path / "xl.safetensors", tensors))
+    assert lora.family == "SDXL"
+    with pytest.raises(LoraFileError, match=r"xl.safetensors does not fit this model: .*SDXL LoRA"):
+        deltas_for_model(lora, model)
+    unrelated = read_lora(write(tmp_path / "other.safetensors", {
+        "lora_unet_label_emb_0_0.lora_down.weight": torch.randn(2, 2816),
+        "lora_unet_label_emb_0_0.lora_up.weight": torch.randn(1280, 2)}))
+    with pytest.raises(LoraFileError, match="none of its 1 UNet layers exist in it"):
+        deltas_for_model(unrelated, model)
+
+
+@pytest.mark.parametrize("metadata,dims,family", [
+    ({"ss_base_model_version": "sdxl_base_v1-0"}, 768, "SDXL"),
+    ({"modelspec.architecture": "stable-diffusion-v1/lora"}, 2048, "SD1.5"),
+    ({}, 768, "SD1.5"),
+    ({}, 2048, "SDXL"),
+    ({}, 1024, "unknown"),
+])
+def test_family_guess(tmp_path, metadata, dims, family):
+    tensors = {
+        "lora_unet_output_blocks_3_1_transformer_blocks_0_attn2_to_v.lora_down.weight": torch.randn(2, dims),
+        "lora_unet_output_blocks_3_1_transformer_blocks_0_attn2_to_v.lora_up.weight": torch.randn(640, 2),
+    }
+    assert read_lora(write(tmp_path / "f.safetensors", tensors, metadata)).family == family

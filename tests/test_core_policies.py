@@ -1,0 +1,107 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lib_dynfuse.deltas import LayerGeometry, LowRankDelta
+from lib_dynfuse.policies import METHODS, EngineOptions, KLoraPolicy, LayerPair, make_policy, robust_mean
+
+CPU = torch.device("cpu")
+
+
+def weights(policy, d_s, d_t, step=0, progress=0.0, layer="l"):
+    w = policy.weights(layer, progress, step, torch.tensor(d_s), torch.tensor(d_t), len(d_s), CPU)
+    return w[0].tolist(), w[1].tolist()
+
+
+def test_kl_hard_switch_picks_the_larger_divergence_per_unit():
+    policy = make_policy(EngineOptions())
+    assert weights(policy, [0.3, 0.1, 0.2], [0.2, 0.4, 0.2]) == ([1.0, 0.0, 1.0], [0.0, 1.0, 0.0])
+
+
+def test_kl_soft_blends_by_softmax_of_divergence():
+    policy = make_policy(EngineOptions(method="kl-soft", soft_temperature=0.5))
+    w_s, w_t = weights(policy, [0.3], [0.1])
+    expected = torch.softmax(torch.tensor([0.3, 0.1]) / 0.5, 0)
+    assert w_s == pytest.approx([float(expected[0])]) and w_t == pytest.approx([float(expected[1])])
+
+
+@pytest.mark.parametrize("method,expected", [("static", (1, 1)), ("subject-only", (1, 0)), ("style-only", (0, 1))])
+def test_constant_rules(method, expected):
+    policy = make_policy(EngineOptions(method=method))
+    assert not policy.needs_divergence
+    w = policy.weights("l", 0.5, 3, None, None, 2, CPU)
+    assert [w[0].tolist(), w[1].tolist()] == [[expected[0]] * 2, [expected[1]] * 2]
+
+
+def test_switch_alternates_every_k_steps_subject_first():
+    policy = make_policy(EngineOptions(method="switch", switch_every=3))
+    winners = [policy.weights("l", 0, step, None, None, 1, CPU)[0].item() for step in range(9)]
+    assert winners == [1, 1, 1, 0, 0, 0, 1, 1, 1]
+
+
+def test_validation_names_the_bad_fields():
+    with pytest.raises(ValueError, match="method='nope'.*temperature=0"):
+        make_policy(EngineOptions(method="nope", temperature=0))
+    assert set(METHODS) == {"kl", "kl-soft", "k-lora", "switch", "static", "subject-only", "style-only"}
+
+
+def brute_force_klora(pairs, alpha, beta, progress, schedule):
+    """K-LoRA as method.md states it, computed from dense ΔW without any precomputation."""
+    ratios = []
+    for p in pairs.values():
+        ratios.append(float(p.subject.dense_weight(p.geometry).abs().sum() / p.style.dense_weight(p.geometry).abs().sum()))
+    mean = sum(ratios) / len(ratios)
+    kept = [r for r in ratios if r < 3 * mean]
+    gamma = sum(kept) / len(kept)
+    if schedule == "S":
+        s = alpha * progress + beta
+    else:
+        s = (alpha * progress + 0.85 * alpha) % alpha
+    out = {}
+    for name, p in pairs.items():
+        wc = p.subject.dense_weight(p.geometry).abs().flatten()
+        ws = p.style.dense_weight(p.geometry).abs().flatten()
+        k = p.subject.rank * p.style.rank
+        s_c = torch.sort(wc, descending=True).values[:k].sum()
+        s_s = torch.sort(ws, descending=True).values[:k].sum()
+        out[name] = bool(s_c / gamma >= s_s * s)
+    return out
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 1000), schedule=st.sampled_from(["S", "S*"]), alpha=st.floats(0.5, 3), beta=st.floats(0, 1),
+       steps=st.integers(2, 12))
+def test_klora_switch_matches_brute_force(seed, schedule, alpha, beta, steps):
+    g = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for i, (kind, shape) in enumerate([("linear", (6, 5)), ("linear", (4, 7)), ("conv2d", (4, 3, 3, 3)), ("linear", (5, 5))]):
+        geometry = LayerGeometry(kind, shape)
+        r_c, r_s = 1 + i % 2, 2
+        def factors(r, mag):
+            down_shape = (r, shape[1]) if kind == "linear" else (r, shape[1], 3, 3)
+            up_shape = (shape[0], r) if kind == "linear" else (shape[0], r, 1, 1)
+            return LowRankDelta(torch.randn(*down_shape, generator=g) * mag, torch.randn(*up_shape, generator=g),
+                                alpha=float(r))
+        pairs[f"layer{i}"] = LayerPair(factors(r_c, 1.0 + i), factors(r_s, 1.0 + (3 - i) * 0.5), geometry)
+    options = EngineOptions(method="k-lora", klora_alpha=alpha, klora_beta=beta, klora_schedule=schedule)
+    policy = make_policy(options)
+    policy.prepare(pairs)
+    for step in range(steps):
+        progress = step / steps
+        expected = brute_force_klora(pairs, alpha, beta, progress, schedule)
+        got = {name: policy.weights(name, progress, step, None, None, 1, CPU)[0].item() == 1.0 for name in pairs}
+        assert got == expected
+
+
+def test_klora_switch_progress_is_where_the_schedule_crosses_the_ratio():
+    policy = KLoraPolicy(EngineOptions(method="k-lora"))
+    policy.ratio = {"a": 1.25, "b": 0.2, "c": 5.0}
+    assert policy.switch_progress("a") == pytest.approx(0.5)  # 1.5 * 0.5 + 0.5 == 1.25
+    assert policy.switch_progress("b") == 0.0
+    assert policy.switch_progress("c") == 1.0
+
+
+def test_robust_mean_drops_outliers():
+    assert robust_mean([1.0, 1.0, 1.0, 100.0]) == pytest.approx(1.0)
+    assert robust_mean([]) == 1.0

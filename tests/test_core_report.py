@@ -1,0 +1,45 @@
+import torch
+
+from lib_dynfuse.decisions import DecisionLog
+from lib_dynfuse.report import EMPTY_RGB, STYLE_RGB, SUBJECT_RGB, cell_colour, selection_map, selection_summary
+
+
+def make_log():
+    log = DecisionLog()
+    for step in range(4):
+        log.record("a", step, (0, 1), torch.tensor([1.0, 1.0]), torch.tensor([0.2, 0.3]), torch.tensor([0.1, 0.1]))
+        log.record("b", step, (0, 1), torch.tensor([0.0, 1.0 if step < 2 else 0.0]))
+    return log
+
+
+def test_summary_is_the_share_won_by_the_subject():
+    log = make_log()
+    assert len(log) == 16
+    assert log.subject_share() == (8 + 2) / 16
+    assert selection_summary(log) == "subject 0.62"
+    assert selection_summary(DecisionLog()) == ""
+
+
+def test_matrix_and_map_colours():
+    log = make_log()
+    layers, steps, grid = log.matrix()
+    assert layers == ["a", "b"] and steps == [0, 1, 2, 3]
+    assert grid.tolist() == [[1.0] * 4, [0.5, 0.5, 0.0, 0.0]]
+    image = selection_map(log, width=400, min_height=100)
+    cell_w, cell_h = 100, 50
+    assert image.size == (400, 100 + 18)
+    assert image.getpixel((10, 18 + 10)) == SUBJECT_RGB
+    assert image.getpixel((3 * cell_w + 10, 18 + cell_h + 10)) == STYLE_RGB
+    assert image.getpixel((10, 18 + cell_h + 10)) == cell_colour(0.5)
+
+
+def test_layers_missing_from_the_log_are_grey():
+    image = selection_map(make_log(), ["a", "never"], width=40, min_height=20)
+    assert image.getpixel((5, image.size[1] - 2)) == EMPTY_RGB
+
+
+def test_chunked_records_of_one_step_are_merged():
+    log = DecisionLog()
+    log.record("a", 0, (0,), torch.tensor([1.0]))
+    log.record("a", 0, (1,), torch.tensor([0.0]))
+    assert sorted((d.unit, d.winner) for d in log.decisions()) == [(0, "subject"), (1, "style")]
