@@ -5,7 +5,9 @@ argument text on ':' and splits each item on '=': exactly two parts make a named
 positional. The built-in Lora extension reads `positional[0]` as the name, then te (`positional[1]` or `te=`,
 default 1.0), unet (`positional[2]` or `unet=`, default te) and dyn (`positional[3]` or `dyn=`). It reads only
 those named keys and ignores every other one, so `dynfuse=subject|style` is invisible to the host and needs
-no stripping. The extension registers itself as `lora` and under the alias `lyco`, so both tag names count.
+no stripping. A1111's Lora extension (v1.10.1) registers itself as `lora` and under the alias `lyco`; Forge's
+registers `lora` only and skips `<lyco:...>` as an unknown network, so its adapter passes
+`tag_types=FORGE_TAG_TYPES`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 
 # The host's own pattern: names cannot contain ':' or '>'.
 _TAG = re.compile(r"<(\w+):([^>]+)>")
-LORA_TAG_TYPES = ("lora", "lyco")
+A1111_TAG_TYPES = ("lora", "lyco")
+FORGE_TAG_TYPES = ("lora",)
 ROLES = ("subject", "style")
 ROLE_ARG = "dynfuse"
 
@@ -74,11 +77,14 @@ def _parse_tag(args: str, text: str) -> LoraTag | None:
     return LoraTag(name=positional[0], te=te, unet=unet, role=role, text=text)
 
 
-def parse_lora_tags(prompt: str) -> list[LoraTag]:
-    """Every `<lora:...>`/`<lyco:...>` tag in prompt order (duplicates kept, e.g. across AND parts)."""
+def parse_lora_tags(prompt: str, tag_types: tuple[str, ...] = A1111_TAG_TYPES) -> list[LoraTag]:
+    """Every LoRA tag (`<lora:...>`, and `<lyco:...>` where the host reads it) in prompt order.
+
+    Duplicates are kept (a LoRA may be written in several AND parts).
+    """
     tags = []
     for match in _TAG.finditer(prompt):
-        if match.group(1) in LORA_TAG_TYPES:
+        if match.group(1) in tag_types:
             tag = _parse_tag(match.group(2), match.group(0))
             if tag is not None:
                 tags.append(tag)

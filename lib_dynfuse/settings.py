@@ -124,9 +124,16 @@ class DynFuseSettings:
         5, "int", "switch every", "switch: alternate the LoRAs every this many steps.", low=1
     )
     klora_alpha: float = _setting(
-        1.5, "float", "K-LoRA alpha", "k-lora: scale of the top-K comparison.", low=0.0, low_open=True
+        1.5,
+        "float",
+        "K-LoRA alpha",
+        "k-lora: slope α of the time schedule S(t) = α·t/T + β.",
+        low=0.0,
+        low_open=True,
     )
-    klora_beta: float = _setting(0.5, "float", "K-LoRA beta", "k-lora: weight of the step schedule.", low=0.0)
+    klora_beta: float = _setting(
+        0.5, "float", "K-LoRA beta", "k-lora: offset β of the time schedule.", low=0.0
+    )
     klora_schedule: str = _setting(
         "S", "str", "K-LoRA schedule", "k-lora: step schedule S(t) or S*(t).", choices=KLORA_SCHEDULES
     )
@@ -248,19 +255,20 @@ _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
 
-def _decode_image(text: object, where: str) -> Image.Image:
-    if isinstance(text, Image.Image):
-        return text
-    if not isinstance(text, str):
-        raise SettingsError(f"DynFuse: {where} must be a base64 string, not {type(text).__name__}")
-    data = re.sub(r"^data:[^,]*;base64,", "", text.strip())
-    try:
-        raw = base64.b64decode(re.sub(r"\s+", "", data), validate=True)
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as e:
-        raise SettingsError(f"DynFuse: {where} is not a base64-encoded image ({e})") from None
-    # The scorers work on RGB; converting here means palette, alpha and greyscale inputs all behave the same.
+def _decode_image(value: object, where: str) -> Image.Image:
+    """A base64 string (data: URL allowed) or an image, as an RGB image."""
+    if isinstance(value, str):
+        data = re.sub(r"\s+", "", re.sub(r"^\s*data:[^,]*;base64,", "", value))
+        try:
+            image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+            image.load()
+        except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as e:
+            raise SettingsError(f"DynFuse: {where} is not a base64-encoded image ({e})") from None
+    elif isinstance(value, Image.Image):
+        image = value
+    else:
+        raise SettingsError(f"DynFuse: {where} must be a base64 string, not {type(value).__name__}")
+    # The scorers work on RGB; converting here makes palette, alpha and greyscale inputs behave the same.
     return image.convert("RGB")
 
 

@@ -2,7 +2,14 @@ from __future__ import annotations
 
 import pytest
 
-from lib_dynfuse.prompt_tags import LoraTag, RoleError, TagError, parse_lora_tags, resolve_roles
+from lib_dynfuse.prompt_tags import (
+    FORGE_TAG_TYPES,
+    LoraTag,
+    RoleError,
+    TagError,
+    parse_lora_tags,
+    resolve_roles,
+)
 
 
 def names(prompt: str) -> list[str]:
@@ -38,6 +45,11 @@ def test_role_argument_and_unknown_named_arguments():
 def test_names_with_spaces_dots_dashes_and_lyco_alias():
     prompt = "<lora:my lora v1.5-final:0.7> <lyco:ink_style-v2.safetensors:1> <hypernet:h:1> <lora:a.b-c d>"
     assert names(prompt) == ["my lora v1.5-final", "ink_style-v2.safetensors", "a.b-c d"]
+
+
+def test_forge_does_not_read_lyco_tags():
+    prompt = "<lora:a:1> <lyco:b:1> <lora:c:0.5>"
+    assert [t.name for t in parse_lora_tags(prompt, FORGE_TAG_TYPES)] == ["a", "c"]
 
 
 def test_real_prompt_shapes():

@@ -239,6 +239,8 @@ def test_api_decodes_images_with_or_without_data_url():
         and s.style_ref.getpixel((3, 2)) == (128,) * 3
     )
     assert from_api({"subject_refs": png_base64()}).subject_refs[0].size == (4, 3)
+    rgba = Image.new("RGBA", (2, 2), (1, 2, 3, 4))
+    assert from_api({"subject_refs": [rgba]}).subject_refs[0].getpixel((0, 0)) == (1, 2, 3)
     assert from_api({"style_ref": ""}).style_ref is None
 
 
