@@ -1,0 +1,343 @@
+"""Stable Diffusion WebUI Forge (main, `backend/` layout): take the subject and style LoRAs over from Forge's
+weight merge and fuse them per layer and step with forward hooks.
+
+Forge keeps each LoRA as weight patches on the UNet patcher, `unet.lora_patches[(file, strength, strength_model,
+online)] = {model_key: [[strength, patch, strength_model, offset, function], ...]}`, and merges them into the
+model when the patcher is loaded for sampling, re-merging only when the list of keys changes. So, before every
+sampling run (`process_before_every_sampling`, three times for txt2img with hires fix):
+
+1. clone the current UNet patcher and pop the two LoRAs' entries from the clone's own store (the per-file dicts
+   are shared with Forge's cached patchers and are never edited), then assign the clone back: Forge restores the
+   original weights and re-merges only the other LoRAs;
+2. turn each popped patch into a delta (plain LoRA -> LowRankDelta; LoHa, LoKr, DoRA, diff -> DenseDelta
+   computed with Forge's own merge function) on the module found by its path, `unet.model.get_submodule(path)`
+   (Forge's Linear is not an nn.Linear);
+3. open a FusionSession whose hooks add the chosen delta to each layer's output, and tell it the row layout of
+   every UNet call from the `cond_or_uncond` list Forge hands to `model_function_wrapper`.
+
+Patches dynfuse cannot fuse (Flux slices, `strength_model` != 1) stay with Forge under a renamed key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+
+from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, refuse, say
+
+ROLES = ("subject", "style")
+# Entries dynfuse leaves to Forge get a key of their own: Forge re-merges only when the key list changes.
+STATIC_SUFFIX = "#dynfuse-static"
+UNSUPPORTED_VARIANT = (
+    "this Forge keeps LoRAs in the old ldm_patched patch store (old Forge, reForge or Forge Classic); DynFuse "
+    "supports current Forge (backend/ layout) and AUTOMATIC1111 1.9-1.10.1."
+)
+
+
+class NotFusable(Exception):
+    """A patch dynfuse leaves to Forge's own merge; the message says why."""
+
+
+class ForgeAdapter(HostAdapter):
+    name = "forge"
+
+    # ---- checks ---------------------------------------------------------------------------------
+    def unsupported_reason(self, p: Any) -> str | None:
+        unet = _forge_unet(p)
+        if unet is None:
+            return None  # Forge loads the checkpoint lazily; take_over checks again
+        if not (hasattr(unet, "lora_patches") and hasattr(unet, "lora_loader")):
+            return UNSUPPORTED_VARIANT
+        return None
+
+    # ---- the takeover ---------------------------------------------------------------------------
+    def take_over(self, p: Any, job: Job) -> None:
+        if job.failed:
+            return
+        try:
+            self._close_session(job)
+            engine = p.sd_model
+            current = engine.forge_objects.unet
+            if not hasattr(current, "lora_patches"):
+                job.failed = True
+                refuse(p, f"{UNSUPPORTED_VARIANT} DynFuse is off for this generation.", "off: unsupported WebUI")
+                return
+            # The first hires call sees the clone made for the first pass; start again from what it replaced.
+            source = job.host["source"] if current is job.host.get("clone") else current
+            unet = source.clone()
+            taken = self._pop_targets(unet, job)
+            missing = [role for role in ROLES if not taken[role]]
+            if missing:
+                job.failed = True
+                names = ", ".join(f"{role} '{getattr(job, role).name}'" for role in missing)
+                refuse(p, f"the {names} LoRA has no UNet weights loaded by Forge (unknown name, or made for "
+                          "another model family). DynFuse is off for this generation.",
+                       "off: LoRA has no UNet weights")
+                return
+            targets, leftovers, notes = self._targets(unet, job, taken)
+            for note in notes:
+                say(note)
+                add_note(p, note)
+            for key, patches in leftovers.items():
+                unet.lora_patches[key] = patches
+
+            from lib_dynfuse.session import FusionSession
+
+            session = FusionSession(targets, job.settings.engine_options(), log_errors=say)
+            _install_layout_wrapper(unet, session, job)
+            engine.forge_objects.unet = unet
+            job.host.update(clone=unet, source=source)
+            job.session = session
+            try:
+                session.install()
+            except BaseException:
+                session.remove()
+                raise
+        except Exception as e:  # noqa: BLE001 - never stop the host's generation
+            self.fail(p, "could not take over the LoRAs", e)
+            _restore_unet(p, job)
+
+    def _pop_targets(self, unet: Any, job: Job) -> dict[str, list[tuple[tuple, dict]]]:
+        """Pop the subject's and style's entries from the clone's own (shallow-copied) store."""
+        files = {role: _lora_file(getattr(job, role).name) for role in ROLES}
+        taken: dict[str, list[tuple[tuple, dict]]] = {role: [] for role in ROLES}
+        for key in list(unet.lora_patches):
+            for role in ROLES:
+                if _same_lora(key[0], files[role], getattr(job, role).name):
+                    taken[role].append((key, unet.lora_patches.pop(key)))
+                    break
+        return taken
+
+    def _targets(self, unet: Any, job: Job, taken: dict[str, list[tuple[tuple, dict]]]):
+        from lib_dynfuse.session import LayerTarget
+
+        # module path -> role -> "weight" | "bias" -> entries
+        layers: dict[str, dict[str, dict[str, list]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+        origin: dict[tuple[str, str], tuple] = {}
+        for role, items in taken.items():
+            for key, patches in items:
+                for model_key, entries in patches.items():
+                    path, _, param = model_key.rpartition(".")
+                    layers[path][role][param].extend(entries)
+                    origin[(role, path)] = key
+        overrides = {"subject": job.settings.subject_strength, "style": job.settings.style_strength}
+
+        targets, notes = [], []
+        leftovers: dict[tuple, dict[str, list]] = defaultdict(dict)
+        for path, by_role in layers.items():
+            deltas: dict[str, Any] = {}
+            for role, params in by_role.items():
+                try:
+                    module = unet.model.get_submodule(path)
+                    base = unet.lora_loader.backup.get(f"{path}.weight", module.weight)
+                    deltas[role] = _delta(params, base, overrides[role])
+                except (NotFusable, AttributeError) as e:
+                    key = origin[(role, path)]
+                    rest_key = (f"{key[0]}{STATIC_SUFFIX}",) + tuple(key[1:])
+                    for param, entries in params.items():
+                        leftovers[rest_key][f"{path}.{param}"] = entries
+                    notes.append(f"{path} keeps the {role} LoRA merged statically ({e})")
+            if deltas:
+                targets.append(LayerTarget(path, unet.model.get_submodule(path), deltas.get("subject"),
+                                           deltas.get("style")))
+        if len(notes) > 3:
+            notes = notes[:2] + [f"... and {len(notes) - 2} more layers kept static"]
+        return targets, dict(leftovers), notes
+
+    # ---- CFG callbacks --------------------------------------------------------------------------
+    def on_cfg_denoiser(self, params: Any) -> None:
+        job = self.job
+        session = job.session if job is not None and not job.failed else None
+        if session is None:
+            return
+        from lib_dynfuse.layout import StepClock
+
+        denoiser = getattr(params, "denoiser", None)
+        # denoiser.step is the sampler's true index; params.sampling_step lags by one on Forge.
+        index = int(getattr(denoiser, "step", params.sampling_step))
+        total = int(getattr(denoiser, "total_steps", None) or params.total_sampling_steps or 1)
+        sigma = params.sigma
+        sigma = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else sigma
+        session.set_step(StepClock(index, total, sigma))
+        calls = job.host.get("wrapper_calls", [0])
+        if index > 0 and calls[0] == 0 and not job.host.get("wrapper_warned"):
+            job.host["wrapper_warned"] = True
+            say("another extension replaced Forge's UNet function wrapper after DynFuse set it; cond and "
+                "uncond rows of an image now decide separately.")
+
+    # ---- lifetime -------------------------------------------------------------------------------
+    def release(self, job: Job, keep_job: bool = False) -> None:
+        self._close_session(job)
+        job.host.pop("clone", None)
+        job.host.pop("source", None)
+
+    def _close_session(self, job: Job) -> None:
+        session = job.session
+        holder = job.host.get("wrapper_session")
+        if holder is not None:
+            holder[0] = None  # the wrapper in Forge's patcher passes straight through from now on
+        if session is not None:
+            session.remove()
+            job.last_log = session.log
+            job.session = None
+
+    def remove_leftovers(self) -> None:
+        try:
+            from modules import shared
+
+            from lib_dynfuse.session import remove_leftover_hooks
+
+            engine = shared.sd_model
+            objects = getattr(engine, "forge_objects_original", None) or getattr(engine, "forge_objects", None)
+            model = getattr(getattr(objects, "unet", None), "model", None)
+            if isinstance(model, torch.nn.Module):
+                removed = remove_leftover_hooks(model)
+                if removed:
+                    say(f"removed {removed} hooks left by an interrupted generation")
+        except Exception as e:  # noqa: BLE001
+            say(f"could not check for leftover hooks: {e}")
+
+
+# ---- patches -> deltas ------------------------------------------------------------------------------
+def _delta(params: dict[str, list], base_weight: torch.Tensor, override: float | None):
+    """One LoRA's contribution to one layer from its Forge patch entries (weight and optional bias)."""
+    from lib_dynfuse.deltas import DenseDelta, LowRankDelta
+
+    weight_entries, bias_entries = params.get("weight", []), params.get("bias", [])
+    if set(params) - {"weight", "bias"}:
+        raise NotFusable(f"patches on {sorted(set(params) - {'weight', 'bias'})}")
+    for entry in weight_entries + bias_entries:
+        if entry[3] is not None:
+            raise NotFusable("a patch on a slice of a fused layer")
+        if entry[2] != 1.0:
+            raise NotFusable("the patch rescales the base weight")
+    strengths = {override if override is not None else float(e[0]) for e in weight_entries + bias_entries}
+
+    plain = _plain_lora(weight_entries)
+    if plain is not None and len(strengths) == 1:
+        # LowRankDelta applies its strength to the bias itself.
+        up, down, alpha, mid = plain
+        return LowRankDelta(down=down, up=up, mid=mid, alpha=alpha, strength=strengths.pop(),
+                            bias=_bias_diff(bias_entries, 1.0))
+    bias = _bias_diff(bias_entries, override)
+    if not weight_entries:
+        return DenseDelta(torch.zeros_like(base_weight, dtype=torch.float32), bias=bias)
+    return DenseDelta(_dense_weight(weight_entries, base_weight, override), bias=bias)
+
+
+def _plain_lora(entries: list) -> tuple | None:
+    """(up, down, alpha, mid) when the layer has exactly one plain kohya LoRA patch, else None."""
+    if len(entries) != 1:
+        return None
+    patch, function = entries[0][1], entries[0][4]
+    if function is not None or len(patch) != 2 or patch[0] != "lora":
+        return None
+    up, down, alpha, mid, dora_scale = patch[1][:5]
+    if dora_scale is not None:
+        return None
+    return up, down, alpha, mid
+
+
+def _bias_diff(entries: list, override: float | None) -> torch.Tensor | None:
+    """The sum of the bias diffs, each at its own strength unless ``override`` replaces it."""
+    total = None
+    for strength, patch, *_ in entries:
+        value = patch[1] if len(patch) == 2 else patch
+        if len(patch) == 2 and patch[0] != "diff":
+            raise NotFusable(f"a '{patch[0]}' patch on a bias")
+        term = value[0].float() * (override if override is not None else float(strength))
+        total = term if total is None else total + term
+    return total
+
+
+def _dense_weight(entries: list, base_weight: torch.Tensor, override: float | None) -> torch.Tensor:
+    """ΔW exactly as Forge merges these patches: Forge's merge on the base weight, minus the base weight.
+
+    Types whose delta does not depend on the weight are merged onto zeros, so ΔW carries no rounding of W."""
+    from backend.patcher.lora import merge_lora_to_weight
+
+    entries = [[override if override is not None else e[0], e[1], e[2], e[3], e[4]] for e in entries]
+    base = base_weight.detach().float()
+    if not any(_weight_dependent(e[1]) for e in entries):
+        return merge_lora_to_weight(entries, torch.zeros_like(base), computation_dtype=torch.float32)
+    return merge_lora_to_weight(entries, base, computation_dtype=torch.float32) - base
+
+
+def _weight_dependent(patch: tuple) -> bool:
+    if len(patch) != 2:
+        return False
+    kind, values = patch
+    if kind in ("glora", "set"):
+        return True
+    dora_index = {"lora": 4, "loha": 7, "lokr": 8}.get(kind)
+    return dora_index is not None and len(values) > dora_index and values[dora_index] is not None
+
+
+# ---- Forge objects -------------------------------------------------------------------------------------
+def _install_layout_wrapper(unet: Any, session: Any, job: Job) -> None:
+    """Tell the session the rows of every UNet call: Forge batches one chunk of B rows per cond/uncond entry
+    (`cond_or_uncond`, 0 = cond), uncond first, and splits them over several calls when memory is short.
+
+    A closure, not an object: Forge deep-copies model_options on every clone, and functions are copied by
+    reference. The slot holds one wrapper, so an earlier one is chained."""
+    from lib_dynfuse.layout import BatchLayout
+
+    previous = unet.model_options.get("model_function_wrapper")
+    holder = [session]
+    calls = job.host["wrapper_calls"] = [0]
+    job.host["wrapper_session"] = holder
+
+    def dynfuse_unet_wrapper(apply_model: Callable, args: dict) -> torch.Tensor:
+        active = holder[0]
+        if active is not None:
+            calls[0] += 1
+            chunks = list(args["cond_or_uncond"])
+            rows = int(args["input"].shape[0])
+            layout = None
+            if chunks and rows % len(chunks) == 0:
+                per_chunk = rows // len(chunks)
+                layout = BatchLayout.rows([i for _ in chunks for i in range(per_chunk)],
+                                          [kind == 0 for kind in chunks for _ in range(per_chunk)])
+            active.set_layout(layout)
+        if previous is not None:
+            return previous(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    unet.set_model_unet_function_wrapper(dynfuse_unet_wrapper)
+
+
+def _restore_unet(p: Any, job: Job) -> None:
+    """After a failed takeover, give Forge back the patcher it had (with every LoRA in its store)."""
+    source = job.host.get("source")
+    objects = getattr(getattr(p, "sd_model", None), "forge_objects", None)
+    if source is not None and objects is not None and objects.unet is job.host.get("clone"):
+        objects.unet = source
+
+
+def _forge_unet(p: Any) -> Any:
+    objects = getattr(getattr(p, "sd_model", None), "forge_objects", None)
+    return getattr(objects, "unet", None)
+
+
+def _lora_file(name: str) -> str | None:
+    """The file Forge loaded for a <lora:name> tag: the loaded network of that name, else the name index."""
+    try:
+        import networks
+    except ImportError:
+        return None
+    for net in getattr(networks, "loaded_networks", []):
+        if getattr(net, "mentioned_name", None) == name and getattr(net, "network_on_disk", None) is not None:
+            return net.network_on_disk.filename
+    entry = getattr(networks, "available_network_aliases", {}).get(name)
+    return getattr(entry, "filename", None)
+
+
+def _same_lora(stored: Any, filename: str | None, name: str) -> bool:
+    if not isinstance(stored, str) or stored.endswith(STATIC_SUFFIX):
+        return False
+    if filename is not None:
+        return os.path.normcase(os.path.abspath(stored)) == os.path.normcase(os.path.abspath(filename))
+    return os.path.splitext(os.path.basename(stored))[0] == name

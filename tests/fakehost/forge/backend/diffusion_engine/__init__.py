@@ -1,0 +1,1 @@
+# Fake of backend/diffusion_engine/ (stable-diffusion-webui-forge dfdcbab6): package marker.

@@ -1,0 +1,1 @@
+# Fake of backend/sampling/ (stable-diffusion-webui-forge dfdcbab6): package marker.

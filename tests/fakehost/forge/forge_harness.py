@@ -1,0 +1,106 @@
+"""Puts the fake Forge host on sys.path for one test and builds its model, LoRA files and generations.
+
+Not a Forge file: test support only. `forge_host()` swaps the host packages in and out of sys.modules, so
+tests of the A1111 fake and of this fake can run in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent
+PATHS = [str(ROOT), str(ROOT / "sd_forge_lora")]
+HOST_MODULES = ("modules", "backend", "modules_forge", "networks", "network", "extra_networks_lora")
+LAYER_TABLE = ROOT.parents[1] / "data" / "forge_sd15_unet_layers.tsv"
+
+
+def _is_host_module(name: str) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in HOST_MODULES)
+
+
+@contextlib.contextmanager
+def forge_host(lora_dir: Path, seed: int = 0):
+    """The fake Forge with a loaded model; yields a namespace of its modules."""
+    saved = {k: v for k, v in sys.modules.items() if _is_host_module(k)}
+    for k in saved:
+        del sys.modules[k]
+    old_path = list(sys.path)
+    sys.path[:0] = PATHS
+    try:
+        shared = importlib.import_module("modules.shared")
+        shared.cmd_opts.lora_dir = str(lora_dir)
+        shared.state.begin()
+        loader = importlib.import_module("backend.loader")
+        shared.sd_model = loader.forge_loader(seed)
+        extra_networks = importlib.import_module("modules.extra_networks")
+        extra_networks_lora = importlib.import_module("extra_networks_lora")
+        extra_networks.register_extra_network(extra_networks_lora.ExtraNetworkLora())
+        yield Host()
+    finally:
+        for k in [k for k in sys.modules if _is_host_module(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+        sys.path[:] = old_path
+
+
+class Host:
+    """Handles to the fake host's modules (imported from sys.path, so they are the ones Forge code sees)."""
+
+    def __getattr__(self, name: str):
+        module = {"sd_model": None}.get(name, 0)
+        if module is None:
+            return sys.modules["modules.shared"].sd_model
+        return importlib.import_module(
+            {"processing": "modules.processing", "scripts": "modules.scripts", "shared": "modules.shared",
+             "script_callbacks": "modules.script_callbacks", "networks": "networks",
+             "memory_management": "backend.memory_management", "lora": "backend.patcher.lora"}[name])
+
+    def txt2img(self, prompt: str, runner=None, script_args=(), **kwargs):
+        processing = self.processing
+        p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, script_runner=runner, script_args=script_args,
+                                                         **kwargs)
+        return processing.process_images(p), p
+
+
+def kohya_keys() -> dict[str, str]:
+    """forge weight key -> kohya (diffusers-named, as SD 1.5 LoRAs are) key prefix."""
+    with open(LAYER_TABLE, encoding="utf-8") as f:
+        rows = csv.DictReader((line for line in f if not line.startswith("#")), delimiter="\t")
+        return {row["forge_weight_key"]: row["kohya_key"] for row in rows}
+
+
+def write_lora(path: Path, sd_model, weight_keys, rank: int = 2, alpha: float | None = 1.0, seed: int = 0,
+               scale: float = 0.5, extra: dict | None = None) -> Path:
+    """A kohya-format LoRA for the fake UNet touching `weight_keys` (Forge model keys)."""
+    g = torch.Generator().manual_seed(seed)
+    names = kohya_keys()
+    model = sd_model.forge_objects_original.unet.model
+    tensors = {}
+    for key in weight_keys:
+        module = model.get_submodule(key[: -len(".weight")])
+        shape = tuple(module.weight.shape)
+        prefix = names[key]
+        if len(shape) == 2:
+            down, up = torch.randn(rank, shape[1], generator=g), torch.randn(shape[0], rank, generator=g)
+        else:
+            down = torch.randn(rank, shape[1], shape[2], shape[3], generator=g)
+            up = torch.randn(shape[0], rank, 1, 1, generator=g)
+        tensors[f"{prefix}.lora_down.weight"] = down * scale
+        tensors[f"{prefix}.lora_up.weight"] = up * scale
+        if alpha is not None:
+            tensors[f"{prefix}.alpha"] = torch.tensor(float(alpha))
+    tensors.update(extra or {})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def unet_weights(sd_model) -> dict[str, torch.Tensor]:
+    """A copy of every UNet parameter, taken outside inference mode."""
+    return {k: v.detach().clone() for k, v in sd_model.forge_objects_original.unet.model.named_parameters()}
