@@ -27,9 +27,14 @@ VERSION_KEY = "DynFuse version"
 CONSOLE_PREFIX = "DynFuse: "
 
 
+def plain(message: str) -> str:
+    """The message without a leading "DynFuse: " (core errors carry it; console lines add it once)."""
+    return message[len(CONSOLE_PREFIX):] if message.startswith(CONSOLE_PREFIX) else message
+
+
 def say(message: str) -> None:
     """One console line the user can search for."""
-    print(f"{CONSOLE_PREFIX}{message}", flush=True)
+    print(f"{CONSOLE_PREFIX}{plain(message)}", flush=True)
 
 
 def add_note(p: Any, note: str) -> None:
@@ -37,6 +42,7 @@ def add_note(p: Any, note: str) -> None:
     params = getattr(p, "extra_generation_params", None)
     if params is None:
         return
+    note = plain(note)
     old = params.get(NOTE_KEY)
     if old and note in str(old).split("; "):
         return
@@ -72,6 +78,9 @@ class HostAdapter(abc.ABC):
     """What a host (A1111, Forge) must provide. Subclasses implement the three abstract hooks."""
 
     name: str = "host"
+    # The Script method that calls take_over: A1111 after every activation of extra networks, Forge before
+    # every sampling run (its LoRAs are patched into a fresh UNet clone there).
+    takeover_at: str = "after_extra_networks_activate"
 
     def __init__(self) -> None:
         self.job: Job | None = None
@@ -80,6 +89,7 @@ class HostAdapter(abc.ABC):
     def begin_job(self, p: Any, settings: Any) -> Job | None:
         """Validate settings and find the two LoRA tags. None (with a message and note) keeps dynfuse off."""
         self.cleanup()
+        _drop_stale_keys(p)
         if settings is None or not getattr(settings, "enabled", False):
             return None
         try:
@@ -89,18 +99,17 @@ class HostAdapter(abc.ABC):
             try:
                 settings.validate()
             except SettingsError as e:
-                refuse(p, f"{e} DynFuse is off for this generation.", f"off: {e}")
+                refuse(p, f"{plain(str(e))}. DynFuse is off for this generation.", f"off: {plain(str(e))}")
                 return None
             problem = self.unsupported_reason(p)
             if problem:
                 refuse(p, f"{problem} DynFuse is off for this generation.", f"off: {problem}")
                 return None
-            prompt = _first_prompt(p)
-            tags = prompt_tags.parse_lora_tags(prompt)
             try:
+                tags = prompt_tags.parse_lora_tags(_first_prompt(p))
                 subject, style = prompt_tags.resolve_roles(tags, settings.subject, settings.style)
-            except prompt_tags.RoleError as e:
-                refuse(p, f"{e} DynFuse is off for this generation.", f"off: {e}")
+            except prompt_tags.TagError as e:
+                refuse(p, f"{plain(str(e))}. DynFuse is off for this generation.", f"off: {plain(str(e))}")
                 return None
             job = Job(settings=settings, subject=subject, style=style)
             self.job = job
@@ -204,6 +213,14 @@ class HostAdapter(abc.ABC):
 
     def on_cfg_after_cfg(self, params: Any) -> None:  # noqa: B027 - optional hook
         """After-CFG callback: the guidance step, when guidance is on."""
+
+
+def _drop_stale_keys(p: Any) -> None:
+    """XYZ cells share one extra_generation_params dict (a shallow copy of p): start each job clean."""
+    params = getattr(p, "extra_generation_params", None)
+    if params:
+        for key in [k for k in params if isinstance(k, str) and k.startswith("DynFuse ")]:
+            del params[key]
 
 
 def _first_prompt(p: Any) -> str:

@@ -1,0 +1,288 @@
+"""AUTOMATIC1111 WebUI 1.9-1.10.1: take the subject and style LoRAs away from the built-in Lora extension.
+
+After every activation of extra networks (per batch, and again for the hires pass) the two `Network`s are
+removed in place from `networks.loaded_networks`; that changes the merge cache key, so the host restores the
+layers they touched and keeps merging every other LoRA as usual. Their text-encoder half stays with the host
+through a renamed proxy `Network` holding only the text-encoder modules. Their UNet half becomes deltas applied by
+a `FusionSession`'s forward hooks. Model weights are never written by this module.
+
+Host modules are imported inside functions: the built-in Lora's modules are top-level names (`networks`) that
+exist only when that extension is enabled.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, say
+
+TE_PROXY_SUFFIX = "_dynfuse_te"
+LORA_DISABLED = ("the built-in Lora extension is not loaded (it is disabled, or the WebUI runs with "
+                 "--disable-all-extensions); DynFuse needs it to load LoRA files.")
+
+
+def _networks() -> Any | None:
+    try:
+        import networks  # the built-in Lora extension's module, a top-level name in the host
+    except ImportError:
+        return None
+    return networks if hasattr(networks, "loaded_networks") else None
+
+
+def _is_text_encoder_key(sd_key: str) -> bool:
+    # The host's own rule (NetworkModule.multiplier): text-encoder layer names have "transformer" early on.
+    return "transformer" in sd_key[:20]
+
+
+def _net_names(net: Any) -> set[str]:
+    names = {getattr(net, "mentioned_name", None), getattr(net, "name", None)}
+    name = getattr(net, "name", "") or ""
+    if "_in_LBW_" in name:  # lora-block-weight renames the nets it edits
+        names.add(name.split("_in_LBW_")[0])
+    on_disk = getattr(net, "network_on_disk", None)
+    if on_disk is not None:
+        names.update({getattr(on_disk, "name", None), getattr(on_disk, "alias", None)})
+    return {n for n in names if n}
+
+
+class A1111Adapter(HostAdapter):
+    name = "a1111"
+
+    def unsupported_reason(self, p: Any) -> str | None:
+        if _networks() is None:
+            return LORA_DISABLED
+        model = getattr(p, "sd_model", None)
+        if getattr(model, "is_sd3", False):
+            return "SD3 models are not supported."
+        return None
+
+    # ---- takeover -------------------------------------------------------------------------------
+    def take_over(self, p: Any, job: Job) -> None:
+        if job is not self.job or job.failed:
+            return
+        networks = _networks()
+        self._close_session(job)
+        loaded = networks.loaded_networks
+        snapshot = list(loaded)
+        job.host["snapshot"] = snapshot
+        try:
+            nets = self._find_nets(p, job, loaded)
+            if nets is None:
+                return
+            subject_net, style_net = nets
+            targets = self._targets(p, job, subject_net, style_net)
+            if targets is None:
+                return
+            self._remove_from_host(networks, loaded, (subject_net, style_net), job)
+            from lib_dynfuse.session import FusionSession
+
+            session = FusionSession(targets, job.settings.engine_options(), log_errors=say)
+            session.install()
+            job.session = session
+        except Exception as e:  # noqa: BLE001 - the host must keep generating
+            self.fail(p, "could not take over the LoRAs", e)
+
+    def _find_nets(self, p: Any, job: Job, loaded: list) -> tuple[Any, Any] | None:
+        found = []
+        for tag in (job.subject, job.style):
+            net = next((n for n in loaded if tag.name in _net_names(n)), None)
+            if net is None:
+                self._off(p, job, f"LoRA '{tag.name}' is not loaded (file missing, failed to load, or not in this "
+                                  f"pass's prompt; see the console above).", f"off: LoRA {tag.name} not loaded")
+                return None
+            found.append(net)
+        if found[0] is found[1]:
+            self._off(p, job, f"subject and style are the same LoRA ('{job.subject.name}'); choose two different "
+                              "LoRAs.", "off: subject and style are the same LoRA")
+            return None
+        return found[0], found[1]
+
+    def _targets(self, p: Any, job: Job, subject_net: Any, style_net: Any) -> list | None:
+        from lib_dynfuse.session import LayerTarget
+
+        mapping = getattr(p.sd_model, "network_layer_mapping", None) or {}
+        settings = job.settings
+        deltas = []
+        for tag, net, strength in ((job.subject, subject_net, settings.subject_strength),
+                                   (job.style, style_net, settings.style_strength)):
+            layer_deltas = {}
+            for key, module in net.modules.items():
+                if _is_text_encoder_key(key):
+                    continue
+                layer = mapping.get(key)  # the current model's module: a cached sd_module may be stale
+                if layer is None or not hasattr(layer, "weight"):
+                    continue
+                layer_deltas[key] = (layer, _delta(module, layer, strength))
+            if not layer_deltas:
+                self._off(p, job, f"LoRA '{tag.name}' has no layers that fit this model's UNet (is it made for "
+                                  "another model family?).", f"off: LoRA {tag.name} does not fit the UNet")
+                return None
+            deltas.append(layer_deltas)
+        subject_deltas, style_deltas = deltas
+        if not subject_deltas.keys() & style_deltas.keys() and not job.host.get("warned_disjoint"):
+            job.host["warned_disjoint"] = True
+            say(f"'{job.subject.name}' and '{job.style.name}' share no UNet layer: each layer gets its own LoRA, "
+                "as without DynFuse.")
+            add_note(p, "no shared layers")
+        targets = []
+        for key in dict.fromkeys([*subject_deltas, *style_deltas]):
+            layer = (subject_deltas.get(key) or style_deltas.get(key))[0]
+            targets.append(LayerTarget(key, layer, _second(subject_deltas.get(key)), _second(style_deltas.get(key))))
+        return targets
+
+    def _remove_from_host(self, networks: Any, loaded: list, nets: tuple[Any, Any], job: Job) -> None:
+        rebuilt = []
+        for net in loaded:
+            if not any(net is n for n in nets):
+                rebuilt.append(net)
+                continue
+            te_modules = {k: m for k, m in net.modules.items() if _is_text_encoder_key(k)}
+            if te_modules:
+                # A renamed shallow copy: a new cache key, and its modules still read the prompt's te weight
+                # through their back-reference to the original net.
+                proxy = copy.copy(net)
+                proxy.modules = te_modules
+                proxy.name = f"{net.name}{TE_PROXY_SUFFIX}"
+                rebuilt.append(proxy)
+        loaded[:] = rebuilt  # in place: lora.loaded_loras and other extensions hold this same list
+        job.host["edited"] = rebuilt
+        for net in nets:
+            # With lora_in_memory_limit 0 an unreferenced net is read from disk again at the next activation.
+            networks.networks_in_memory[net.name] = net
+
+    def _off(self, p: Any, job: Job, message: str, note: str) -> None:
+        say(f"{message} DynFuse is off for this generation.")
+        add_note(p, note)
+        job.failed = True
+
+    # ---- step clock and batch layout ------------------------------------------------------------
+    def on_cfg_denoiser(self, params: Any) -> None:
+        job = self.job
+        session = job.session if job is not None and not job.failed else None
+        if session is None:
+            return
+        try:
+            from lib_dynfuse.layout import StepClock
+
+            denoiser = getattr(params, "denoiser", None)
+            index = getattr(denoiser, "step", None)
+            total = getattr(denoiser, "total_steps", None)
+            if index is None or not total:  # before 1.8 only the lagging state counter exists
+                index, total = params.sampling_step, params.total_sampling_steps
+            session.set_step(StepClock(index=int(index), total=int(total), sigma=_sigma(params, denoiser)))
+            session.set_layout(_layout(params, denoiser))
+        except Exception as e:  # noqa: BLE001
+            self.fail(getattr(getattr(params, "denoiser", None), "p", None), "could not read the sampler step", e)
+
+    # ---- cleanup --------------------------------------------------------------------------------
+    def _close_session(self, job: Job) -> None:
+        session, job.session = job.session, None
+        if session is not None:
+            session.remove()
+            job.last_log = session.log
+
+    def release(self, job: Job, keep_job: bool = False) -> None:
+        self._close_session(job)
+        edited = job.host.pop("edited", None)
+        snapshot = job.host.pop("snapshot", None)
+        networks = _networks()
+        if networks is None or edited is None or snapshot is None:
+            return
+        loaded = networks.loaded_networks
+        # Give the host back the list it activated, but only while it is still the one this job edited: after a
+        # new activation it is the host's own again.
+        if len(loaded) == len(edited) and all(a is b for a, b in zip(loaded, edited)):
+            loaded[:] = snapshot
+
+    def remove_leftovers(self) -> None:
+        try:
+            from modules import shared
+
+            model = getattr(shared, "sd_model", None)
+            root = getattr(model, "model", None)
+            if root is None:
+                return
+            from lib_dynfuse.session import remove_leftover_hooks
+
+            removed = remove_leftover_hooks(root)
+            if removed:
+                say(f"removed {removed} hooks left by an interrupted generation.")
+        except Exception as e:  # noqa: BLE001
+            say(f"could not check for leftover hooks: {e}")
+
+
+def _second(pair: tuple | None) -> Any | None:
+    return None if pair is None else pair[1]
+
+
+def _delta(module: Any, layer: Any, strength: float | None) -> Any:
+    """The UNet half of one LoRA layer as a core delta, at the tag's weight unless a strength is given."""
+    from lib_dynfuse.deltas import DenseDelta, LowRankDelta
+
+    multiplier = float(module.multiplier())
+    plain = (getattr(module, "up_model", None) is not None and getattr(module, "down_model", None) is not None
+             and getattr(module.network, "dyn_dim", None) is None and getattr(module, "dora_scale", None) is None
+             and getattr(module, "bias", None) is None)
+    if plain:
+        mid = getattr(module, "mid_model", None)
+        rank = int(module.down_model.weight.shape[0])
+        return LowRankDelta(
+            down=module.down_model.weight.detach(), up=module.up_model.weight.detach(),
+            mid=None if mid is None else mid.weight.detach(),
+            alpha=module.calc_scale() * rank,
+            strength=multiplier if strength is None else float(strength))
+    # LoHa, LoKr, full diff, DoRA, dyn-dim: the host's own rebuild, which already includes scale and multiplier.
+    original = getattr(layer, "network_weights_backup", None)
+    orig_weight = layer.weight if original is None else original.to(layer.weight.device)
+    if strength is not None and multiplier == 0.0:
+        net = module.network
+        saved = net.unet_multiplier
+        net.unet_multiplier = 1.0
+        try:
+            updown, ex_bias = module.calc_updown(orig_weight)
+        finally:
+            net.unet_multiplier = saved
+        factor = float(strength)
+    else:
+        updown, ex_bias = module.calc_updown(orig_weight)
+        factor = 1.0 if strength is None else float(strength) / multiplier
+    return DenseDelta(updown.detach().reshape(layer.weight.shape), None if ex_bias is None else ex_bias.detach(),
+                      strength=factor)
+
+
+def _sigma(params: Any, denoiser: Any) -> float | None:
+    if hasattr(denoiser, "alphas"):  # timestep samplers (DDIM, PLMS, UniPC): "sigma" holds integer timesteps
+        return None
+    sigma = getattr(params, "sigma", None)
+    try:
+        return float(sigma.reshape(-1)[0])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _layout(params: Any, denoiser: Any) -> Any | None:
+    """Which UNet rows are cond / uncond of which image, in CFGDenoiser's order; None when it cannot be known."""
+    from lib_dynfuse.layout import BatchLayout
+
+    uncond = params.text_uncond
+    uncond = uncond.get("crossattn") if isinstance(uncond, dict) else uncond
+    n_images = int(uncond.shape[0])
+    repeats = None
+    sampler = getattr(denoiser, "sampler", None)
+    cond = (getattr(sampler, "sampler_extra_args", None) or {}).get("cond")
+    batch = getattr(cond, "batch", None)  # MulticondLearnedConditioning: one list of AND-parts per image
+    if batch is not None and len(batch) == n_images:
+        repeats = [len(parts) for parts in batch]
+    if repeats is None:
+        text_cond = params.text_cond
+        text_cond = text_cond.get("crossattn") if isinstance(text_cond, dict) else text_cond
+        n_cond = int(text_cond.shape[0])
+        if n_cond % n_images:
+            return None
+        repeats = [n_cond // n_images] * n_images
+    image_of_row = [i for i, n in enumerate(repeats) for _ in range(n)] + list(range(n_images))
+    is_cond = [True] * sum(repeats) + [False] * n_images
+    if len(image_of_row) != int(params.x.shape[0]):  # an edit model's third block, or another extension's rows
+        return None
+    return BatchLayout.rows(image_of_row, is_cond)

@@ -1,0 +1,57 @@
+"""Fixtures shared by the test files: the fake AUTOMATIC1111 host on sys.path, removed again afterwards."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+TESTS = os.path.dirname(os.path.realpath(__file__))
+PROJECT = os.path.dirname(TESTS)
+FAKE_A1111 = os.path.join(TESTS, "fakehost", "a1111")
+FAKE_A1111_PATHS = (FAKE_A1111, os.path.join(FAKE_A1111, "extensions-builtin", "Lora"))
+# Top-level module names the fake host (and the real built-in Lora extension) use.
+A1111_TOP_LEVEL = ("modules", "webui", "loras", "network", "networks", "network_lora", "network_full",
+                   "lyco_helpers", "lora", "lora_patches", "extra_networks_lora")
+
+
+def _purge_host_modules() -> None:
+    for name in list(sys.modules):
+        top = name.split(".")[0]
+        if top in A1111_TOP_LEVEL or name.startswith("lib_dynfuse.hosts"):
+            del sys.modules[name]
+
+
+@pytest.fixture
+def a1111(tmp_path):
+    """A factory for fake A1111 WebUIs (`a1111(with_dynfuse=True, **kw)`); everything is undone afterwards."""
+    saved_path = list(sys.path)
+    saved_forwards = {cls: (cls.forward, cls._load_from_state_dict) for cls in (torch.nn.Linear, torch.nn.Conv2d)}
+    _purge_host_modules()
+    sys.path[:0] = FAKE_A1111_PATHS
+    import webui
+
+    started = []
+    lora_dir = tmp_path / "Lora"
+    lora_dir.mkdir()
+
+    def start(with_dynfuse: bool = True, **kwargs):
+        for ui in started:  # one WebUI per process at a time, as in the real host
+            ui.unload()
+        started.clear()
+        ui = webui.WebUI(str(lora_dir), [PROJECT] if with_dynfuse else [], **kwargs)
+        ui.lora_dir = str(lora_dir)
+        started.append(ui)
+        return ui
+
+    try:
+        yield start
+    finally:
+        for ui in started:
+            ui.unload()
+        for cls, (forward, load) in saved_forwards.items():
+            cls.forward, cls._load_from_state_dict = forward, load
+        _purge_host_modules()
+        sys.path[:] = saved_path
