@@ -9,6 +9,8 @@ the checkbox's change event calls the host page's `inputAccordionChecked` when t
 
 from __future__ import annotations
 
+from functools import wraps
+
 import gradio as gr
 
 GRADIO_MAJOR = int(gr.__version__.split(".", 1)[0])
@@ -23,6 +25,8 @@ class InputAccordionImpl(gr.Checkbox):
 
     webui_do_not_create_gradio_pyi_thank_you = True  # as Forge marks it, for gradio 4's component registry
 
+    # Forge keeps gr.Checkbox's signature: gradio 4 reads a component's config from its __init__ parameters.
+    @wraps(gr.Checkbox.__init__)
     def __init__(self, value: bool = False, setup: bool = False, **kwargs):
         if not setup:  # gradio 4 re-creates components without the accordion part
             super().__init__(value=value, **kwargs)
