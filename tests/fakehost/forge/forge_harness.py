@@ -33,6 +33,9 @@ def forge_host(lora_dir: Path, seed: int = 0):
         del sys.modules[k]
     old_path = list(sys.path)
     sys.path[:0] = PATHS
+    # The model is tiny: one thread is many times faster than several fighting over a loaded CI machine.
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         shared = importlib.import_module("modules.shared")
         shared.cmd_opts.lora_dir = str(lora_dir)
@@ -48,25 +51,31 @@ def forge_host(lora_dir: Path, seed: int = 0):
             del sys.modules[k]
         sys.modules.update(saved)
         sys.path[:] = old_path
+        torch.set_num_threads(old_threads)
 
 
 class Host:
-    """Handles to the fake host's modules (imported from sys.path, so they are the ones Forge code sees)."""
+    """Handles to the fake host's modules, imported from sys.path, so they are the ones Forge code sees."""
+
+    MODULES = {"processing": "modules.processing", "scripts": "modules.scripts", "shared": "modules.shared",
+               "script_callbacks": "modules.script_callbacks", "networks": "networks",
+               "memory_management": "backend.memory_management", "lora": "backend.patcher.lora",
+               "kdiffusion": "modules.sd_samplers_kdiffusion"}
 
     def __getattr__(self, name: str):
-        module = {"sd_model": None}.get(name, 0)
-        if module is None:
-            return sys.modules["modules.shared"].sd_model
-        return importlib.import_module(
-            {"processing": "modules.processing", "scripts": "modules.scripts", "shared": "modules.shared",
-             "script_callbacks": "modules.script_callbacks", "networks": "networks",
-             "memory_management": "backend.memory_management", "lora": "backend.patcher.lora"}[name])
+        if name not in self.MODULES:
+            raise AttributeError(name)
+        return importlib.import_module(self.MODULES[name])
+
+    @property
+    def sd_model(self):
+        return self.shared.sd_model
 
     def txt2img(self, prompt: str, runner=None, script_args=(), **kwargs):
-        processing = self.processing
-        p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, script_runner=runner, script_args=script_args,
-                                                         **kwargs)
-        return processing.process_images(p), p
+        self.shared.state.begin()
+        p = self.processing.StableDiffusionProcessingTxt2Img(prompt=prompt, script_runner=runner,
+                                                              script_args=script_args, **kwargs)
+        return self.processing.process_images(p), p
 
 
 def kohya_keys() -> dict[str, str]:
@@ -104,3 +113,45 @@ def write_lora(path: Path, sd_model, weight_keys, rank: int = 2, alpha: float | 
 def unet_weights(sd_model) -> dict[str, torch.Tensor]:
     """A copy of every UNet parameter, taken outside inference mode."""
     return {k: v.detach().clone() for k, v in sd_model.forge_objects_original.unet.model.named_parameters()}
+
+
+SUBJECT_KEYS = slice(5, 20)
+STYLE_KEYS = slice(10, 30)
+OTHER_KEYS = slice(0, 40)
+PROMPT = "a dog <lora:subj:0.8> <lora:style:1> <lora:other:0.5>"
+
+
+def write_test_loras(lora_dir: Path, sd_model) -> dict[str, Path]:
+    """subj and style overlap on 10 layers; other touches those and more."""
+    keys = list(kohya_keys())
+    return {
+        "subj": write_lora(lora_dir / "subj.safetensors", sd_model, keys[SUBJECT_KEYS], seed=1),
+        "style": write_lora(lora_dir / "style.safetensors", sd_model, keys[STYLE_KEYS], seed=2),
+        "other": write_lora(lora_dir / "other.safetensors", sd_model, keys[OTHER_KEYS], seed=3),
+    }
+
+
+class AdapterScript:
+    """An always-on script wired to a host adapter the way the entry script wires it (Script.process ->
+    begin_job, process_before_every_sampling -> take_over, postprocess -> end_job, CFG callbacks)."""
+
+    filename = "dynfuse-test"
+
+    def __init__(self, host: Host, adapter, settings):
+        self.adapter = adapter
+        self.settings = settings
+        self.job = None
+        self.takeovers = 0
+        host.script_callbacks.on_cfg_denoiser(adapter.on_cfg_denoiser, name="dynfuse")
+        host.script_callbacks.on_cfg_after_cfg(adapter.on_cfg_after_cfg, name="dynfuse")
+
+    def process(self, p, *args):
+        self.job = self.adapter.begin_job(p, self.settings)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        self.takeovers += 1
+        if self.job is not None:
+            self.adapter.take_over(p, self.job)
+
+    def postprocess(self, p, processed, *args):
+        self.adapter.end_job(p, self.job, processed)

@@ -56,4 +56,7 @@ def forge_loader(seed=0):
     unet_model.load_state_dict(_random_state_dict(unet_model, generator))
     clip_model = TinyTextEncoder()
     vae_model = TinyAutoencoderKL()
+    for module in (clip_model, vae_model):
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) / max(param.shape[-1], 1) ** 0.5)
     return StableDiffusion(UnetPatcher.from_model(unet_model), CLIP(clip_model), VAE(vae_model))
