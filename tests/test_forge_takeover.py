@@ -349,3 +349,20 @@ def test_host_detection_picks_the_forge_adapter(host):
         assert isinstance(detect.get_adapter(), ForgeAdapter)
     finally:
         detect.reset_adapter()
+
+
+def test_a_failing_takeover_gives_forge_back_every_lora(host, monkeypatch, capsys):
+    from lib_dynfuse import session
+
+    clean, _ = host.txt2img(fh.PROMPT, steps=2)
+
+    def broken_install(self):
+        raise RuntimeError("no hooks today")
+
+    monkeypatch.setattr(session.FusionSession, "install", broken_install)
+    script, runner = dynfuse(host)
+    processed, p = host.txt2img(fh.PROMPT, runner=runner, steps=2)
+    assert "could not take over the LoRAs: RuntimeError: no hooks today" in capsys.readouterr().out
+    assert p.extra_generation_params[NOTE_KEY] == "off: could not take over the LoRAs (RuntimeError)"
+    assert len(host.sd_model.forge_objects.unet.lora_patches) == 3
+    assert torch.equal(processed.images[0], clean.images[0])

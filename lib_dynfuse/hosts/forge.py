@@ -97,8 +97,8 @@ class ForgeAdapter(HostAdapter):
                 session.remove()
                 raise
         except Exception as e:  # noqa: BLE001 - never stop the host's generation
-            self.fail(p, "could not take over the LoRAs", e)
             _restore_unet(p, job)
+            self.fail(p, "could not take over the LoRAs", e)
 
     def _pop_targets(self, unet: Any, job: Job) -> dict[str, list[tuple[tuple, dict]]]:
         """Pop the subject's and style's entries from the clone's own (shallow-copied) store."""
