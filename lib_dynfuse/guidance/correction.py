@@ -148,7 +148,7 @@ class Guidance:
             except ReferenceImageError as error:
                 self._say(f"DynFuse guidance: {side} reference skipped: {error}.")
         if not images:
-            why = self.sides.get(side, "no image given")
+            why = "the given image could not be read" if sources else self.sides.get(side, "no image given")
             self.sides[side] = f"off ({why})"
             if weight > 0:
                 self._say(f"DynFuse guidance: no {side} reference ({why}); the {side} side is off. "
@@ -268,25 +268,25 @@ class Guidance:
         """
         with torch.inference_mode(False), torch.no_grad():
             if isinstance(images, torch.Tensor):
-                pixels = images.clone().float() if images.shape[1] == 3 else self._decode(images.clone())
-            else:
-                pixels = torch.cat([_pixels(image) for image in images]) if images else None
-            if pixels is None:
-                return []
-            pixels = pixels.clamp(0, 1)
-            result: list[dict[str, float]] = [{} for _ in range(pixels.shape[0])]
-            columns = []
-            if self.subject_embedding is not None:
-                columns.append(("subject-DINO", _unit(self.scorers.dino_image(pixels)) @ self.subject_embedding))
-            clip = _unit(self.scorers.clip_image(pixels)) if self.style_embedding is not None or self.prompt \
-                else None
+                batches = [images.clone().float() if images.shape[1] == 3 else self._decode(images.clone())]
+            else:  # PIL images may differ in size: one batch each
+                batches = [_pixels(image) for image in images]
+            return [row for batch in batches for row in self._score_batch(batch.clamp(0, 1))]
+
+    def _score_batch(self, pixels: torch.Tensor) -> list[dict[str, float]]:
+        result: list[dict[str, float]] = [{} for _ in range(pixels.shape[0])]
+        columns = []
+        if self.subject_embedding is not None:
+            columns.append(("subject-DINO", _unit(self.scorers.dino_image(pixels)) @ self.subject_embedding))
+        if self.style_embedding is not None or self.prompt:
+            clip = _unit(self.scorers.clip_image(pixels))
             if self.style_embedding is not None:
                 columns.append(("style-CLIP", clip @ self.style_embedding))
             if self.prompt:
                 columns.append(("clip-T", clip @ self._text()))
-            for key, values in columns:
-                for row, value in zip(result, values.tolist()):
-                    row[key] = value
+        for key, values in columns:
+            for row, value in zip(result, values.tolist()):
+                row[key] = value
         return result
 
     def _text(self) -> torch.Tensor:

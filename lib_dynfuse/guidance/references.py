@@ -7,7 +7,7 @@ import io
 import json
 import os
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # The hosts' LoRA browser (ui_extra_networks.find_preview) accepts these, plus the host's own
 # samples_format, as "<stem>.<ext>" or "<stem>.preview.<ext>". It iterates a set, so its order is not
@@ -54,19 +54,27 @@ def load_image(source: object) -> Image.Image:
     ``data:image/...;base64,`` prefix). Raises ReferenceImageError."""
     if isinstance(source, Image.Image):
         return source.convert("RGB")
+    data = source
+    if isinstance(source, str) and not os.path.isfile(source):
+        text = source.split(",", 1)[1] if source.startswith("data:") else source
+        try:
+            data = base64.b64decode(text, validate=True)
+        except binascii.Error:
+            raise ReferenceImageError(f"{_describe(source)} is neither an image file nor base64 image data"
+                                      ) from None
+    if isinstance(data, (bytes, bytearray)):
+        data = io.BytesIO(data)
+    elif isinstance(data, (str, os.PathLike)):
+        data = os.fspath(data)
+    else:
+        raise ReferenceImageError(f"{_describe(source)} is not an image, a file path or base64 image data")
     try:
-        if isinstance(source, os.PathLike) or (isinstance(source, str) and os.path.isfile(source)):
-            with Image.open(os.fspath(source)) as image:
-                return image.convert("RGB")
-        if isinstance(source, str):
-            text = source.split(",", 1)[1] if source.startswith("data:") else source
-            source = base64.b64decode(text, validate=True)
-        if isinstance(source, (bytes, bytearray)):
-            with Image.open(io.BytesIO(source)) as image:
-                return image.convert("RGB")
-    except (OSError, ValueError, binascii.Error) as error:
+        with Image.open(data) as image:
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise ReferenceImageError(f"{_describe(source)} is not a readable image (unknown format)") from None
+    except (OSError, ValueError) as error:
         raise ReferenceImageError(f"{_describe(source)} is not a readable image ({error})") from error
-    raise ReferenceImageError(f"{_describe(source)} is not an image, a file path or base64 image data")
 
 
 def _describe(source: object) -> str:
