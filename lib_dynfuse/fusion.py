@@ -140,6 +140,9 @@ class LayerFusion:
                 self._tied[image] = (step, w_subject[i], w_style[i])
         index = state.row_index(plan, base.device)
         shape = (-1,) + (1,) * (base.dim() - 1)
+        if state.policy.one_hot:
+            # A select instead of two scaled copies; decided on the device, so no host sync per layer.
+            return base + torch.where(w_subject[index].view(shape) > 0.5, y_subject, y_style)
         w_subject_rows = w_subject.to(base.dtype)[index].view(shape)
         w_style_rows = w_style.to(base.dtype)[index].view(shape)
         return base + y_subject.mul_(w_subject_rows).add_(y_style.mul_(w_style_rows))

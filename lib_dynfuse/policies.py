@@ -68,6 +68,7 @@ class LayerPair:
 
 class Policy:
     needs_divergence = False
+    one_hot = True  # every unit gets exactly one of the two LoRAs, at weight 1
 
     def __init__(self, options: EngineOptions) -> None:
         self.options = options
@@ -86,6 +87,8 @@ def _constant(units: int, device: torch.device, subject: float, style: float) ->
 
 
 class StaticPolicy(Policy):
+    one_hot = False
+
     def __init__(self, options: EngineOptions, subject: float = 1.0, style: float = 1.0) -> None:
         super().__init__(options)
         self.subject, self.style = subject, style
@@ -106,6 +109,7 @@ class KLPolicy(Policy):
 
 class KLSoftPolicy(Policy):
     needs_divergence = True
+    one_hot = False
 
     def weights(self, layer, progress, step, d_subject, d_style, units, device):
         w = torch.softmax(torch.stack([d_subject, d_style]) / self.options.soft_temperature, dim=0)

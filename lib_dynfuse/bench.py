@@ -1,0 +1,270 @@
+"""Benchmark, not a test: the cost of dynamic fusion on a UNet with the real SD1.5 / SDXL layer shapes.
+
+    python -m lib_dynfuse.bench --model sd15            # 512x512, batch 2 (one image with CFG)
+    python -m lib_dynfuse.bench --model sdxl --size 1024
+    python -m lib_dynfuse.bench --guidance              # cost of one guided step, per decoder
+
+The UNet is diffusers' ``UNet2DConditionModel`` built from the model's config with random weights (diffusers is
+a benchmark-only dependency). Two random rank-64 LoRAs are attached to every attention projection. One UNet step
+is timed three ways: no LoRA, both LoRAs merged into the weights, dynamic ``kl``. The last line printed is one JSON
+object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from lib_dynfuse.deltas import LayerGeometry, LowRankDelta
+from lib_dynfuse.policies import EngineOptions
+from lib_dynfuse.session import BatchLayout, FusionSession, LayerTarget, StepClock
+
+_COMMON = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, act_fn="silu", norm_num_groups=32)
+CONFIGS = {
+    "sd15": dict(
+        _COMMON, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ),
+    "sdxl": dict(
+        _COMMON, sample_size=128, block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    ),
+}
+DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def build_unet(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**CONFIGS[model]).to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def unet_inputs(model: str, size: int, batch: int, device: str, dtype: torch.dtype) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(1)
+    latent = size // 8
+    context_dim = CONFIGS[model]["cross_attention_dim"]
+    inputs = dict(
+        sample=torch.randn(batch, 4, latent, latent, generator=g),
+        timestep=torch.tensor(500),
+        encoder_hidden_states=torch.randn(batch, 77, context_dim, generator=g),
+    )
+    if model == "sdxl":
+        inputs["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, 1280, generator=g),
+                                           time_ids=torch.tensor([[size, size, 0, 0, size, size]] * batch).float())
+    return _move(inputs, device, dtype)
+
+
+def _move(value, device, dtype):
+    if isinstance(value, dict):
+        return {k: _move(v, device, dtype) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+    return value
+
+
+def attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in unet.named_modules() if name.endswith(ATTENTION_PROJECTIONS) and ".attn" in name}
+
+
+def random_loras(layers: dict[str, nn.Module], rank: int, seed: int, device: str,
+                 dtype: torch.dtype) -> dict[str, LowRankDelta]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    deltas = {}
+    for name, module in layers.items():
+        out_f, in_f = module.weight.shape
+        down = torch.randn(rank, in_f, generator=g) / in_f ** 0.5
+        up = torch.randn(out_f, rank, generator=g) * 0.01
+        deltas[name] = LowRankDelta(down, up, alpha=float(rank)).to(device=device, dtype=dtype)
+    return deltas
+
+
+@contextmanager
+def merged(layers: dict[str, nn.Module], *all_deltas: dict[str, LowRankDelta]):
+    """Both LoRAs merged into the weights the way the hosts' static path does; restored afterwards."""
+    backup = {name: m.weight.detach().clone() for name, m in layers.items()}
+    with torch.no_grad():
+        for deltas in all_deltas:
+            for name, delta in deltas.items():
+                weight = layers[name].weight
+                weight += delta.dense_weight(LayerGeometry.of(layers[name])).to(weight.dtype)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, m in layers.items():
+                m.weight.copy_(backup[name])
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device: str) -> int:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:  # Linux: writing 5 resets the process's peak resident set size
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _rss("VmRSS")
+
+
+def _peak(device: str) -> int:
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss("VmHWM")
+
+
+def _rss(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def time_modes(modes: dict[str, Callable[[], object]], enter: dict[str, Callable[[], object]], device: str,
+               repeats: int) -> dict[str, tuple[float, int]]:
+    """Median seconds of one step and peak memory above the level before it, per mode. The modes take turns
+    within each repeat, so that a machine that slows down or speeds up affects all of them alike."""
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    peaks: dict[str, int] = {m: 0 for m in modes}
+    with torch.no_grad():
+        for round_ in range(repeats + 1):  # round 0 warms up
+            for mode, run in modes.items():
+                with enter[mode]():
+                    base = _reset_peak(device)
+                    start = time.perf_counter()
+                    run()
+                    _sync(device)
+                    elapsed = time.perf_counter() - start
+                    peaks[mode] = max(peaks[mode], _peak(device) - base)
+                if round_:
+                    times[mode].append(elapsed)
+    return {m: (statistics.median(times[m]), peaks[m]) for m in modes}
+
+
+def count_flops(run: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
+
+
+def kl_flops(layers: dict[str, nn.Module], unet: nn.Module, run: Callable[[], object], deciding_rows: int) -> int:
+    """Element-wise work of the divergence (not seen by the FLOP counter): about 12 operations per output
+    element for each LoRA, on the deciding rows only."""
+    sizes: dict[str, int] = {}
+    handles = [m.register_forward_hook(lambda mod, i, o, n=name: sizes.__setitem__(n, o[0].numel()))
+               for name, m in layers.items()]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return 2 * 12 * deciding_rows * sum(sizes.values())
+
+
+def benchmark(model: str, size: int, rank: int, device: str, dtype: torch.dtype, repeats: int) -> dict:
+    unet = build_unet(model, device, dtype)
+    inputs = unet_inputs(model, size, batch=2, device=device, dtype=dtype)
+    layers = attention_layers(unet)
+    subject = random_loras(layers, rank, 1, device, dtype)
+    style = random_loras(layers, rank, 2, device, dtype)
+    run = lambda: unet(**inputs)
+
+    targets = [LayerTarget(name, layers[name], subject[name], style[name]) for name in layers]
+    session = FusionSession(targets, EngineOptions(method="kl"))
+    session.set_layout(BatchLayout.a1111(1))
+    session.set_step(StepClock(10, 20))
+    results = time_modes({"base": run, "static": run, "dynamic": run},
+                         {"base": nullcontext, "static": lambda: merged(layers, subject, style),
+                          "dynamic": lambda: session}, device, repeats)
+    (base_s, _), (static_s, static_mem), (dynamic_s, dynamic_mem) = results.values()
+    unet_flops = count_flops(run)
+    with session:
+        dynamic_flops = count_flops(run)
+    extra_flops = dynamic_flops - unet_flops + kl_flops(layers, unet, run, deciding_rows=1)
+    factor_bytes = sum(d.factor_bytes() for d in (*subject.values(), *style.values()))
+    return {
+        "model": model,
+        "size": size,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "hooked_layers": len(layers),
+        "lora_rank": rank,
+        "base_step_s": round(base_s, 4),
+        "static_step_s": round(static_s, 4),
+        "dynamic_step_s": round(dynamic_s, 4),
+        "ratio": round(dynamic_s / static_s, 4),
+        "floor": round(1 + extra_flops / unet_flops, 4),
+        "unet_gflops": round(unet_flops / 1e9, 1),
+        "extra_gflops": round(extra_flops / 1e9, 2),
+        "lora_factors_mb": round(factor_bytes / 2**20, 1),
+        "extra_mem_mb": round((dynamic_mem - static_mem) / 2**20, 1),
+        "memory_measure": "cuda max_memory_allocated" if device.startswith("cuda") else "peak RSS (VmHWM)",
+    }
+
+
+def print_table(result: dict) -> None:
+    rows = [("no LoRA", result["base_step_s"]), ("both merged (static)", result["static_step_s"]),
+            ("dynamic kl", result["dynamic_step_s"])]
+    print(f"{result['model']} {result['size']}x{result['size']}, batch 2, {result['device']} {result['dtype']}, "
+          f"{result['hooked_layers']} hooked layers, rank {result['lora_rank']}")
+    print(f"{'mode':<24}{'step s':>10}")
+    for label, seconds in rows:
+        print(f"{label:<24}{seconds:>10.4f}")
+    print(f"ratio dynamic/static {result['ratio']:.3f}   theoretical floor {result['floor']:.3f}   "
+          f"extra memory {result['extra_mem_mb']:.1f} MB (LoRA factors {result['lora_factors_mb']:.1f} MB)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lib_dynfuse.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(CONFIGS), default="sd15")
+    parser.add_argument("--size", type=int, default=None, help="image size in pixels (default 512 / 1024)")
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                        help="default float16 on CUDA, float32 on CPU")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--guidance", action="store_true", help="time one guided step per decoder instead")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
+    if args.guidance:
+        from lib_dynfuse.guidance import bench as guidance_bench
+
+        result = guidance_bench.run(size=args.size or 512, device=args.device)
+        print(json.dumps(result))
+        return 0
+    size = args.size or DEFAULT_SIZE[args.model]
+    result = benchmark(args.model, size, args.rank, args.device, dtype, args.repeats)
+    print_table(result)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())
