@@ -43,6 +43,8 @@ class NotFusable(Exception):
 
 class ForgeAdapter(HostAdapter):
     name = "forge"
+    # forge_objects is reset from Forge's cached patchers before each sampling run, after every other hook.
+    takeover_at = "process_before_every_sampling"
 
     # ---- checks ---------------------------------------------------------------------------------
     def unsupported_reason(self, p: Any) -> str | None:

@@ -155,3 +155,17 @@ class AdapterScript:
 
     def postprocess(self, p, processed, *args):
         self.adapter.end_job(p, self.job, processed)
+
+
+def load_entry_script(extension_root: Path):
+    """Execute an extension's scripts/<name>.py the way the WebUI does: a module named after the file, with
+    scripts.basedir() pointing at the extension's root. Returns the module."""
+    import importlib.util
+
+    scripts = importlib.import_module("modules.scripts")
+    scripts.current_basedir = str(extension_root)
+    path = extension_root / "scripts" / "dynfuse.py"
+    spec = importlib.util.spec_from_file_location(path.name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

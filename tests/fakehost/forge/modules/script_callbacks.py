@@ -32,7 +32,8 @@ class AfterCFGCallbackParams:
 
 
 callback_map = {name: [] for name in ("callbacks_cfg_denoiser", "callbacks_cfg_denoised", "callbacks_cfg_after_cfg",
-                                      "callbacks_script_unloaded")}
+                                      "callbacks_script_unloaded", "callbacks_before_ui", "callbacks_app_started",
+                                      "callbacks_ui_settings")}
 
 
 def _add(category, callback, name=None):
@@ -62,6 +63,18 @@ def on_cfg_after_cfg(callback, *, name=None):
 
 def on_script_unloaded(callback, *, name=None):
     _add("callbacks_script_unloaded", callback, name)
+
+
+def on_before_ui(callback, *, name=None):
+    _add("callbacks_before_ui", callback, name)
+
+
+def on_app_started(callback, *, name=None):
+    _add("callbacks_app_started", callback, name)
+
+
+def on_ui_settings(callback, *, name=None):
+    _add("callbacks_ui_settings", callback, name)
 
 
 def cfg_denoiser_callback(params):

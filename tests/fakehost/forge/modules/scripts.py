@@ -1,10 +1,17 @@
 # Fake of modules/scripts.py (stable-diffusion-webui-forge dfdcbab6): Script, AlwaysVisible, PostSampleArgs and
 # the always-on part of ScriptRunner. Kept: every call is wrapped in try/except and only reported;
 # process_before_every_sampling iterates alwayson_scripts in load order (Forge's second definition wins).
-# Simplified: no UI, no ordering rules, no selectable scripts.
+# Simplified: no UI, no ordering rules, no selectable scripts; basedir() returns what the loader set.
+import os
 import traceback
 
 AlwaysVisible = object()
+current_basedir = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+
+
+def basedir():
+    """The root of the extension whose script file is being loaded (the harness sets current_basedir)."""
+    return current_basedir
 
 
 class PostSampleArgs:
