@@ -1,6 +1,7 @@
 """Shared helpers for the guidance tests: real open_clip / timm architectures with random weights.
 
-Import the fixtures by name into a test module (``from conftest_guidance import guidance_tiny_factories``).
+A test module imports what it needs and the autouse fixture:
+``from conftest_guidance import CPU, TINY, guidance_release_models``.
 """
 from __future__ import annotations
 
@@ -44,14 +45,13 @@ def full_dino(config: scorers.ScorerConfig) -> torch.nn.Module:
     return timm.create_model("vit_small_patch16_224.dino", pretrained=False, num_classes=0)
 
 
-@pytest.fixture
-def guidance_tiny_factories():
-    """``dict(clip_factory=..., dino_factory=...)`` for Scorers / Guidance.prepare; empties the model
-    cache afterwards so no test sees another's models."""
-    yield {"clip_factory": tiny_clip, "dino_factory": tiny_dino}
+TINY = {"clip_factory": tiny_clip, "dino_factory": tiny_dino}
+FULL = {"clip_factory": full_clip, "dino_factory": full_dino}
+CPU = scorers.ScorerConfig(device="cpu", precision="fp32")
+
+
+@pytest.fixture(autouse=True)
+def guidance_release_models():
+    """Empties the model cache after each test so no test sees another's models."""
+    yield
     scorers.unload()
-
-
-@pytest.fixture
-def guidance_cpu_config() -> scorers.ScorerConfig:
-    return scorers.ScorerConfig(device="cpu", precision="fp32")

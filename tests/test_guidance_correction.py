@@ -2,13 +2,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
-from conftest_guidance import (full_clip, full_dino, guidance_cpu_config, guidance_tiny_factories,  # noqa: F401
-                               tiny_clip, tiny_dino)
+from conftest_guidance import CPU, FULL, TINY, guidance_release_models  # noqa: F401
 from PIL import Image
+from torch import nn
 
-from lib_dynfuse.guidance import (Guidance, GuidanceParams, ScorerConfig, Scorers, eps_from_x0, format_scores,
-                                  make_decoder, private_module, shift_eps, unload, x0_from_eps)
+from lib_dynfuse.guidance import (
+    Guidance,
+    GuidanceParams,
+    Scorers,
+    eps_from_x0,
+    format_scores,
+    private_module,
+    shift_eps,
+    unload,
+    x0_from_eps,
+)
 from lib_dynfuse.guidance.decoders import TaesdDecoder
 
 SUBJECT = Image.new("RGB", (40, 40), (220, 40, 30))
@@ -17,12 +25,12 @@ NOT_FINITE = ("DynFuse guidance: the gradient was not finite at step 7; guidance
               "Lower Guidance strength or use decoder 'approx'.")
 
 
-def guidance(factories, params=GuidanceParams(), decoder="approx", **kwargs) -> Guidance:
+def guidance(params=None, decoder="approx", factories=TINY, **kwargs) -> Guidance:
     kwargs.setdefault("subject_refs", [SUBJECT])
     kwargs.setdefault("style_ref", STYLE)
     messages = []
-    g = Guidance.prepare(family="SD1.5", params=params, decoder=decoder,
-                         scorer_config=ScorerConfig(device="cpu", precision="fp32"), log=messages.append,
+    g = Guidance.prepare(family="SD1.5", params=params or GuidanceParams(), decoder=decoder,
+                         scorer_config=CPU, log=messages.append,
                          **factories, **kwargs)
     assert g.messages == messages
     return g
@@ -35,8 +43,8 @@ def latents(rows=2, seed=0, size=16):
 
 
 @pytest.mark.parametrize("balance", [1.0, 0.0])
-def test_a_small_step_raises_the_guided_similarity(guidance_tiny_factories, balance):
-    g = guidance(guidance_tiny_factories, GuidanceParams(strength=0.2, balance=balance))
+def test_a_small_step_raises_the_guided_similarity(balance):
+    g = guidance(GuidanceParams(strength=0.2, balance=balance))
     x0, uncond = latents()
     with torch.no_grad():
         guided = g.correct(x0, uncond, progress=0.5, step=4)
@@ -47,23 +55,23 @@ def test_a_small_step_raises_the_guided_similarity(guidance_tiny_factories, bala
     assert g.losses == [(4, pytest.approx(float(before.mean()), abs=1e-5))]
 
 
-def test_step_size_is_strength_times_the_cfg_update_per_row(guidance_tiny_factories):
-    g = guidance(guidance_tiny_factories, GuidanceParams(strength=0.3))
+def test_step_size_is_strength_times_the_cfg_update_per_row():
+    g = guidance(GuidanceParams(strength=0.3))
     x0, uncond = latents()
     uncond[1] = x0[1] + 3 * (uncond[1] - x0[1])
     change = g.correct(x0, uncond, progress=0.5, step=0) - x0
-    rms = lambda t: t.pow(2).flatten(1).mean(1).sqrt()  # noqa: E731
+    rms = lambda t: t.pow(2).flatten(1).mean(1).sqrt()
     torch.testing.assert_close(rms(change), 0.3 * rms(x0 - uncond), rtol=1e-4, atol=1e-6)
     # Without an unconditional estimate, x0 itself sets the scale.
     change = g.correct(x0, None, progress=0.5, step=0) - x0
     torch.testing.assert_close(rms(change), 0.3 * rms(x0), rtol=1e-4, atol=1e-6)
 
 
-def test_nothing_changes_at_strength_zero_outside_the_window_or_between_every_n(guidance_tiny_factories):
+def test_nothing_changes_at_strength_zero_outside_the_window_or_between_every_n():
     x0, uncond = latents()
-    off = guidance(guidance_tiny_factories, GuidanceParams(strength=0.0))
+    off = guidance(GuidanceParams(strength=0.0))
     assert off.correct(x0, uncond, progress=0.5, step=2) is x0
-    g = guidance(guidance_tiny_factories, GuidanceParams(start=0.2, end=0.7, every=3))
+    g = guidance(GuidanceParams(start=0.2, end=0.7, every=3))
     assert g.correct(x0, uncond, progress=0.19, step=3) is x0
     assert g.correct(x0, uncond, progress=0.71, step=3) is x0
     assert g.correct(x0, uncond, progress=0.5, step=4) is x0
@@ -72,8 +80,8 @@ def test_nothing_changes_at_strength_zero_outside_the_window_or_between_every_n(
     assert [step for step, _ in g.losses] == [3, 0]
 
 
-def test_only_the_chosen_rows_change(guidance_tiny_factories):
-    g = guidance(guidance_tiny_factories)
+def test_only_the_chosen_rows_change():
+    g = guidance()
     x0, uncond = latents(rows=4)
     guided = g.correct(x0, uncond, progress=0.5, step=0, rows=[0, 2])
     assert torch.equal(guided[[1, 3]], x0[[1, 3]])
@@ -82,8 +90,8 @@ def test_only_the_chosen_rows_change(guidance_tiny_factories):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_shape_dtype_and_device_are_preserved(guidance_tiny_factories, dtype):
-    g = guidance(guidance_tiny_factories)
+def test_shape_dtype_and_device_are_preserved(dtype):
+    g = guidance()
     x0, uncond = latents(rows=3, size=12)
     x0, uncond = x0.to(dtype), uncond.to(dtype)
     guided = g.correct(x0, uncond, progress=0.5, step=0, rows=[1])
@@ -91,8 +99,8 @@ def test_shape_dtype_and_device_are_preserved(guidance_tiny_factories, dtype):
     assert torch.equal(guided[[0, 2]], x0[[0, 2]]) and not torch.equal(guided[1], x0[1])
 
 
-def test_works_under_no_grad_and_autocast_like_a1111(guidance_tiny_factories):
-    g = guidance(guidance_tiny_factories)
+def test_works_under_no_grad_and_autocast_like_a1111():
+    g = guidance()
     x0, uncond = latents()
     expected = g.correct(x0, uncond, progress=0.5, step=0)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -110,10 +118,10 @@ class HostVae(nn.Module):
         return torch.tanh(self.proj(nn.functional.interpolate(z, scale_factor=2.0)))
 
 
-def test_works_under_inference_mode_with_inference_weights_like_forge(guidance_tiny_factories):
+def test_works_under_inference_mode_with_inference_weights_like_forge():
     with torch.inference_mode():
         host_vae = HostVae()  # Forge loads its models under inference mode
-    g = guidance(guidance_tiny_factories, decoder="vae", vae=private_module(host_vae))
+    g = guidance(decoder="vae", vae=private_module(host_vae))
     x0, uncond = latents()
     expected = g.correct(x0, uncond, progress=0.5, step=0)
     with torch.inference_mode():
@@ -124,10 +132,10 @@ def test_works_under_inference_mode_with_inference_weights_like_forge(guidance_t
     assert not torch.equal(guided, x0)
 
 
-def test_the_host_module_itself_cannot_be_differentiated_and_guidance_stops_cleanly(guidance_tiny_factories):
+def test_the_host_module_itself_cannot_be_differentiated_and_guidance_stops_cleanly():
     with torch.inference_mode():
         host_vae = HostVae()
-    g = guidance(guidance_tiny_factories, decoder="vae", vae=host_vae)
+    g = guidance(decoder="vae", vae=host_vae)
     x0, uncond = latents()
     with torch.inference_mode():
         x0 = x0.clone()
@@ -137,11 +145,11 @@ def test_the_host_module_itself_cannot_be_differentiated_and_guidance_stops_clea
     assert g.messages[0].endswith("guidance is off for this image.")
 
 
-def test_taesd_decoder_guides_under_inference_mode(tmp_path, guidance_tiny_factories):
+def test_taesd_decoder_guides_under_inference_mode(tmp_path):
     torch.manual_seed(0)
     state = {k: torch.randn_like(v) * 0.05 for k, v in TaesdDecoder().state_dict().items()}
     torch.save(state, tmp_path / "taesd_decoder.pth")
-    g = guidance(guidance_tiny_factories, decoder="auto", taesd_dir=tmp_path)
+    g = guidance(decoder="auto", taesd_dir=tmp_path)
     assert g.decoder_kind == "taesd"
     x0, uncond = latents(size=8)
     with torch.inference_mode():
@@ -154,9 +162,9 @@ class NanDecoder(nn.Module):
         return latent[:, :3] * float("nan")
 
 
-def test_non_finite_gradient_switches_guidance_off_with_one_message(guidance_tiny_factories):
+def test_non_finite_gradient_switches_guidance_off_with_one_message():
     messages = []
-    scorers = Scorers(ScorerConfig(device="cpu", precision="fp32"), **guidance_tiny_factories)
+    scorers = Scorers(CPU, **TINY)
     g = Guidance(NanDecoder(), scorers, subject_refs=[SUBJECT], style_ref=STYLE, log=messages.append)
     x0, uncond = latents()
     assert g.correct(x0, uncond, progress=0.5, step=7) is x0
@@ -165,33 +173,34 @@ def test_non_finite_gradient_switches_guidance_off_with_one_message(guidance_tin
     assert not g.due(0.5, 9) and g.losses == []
 
 
-def test_missing_references_switch_their_side_off_with_a_message(tmp_path, guidance_tiny_factories):
+def test_missing_references_switch_their_side_off_with_a_message(tmp_path):
     lora = tmp_path / "dog.safetensors"
     lora.write_bytes(b"")
-    g = guidance(guidance_tiny_factories, subject_refs=[], subject_lora=str(lora), style_ref="not-an-image")
+    g = guidance(subject_refs=[], subject_lora=str(lora), style_ref="not-an-image")
     assert g.messages == [
-        "DynFuse guidance: no subject reference (dog.safetensors has no preview image); the subject side is "
-        "off. Add a subject reference image to guide it.",
+        ("DynFuse guidance: no subject reference (dog.safetensors has no preview image); the subject side is "
+         "off. Add a subject reference image to guide it."),
         "DynFuse guidance: style reference skipped: 'not-an-image' is neither an image file nor base64 image data.",
-        "DynFuse guidance: no style reference (the given image could not be read); the style side is off. Add a style reference "
-        "image to guide it.",
+        ("DynFuse guidance: no style reference (the given image could not be read); the style side is off. "
+         "Add a style reference image to guide it."),
     ]
-    assert g.sides == {"subject": "off (dog.safetensors has no preview image)", "style": "off (the given image could not be read)"}
+    assert g.sides == {"subject": "off (dog.safetensors has no preview image)",
+                       "style": "off (the given image could not be read)"}
     x0, uncond = latents()
     assert not g.due(0.5, 0) and g.correct(x0, uncond, progress=0.5, step=0) is x0
     assert g.scores(x0) == [{}, {}]
 
 
-def test_a_preview_beside_the_lora_becomes_the_reference(tmp_path, guidance_tiny_factories):
+def test_a_preview_beside_the_lora_becomes_the_reference(tmp_path):
     SUBJECT.save(tmp_path / "dog.preview.png")
-    g = guidance(guidance_tiny_factories, subject_refs=[], subject_lora=str(tmp_path / "dog.safetensors"),
+    g = guidance(subject_refs=[], subject_lora=str(tmp_path / "dog.safetensors"),
                  params=GuidanceParams(balance=1.0))
     assert g.sides["subject"] == "preview dog.preview.png" and g.messages == []
     assert g.scores([SUBJECT])[0]["subject-DINO"] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_scores_for_images_pixels_and_latents_and_their_infotext(guidance_tiny_factories):
-    g = guidance(guidance_tiny_factories, prompt="a red dog <lora:dog:0.8>, watercolor")
+def test_scores_for_images_pixels_and_latents_and_their_infotext():
+    g = guidance(prompt="a red dog <lora:dog:0.8>, watercolor")
     assert g.prompt == "a red dog , watercolor"
     by_pil = g.scores([SUBJECT, STYLE])
     assert set(by_pil[0]) == {"subject-DINO", "style-CLIP", "clip-T"}
@@ -205,7 +214,7 @@ def test_scores_for_images_pixels_and_latents_and_their_infotext(guidance_tiny_f
     assert format_scores({"style-CLIP": 0.5}) == "style-CLIP 0.500"
 
 
-def test_epsilon_conversions_round_trip_and_match_x0_guidance(guidance_tiny_factories):
+def test_epsilon_conversions_round_trip_and_match_x0_guidance():
     torch.manual_seed(1)
     x0, x_t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     abar = torch.tensor([0.3, 0.8])
@@ -216,7 +225,7 @@ def test_epsilon_conversions_round_trip_and_match_x0_guidance(guidance_tiny_fact
                                atol=1e-5)
     assert torch.equal(shift_eps(eps, torch.zeros_like(eps), 0.5), eps)
 
-    g = guidance(guidance_tiny_factories)
+    g = guidance()
     eps_uncond = eps + 0.05 * torch.randn_like(eps)
     guided_eps = g.correct_eps(eps, x_t, abar, eps_uncond, progress=0.5, step=0)
     guided_x0 = g.correct(x0_from_eps(x_t, eps, abar), x0_from_eps(x_t, eps_uncond, abar), progress=0.5, step=0)
@@ -224,23 +233,26 @@ def test_epsilon_conversions_round_trip_and_match_x0_guidance(guidance_tiny_fact
     assert g.correct_eps(eps, x_t, abar, progress=0.9, step=0) is eps
 
 
-def test_loss_plot_is_an_image(guidance_tiny_factories):
-    g = guidance(guidance_tiny_factories)
-    assert g.loss_plot().size == (512, 256)
+def test_loss_plot_draws_one_point_per_guided_step():
+    curve_colour = (200, 60, 40)
+    g = guidance()
+    empty = g.loss_plot()
+    assert empty.size == (512, 256) and curve_colour not in set(empty.getdata())
     x0, uncond = latents()
     for step in range(3):
         x0 = g.correct(x0, uncond, progress=0.5, step=step)
     image = g.loss_plot()
-    assert image.size == (512, 256) and len(g.losses) == 3
-    assert image.getpixel((256, 128)) != image.getpixel((0, 255)) or len(set(image.getdata())) > 3
+    assert len(g.losses) == 3 and curve_colour in set(image.getdata())
+    # the curve spans the frame: first step at its left edge, last at its right
+    columns = {x for x in range(512) for y in range(256) if image.getpixel((x, y)) == curve_colour}
+    assert min(columns) <= 50 and max(columns) >= 498
 
 
 @pytest.mark.slow
 def test_full_size_encoders_one_step_raises_both_similarities():
-    factories = {"clip_factory": full_clip, "dino_factory": full_dino}
     try:
         for balance, key in ((1.0, "subject-DINO"), (0.0, "style-CLIP")):
-            g = guidance(factories, GuidanceParams(strength=0.2, balance=balance))
+            g = guidance(GuidanceParams(strength=0.2, balance=balance), factories=FULL)
             x0, uncond = latents(rows=1, size=32)
             guided = g.correct(x0, uncond, progress=0.5, step=0)
             assert g.scores(guided)[0][key] > g.scores(x0)[0][key]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from lib_dynfuse.guidance import DecoderError, make_decoder, private_module, taesd_path
 from lib_dynfuse.guidance.decoders import ApproxDecoder, TaesdDecoder, VaeDecoder, family_key

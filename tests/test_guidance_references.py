@@ -9,7 +9,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from lib_dynfuse.guidance import ReferenceImageError, find_preview, load_image, lora_reference, preview_candidates
+from lib_dynfuse.guidance import (
+    ReferenceImageError,
+    find_preview,
+    load_image,
+    lora_reference,
+    preview_candidates,
+)
 from lib_dynfuse.guidance.references import embedded_preview
 
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest_guidance import full_clip, full_dino, guidance_cpu_config, guidance_tiny_factories  # noqa: F401
+from conftest_guidance import CPU, FULL, TINY, guidance_release_models  # noqa: F401
 
 from lib_dynfuse.guidance import ScorerConfig, ScorerLoadError, Scorers, loaded_models, unload
 from lib_dynfuse.guidance.scorers import CLIP_MEAN, CLIP_STD, preprocess
@@ -42,13 +42,13 @@ def test_precision_and_device_resolution():
         ScorerConfig(precision="fp8").torch_dtype()
 
 
-def test_models_are_cached_replaced_on_change_and_released(guidance_tiny_factories, guidance_cpu_config):
-    scorers = Scorers(guidance_cpu_config, **guidance_tiny_factories)
+def test_models_are_cached_replaced_on_change_and_released():
+    scorers = Scorers(CPU, **TINY)
     first = scorers.clip_model()
     assert scorers.clip_model() is first and loaded_models() == ["clip"]
-    assert Scorers(guidance_cpu_config, **guidance_tiny_factories).clip_model() is first
+    assert Scorers(CPU, **TINY).clip_model() is first
     other = Scorers(ScorerConfig(device="cpu", precision="fp32", clip_pretrained="laion2b_s34b_b79k"),
-                    **guidance_tiny_factories)
+                    **TINY)
     assert other.clip_model() is not first and loaded_models() == ["clip"]
     scorers.dino_model()
     assert loaded_models() == ["clip", "dino"]
@@ -56,8 +56,8 @@ def test_models_are_cached_replaced_on_change_and_released(guidance_tiny_factori
     assert loaded_models() == []
 
 
-def test_models_loaded_inside_inference_mode_stay_differentiable(guidance_tiny_factories, guidance_cpu_config):
-    scorers = Scorers(guidance_cpu_config, **guidance_tiny_factories)
+def test_models_loaded_inside_inference_mode_stay_differentiable():
+    scorers = Scorers(CPU, **TINY)
     with torch.inference_mode():
         model = scorers.dino_model()
     assert not any(p.is_inference() or p.requires_grad for p in model.parameters())
@@ -66,8 +66,8 @@ def test_models_loaded_inside_inference_mode_stay_differentiable(guidance_tiny_f
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-def test_embedding_shapes_and_text(guidance_tiny_factories, guidance_cpu_config):
-    scorers = Scorers(guidance_cpu_config, **guidance_tiny_factories)
+def test_embedding_shapes_and_text():
+    scorers = Scorers(CPU, **TINY)
     images = torch.rand(2, 3, 64, 64)
     assert scorers.clip_image(images).shape == (2, 32)
     assert scorers.dino_image(images).shape == (2, 64)
@@ -111,7 +111,7 @@ TINY_CLIP = {"embed_dim": 32,
 TINY_DINO = {"depth": 1, "embed_dim": 64, "num_heads": 2}
 
 
-def test_local_weights_files_load_through_the_default_factories(tmp_path, monkeypatch, guidance_cpu_config):
+def test_local_weights_files_load_through_the_default_factories(tmp_path, monkeypatch):
     """Offline use: the default factories read local files (the libraries are only shrunk to toy sizes)."""
     import open_clip
     import timm
@@ -137,8 +137,8 @@ def test_local_weights_files_load_through_the_default_factories(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_full_size_architectures_build_and_differentiate(guidance_cpu_config):
-    scorers = Scorers(guidance_cpu_config, clip_factory=full_clip, dino_factory=full_dino)
+def test_full_size_architectures_build_and_differentiate():
+    scorers = Scorers(CPU, **FULL)
     try:
         image = torch.rand(1, 3, 224, 224, requires_grad=True)
         assert scorers.clip_image(image).shape == (1, 512) and scorers.dino_image(image).shape == (1, 384)

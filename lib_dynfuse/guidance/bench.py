@@ -7,16 +7,16 @@ not depend on the values). Called by ``python -m lib_dynfuse.bench --guidance``.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .correction import Guidance, GuidanceParams
 from .decoders import ApproxDecoder, TaesdDecoder, VaeDecoder
 from .scorers import ScorerConfig, Scorers, unload
 
 # diffusers' AutoencoderKL with the SD1.5 VAE configuration (random weights).
-_SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-                 block_out_channels=(128, 256, 512, 512),
-                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+_SD15_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+             "sample_size": 512, "block_out_channels": (128, 256, 512, 512),
+             "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}
 
 
 def _random_clip(config: ScorerConfig) -> nn.Module:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from .decoders import make_decoder
 from .plot import loss_curve
@@ -98,11 +98,11 @@ class Guidance:
     @classmethod
     def prepare(cls, *, family: str, params: GuidanceParams = GuidanceParams(), decoder: str = "auto",
                 taesd_dir: str | os.PathLike | None = None, vae: object | None = None,
-                scorer_config: ScorerConfig = ScorerConfig(), subject_refs: Sequence[object] = (),
+                scorer_config: ScorerConfig | None = None, subject_refs: Sequence[object] = (),
                 style_ref: object | None = None, subject_lora: str | os.PathLike | None = None,
                 style_lora: str | os.PathLike | None = None, preview_extensions: tuple[str, ...] = (),
                 prompt: str | None = None, log: Callable[[str], None] = print,
-                clip_factory: Callable | None = None, dino_factory: Callable | None = None) -> "Guidance":
+                clip_factory: Callable | None = None, dino_factory: Callable | None = None) -> Guidance:
         """Everything one job needs. References: the images given, else the LoRA's preview image beside
         its file (``subject_lora``/``style_lora`` paths; ``preview_extensions`` adds e.g. the host's
         samples_format), else that side is off. ``vae``: the host VAE module for decoder "vae" (on Forge a
@@ -118,7 +118,7 @@ class Guidance:
             style_ref, notes["style"] = lora_reference(style_lora, preview_extensions)
         else:
             notes["style"] = "image given"
-        scorers = Scorers(scorer_config, clip_factory=clip_factory, dino_factory=dino_factory)
+        scorers = Scorers(scorer_config or ScorerConfig(), clip_factory=clip_factory, dino_factory=dino_factory)
         return cls(module, scorers, params, subject_refs=subject_refs, style_ref=style_ref, prompt=prompt,
                    decoder_kind=kind_used, log=log, notes=notes)
 
@@ -217,7 +217,7 @@ class Guidance:
         picked = denoised[index]
         try:
             grad, loss = self._gradient(picked)
-        except Exception as error:  # e.g. out of memory: the image is still worth finishing
+        except Exception as error:  # noqa: BLE001 -- e.g. out of memory: the image is still worth finishing
             return self._switch_off(denoised, f"DynFuse guidance failed at step {step} ({error}); "
                                               "guidance is off for this image.")
         if not (torch.isfinite(grad).all() and np.isfinite(loss)):

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .errors import DecoderError
 
@@ -130,7 +130,7 @@ class TaesdDecoder(nn.Sequential):
         super().__init__(*layers)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "TaesdDecoder":
+    def from_file(cls, path: str | os.PathLike) -> TaesdDecoder:
         """Builds the decoder (outside inference mode) and loads a TAESD decoder state dict."""
         with torch.inference_mode(False):
             state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)

@@ -45,7 +45,7 @@ def embedded_preview(lora_path: str | os.PathLike) -> Image.Image | None:
             covers = json.loads((handle.metadata() or {}).get("ssmd_cover_images", "[]"))
         first = next((c for c in covers if c), None)
         return load_image(first) if first else None
-    except Exception:  # a damaged cover is no reason to fail; the caller reports "no reference"
+    except Exception:  # noqa: BLE001 -- a damaged cover is no reason to fail; the caller reports "no reference"
         return None
 
 

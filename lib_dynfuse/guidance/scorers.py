@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .errors import ScorerLoadError
 
@@ -186,7 +186,7 @@ class Scorers:
         model = self.clip_model()
         try:
             tokenizer = open_clip.get_tokenizer(self.config.clip_model)
-        except Exception:  # a custom model name: fall back to the standard CLIP tokenizer
+        except Exception:  # noqa: BLE001 -- a custom model name: fall back to the standard CLIP tokenizer
             tokenizer = open_clip.tokenize
         return model.encode_text(tokenizer(texts).to(self.device)).float()
 
