@@ -1,4 +1,4 @@
-"""The DynFuse accordion built with the real gradio of the environment (3.41 system-wide, 4.40 in .venv-gradio4).
+"""The DynFuse accordion built with the environment's real gradio (3.41 system-wide, 4.40 in .venv-gradio4).
 
 Runs under either version; the version-specific wiring is in test_ui_gradio3.py / test_ui_gradio4.py.
 """
@@ -14,11 +14,11 @@ from pathlib import Path
 import gradio as gr
 import pytest
 from PIL import Image
+from ui_stand_ins import InputAccordion
 
 from lib_dynfuse.hosts import gradio_compat, ui
 from lib_dynfuse.prompt_tags import parse_lora_tags
 from lib_dynfuse.settings import DEFAULTS, INFOTEXT_KEYS, DynFuseSettings, SettingsError, to_infotext
-from ui_stand_ins import InputAccordion
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_tags_box_is_rendered_but_hidden_by_css(built):
 
 
 def test_values_convert_to_settings():
-    values = [True, "subj", 0.8, "Auto", None, "k-lora", "kl", 2.0, True, "row", 1.0, 3.0, 1.5, 0.5, "S*",
+    values = [True, "subj", "0.8", "Auto", "", "k-lora", "kl", 2.0, True, "row", 1.0, 3.0, 1.5, 0.5, "S*",
               True, True, 0.4, 0.25, 0.1, 0.9, 2.0, "approx", None, None, True]
     settings = ui.values_to_settings(values)
     assert settings == replace(DEFAULTS, enabled=True, subject="subj", subject_strength=0.8, method="k-lora",
@@ -79,6 +79,11 @@ def test_values_convert_to_settings():
 
 def test_cleared_dropdown_means_auto_and_short_lists_keep_defaults():
     assert ui.values_to_settings([True, None, None, ""]) == replace(DEFAULTS, enabled=True)
+
+
+def test_unreadable_strength_names_the_field():
+    with pytest.raises(SettingsError, match="subject_strength must be a number or null, not 'strong'"):
+        ui.values_to_settings([True, "Auto", "strong"])
 
 
 def test_bad_value_names_the_field():
@@ -115,7 +120,8 @@ def paste(built: ui.UiBuild, params: dict) -> dict[str, object]:
 def test_infotext_fields_follow_the_settings_table(built):
     restorable = {name for entry in INFOTEXT_KEYS if entry.decode is not None for name in entry.fields}
     pairs = {(built_name(built, component), str(key)) for component, key in built.infotext_fields}
-    expected = {(name, entry.key) for entry in INFOTEXT_KEYS if entry.decode is not None for name in entry.fields}
+    expected = {(name, entry.key) for entry in INFOTEXT_KEYS if entry.decode is not None
+                for name in entry.fields}
     assert pairs == expected | {("enabled", "DynFuse method")}
     assert {name for name, _ in pairs} == restorable | {"enabled"}
     assert built.paste_field_names == list(dict.fromkeys(str(key) for _, key in built.infotext_fields))
@@ -131,8 +137,8 @@ def test_paste_restores_the_generation(built):
     params = to_infotext(used, subject_label="subj", style_label="sty")
     pasted = paste(built, params)
     assert pasted["enabled"] is True
-    assert pasted["subject"] == "subj" and pasted["subject_strength"] == 0.7
-    assert pasted["style"] == "sty" and pasted["style_strength"] is None
+    assert pasted["subject"] == "subj" and pasted["subject_strength"] == "0.7"  # the strength box holds text
+    assert pasted["style"] == "sty" and pasted["style_strength"] == ""  # empty: the tag's own weight
     assert pasted["method"] == "kl-soft" and pasted["soft_temperature"] == 2.5
     assert pasted["guidance"] is True and pasted["guidance_end"] == 0.8
     assert pasted["switch_every"] == DEFAULTS.switch_every  # left out of the infotext as a default

@@ -12,8 +12,9 @@ gr = pytest.importorskip("gradio")
 if int(gr.__version__.split(".", 1)[0]) != 3:
     pytest.skip(f"gradio {gr.__version__} is not 3.x (see test_ui_gradio4.py)", allow_module_level=True)
 
-from lib_dynfuse.hosts import ui  # noqa: E402
 from ui_stand_ins import InputAccordion  # noqa: E402
+
+from lib_dynfuse.hosts import ui  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,12 @@ def test_uploaded_reference_files_convert(page, tmp_path):
     assert image.size == (5, 4) and image.getpixel((0, 0)) == (1, 2, 3)
 
 
-def test_empty_strength_box_means_tag_weight(page):
+def test_strength_box_text_becomes_the_strength(page):
     _, built = page
-    assert built.by_field["subject_strength"].preprocess(None) is None
-    assert built.by_field["subject_strength"].preprocess(0.75) == 0.75
+    values = [c.value for c in built.components]
+    box = built.by_field["subject_strength"]
+    assert box.value == ""
+    values[1 + ui.UI_FIELDS.index("subject_strength")] = box.preprocess(box.value)
+    assert ui.values_to_settings(values).subject_strength is None  # empty: the tag's own weight
+    values[1 + ui.UI_FIELDS.index("subject_strength")] = box.preprocess(" 0.65 ")
+    assert ui.values_to_settings(values).subject_strength == 0.65

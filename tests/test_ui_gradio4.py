@@ -16,9 +16,9 @@ if int(gr.__version__.split(".", 1)[0]) != 4:
     pytest.skip(f"gradio {gr.__version__} is not 4.x (see test_ui_gradio3.py)", allow_module_level=True)
 
 from gradio.data_classes import FileData, ListFiles  # noqa: E402
+from ui_stand_ins import InputAccordion  # noqa: E402
 
 from lib_dynfuse.hosts import ui  # noqa: E402
-from ui_stand_ins import InputAccordion  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def test_tag_box_change_refills_both_dropdowns(page):
     result = asyncio.run(demo.process_api(block_fn, [json.dumps(["subj", "sty"]), "Auto", "custom"]))
     subject, style, status = result["data"]
     assert subject["__type__"] == "update" and subject["value"] == "Auto"
-    assert [tuple(choice) for choice in subject["choices"]] == [("Auto", "Auto"), ("subj", "subj"), ("sty", "sty")]
+    choices = [tuple(choice) for choice in subject["choices"]]  # (label, value) pairs in gradio 4
+    assert choices == [("Auto", "Auto"), ("subj", "subj"), ("sty", "sty")]
     assert style["value"] == "custom"  # allow_custom_value: a pasted name survives
     assert status["value"].endswith("not found among the installed LoRAs: sty")
 
@@ -77,6 +78,12 @@ def test_style_reference_is_a_pil_image(page, tmp_path):
     assert isinstance(image, Image.Image) and image.getpixel((1, 1)) == (9, 8, 7)
 
 
-def test_empty_strength_box_means_tag_weight(page):
+def test_strength_box_text_becomes_the_strength(page):
     _, built = page
-    assert built.by_field["subject_strength"].preprocess(None) is None
+    values = [c.value for c in built.components]
+    box = built.by_field["subject_strength"]
+    assert box.value == ""
+    values[1 + ui.UI_FIELDS.index("subject_strength")] = box.preprocess(box.value)
+    assert ui.values_to_settings(values).subject_strength is None  # empty: the tag's own weight
+    values[1 + ui.UI_FIELDS.index("subject_strength")] = box.preprocess(" 0.65 ")
+    assert ui.values_to_settings(values).subject_strength == 0.65

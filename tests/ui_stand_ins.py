@@ -32,15 +32,18 @@ class InputAccordionImpl(gr.Checkbox):
             super().__init__(value=value, **kwargs)
             return
         self.accordion_id = kwargs.get("elem_id") or "input-accordion-test"
-        super().__init__(value=value, **{**kwargs, "elem_id": f"{self.accordion_id}-checkbox", "visible": False})
-        js_keyword = "_js" if GRADIO_MAJOR < 4 else "js"  # Forge's shim maps _js to js; plain gradio 4 does not
+        checkbox_id = f"{self.accordion_id}-checkbox"
+        super().__init__(value=value, **{**kwargs, "elem_id": checkbox_id, "visible": False})
+        # Forge's shim maps _js to js; plain gradio 4 knows only js.
+        js_keyword = "_js" if GRADIO_MAJOR < 4 else "js"
         self.change(fn=None, inputs=[self], **{js_keyword: _SYNC_JS % self.accordion_id})
         self.accordion = gr.Accordion(**{**kwargs, "elem_id": self.accordion_id,
                                          "label": kwargs.get("label", "Accordion"),
                                          "elem_classes": ["input-accordion"], "open": value})
 
     def extra(self) -> gr.Column:
-        return gr.Column(elem_id=self.accordion_id + "-extra", elem_classes="input-accordion-extra", min_width=0)
+        return gr.Column(elem_id=f"{self.accordion_id}-extra", elem_classes="input-accordion-extra",
+                         min_width=0)
 
     def __enter__(self):
         self.accordion.__enter__()

@@ -1,4 +1,4 @@
-"""The differences between gradio 3.41 (AUTOMATIC1111) and gradio 4.40 (Forge) that the UI meets, in one place.
+"""Where gradio 3.41 (AUTOMATIC1111) and gradio 4.40 (Forge) differ for the UI, in one place.
 
 The UI is written against what both versions accept (`gr.update`, `gr.Group`, no `.style()`, no `_js`/`js`,
 dropdowns with `allow_custom_value`, `gr.File` without `type`). What remains are value shapes and the one

@@ -18,20 +18,19 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from lib_dynfuse import __version__
+from lib_dynfuse.divergence import MEASURES
 from lib_dynfuse.hosts import gradio_compat
-from lib_dynfuse.policies import METHODS
+from lib_dynfuse.policies import KLORA_SCHEDULES, METHODS
 from lib_dynfuse.settings import (
     DECIDE_PER,
     DECODERS,
     DEFAULTS,
     FIELDS,
     INFOTEXT_KEYS,
-    KLORA_SCHEDULES,
     DynFuseSettings,
     coerce,
     from_infotext,
 )
-from lib_dynfuse.divergence import MEASURES
 
 AUTO = "Auto"
 
@@ -45,9 +44,9 @@ UI_FIELDS: tuple[str, ...] = (
     "guidance_decoder", "subject_refs", "style_ref", "show_loss_plot",
 )
 
-METHOD_INFO = ("kl: per layer and step, the LoRA that moves the output further wins · kl-soft: blend by the same "
-               "score · k-lora: weight-based choice · switch: alternate every n steps · static: both applied as "
-               "usual · subject-only / style-only: one LoRA, for comparison")
+METHOD_INFO = ("kl: per layer and step, the LoRA that changes the output more wins · "
+               "kl-soft: blend instead · k-lora: choose by weights · switch: alternate · "
+               "static: plain merge · *-only: one LoRA")
 
 
 @dataclass
@@ -57,20 +56,9 @@ class UiBuild:
     components: list
     infotext_fields: list[tuple[object, PasteKey]]
     paste_field_names: list[str]
-    by_field: dict[str, object] = field(default_factory=dict)  # settings field -> component, accordion included
+    # settings field -> component, the accordion ("enabled") included
+    by_field: dict[str, object] = field(default_factory=dict)
     tags: object = None  # the hidden textbox the page script writes the prompt's tag names into
-
-
-def _label(name: str) -> str:
-    return FIELDS[name].metadata["label"]
-
-
-def _doc(name: str) -> str:
-    return FIELDS[name].metadata["doc"]
-
-
-def _choices(name: str) -> list[str]:
-    return list(FIELDS[name].metadata["choices"])
 
 
 def tag_choices(tags_json: str, subject: str | None, style: str | None,
@@ -116,10 +104,8 @@ def values_to_settings(values: Sequence) -> DynFuseSettings:
     naming the field when a value cannot be one of its kind; cross-field checks are left to validate().
     """
     names = ("enabled", *UI_FIELDS)
-    if len(values) > len(names):
-        values = values[:len(names)]
     result = {}
-    for name, value in zip(names, values):
+    for name, value in zip(names, values, strict=False):
         if name in ("subject", "style") and (value is None or not str(value).strip()):
             value = AUTO  # a cleared dropdown means "pick from the prompt"
         elif name == "subject_refs":
@@ -151,9 +137,16 @@ class PasteKey(str):
         values = from_infotext(params, warn=print if self.warn else _quiet, fill_defaults=True)
         if self.field_name not in values:
             return None  # DynFuse was not used: leave the control as it is
-        # An update, not a bare value: the host casts bare values to the component's current type, which
-        # fails for a strength box that is empty (None).
-        return gr.update(value=values[self.field_name])
+        # An update, not a bare value: the host would cast a bare value to the type of the control's
+        # current value, and the enable accordion's "value" here is a bool computed from several keys.
+        return gr.update(value=_ui_value(self.field_name, values[self.field_name]))
+
+
+def _ui_value(name: str, value: object) -> object:
+    """A settings value as its control holds it: strengths are text, empty for the tag's own weight."""
+    if name in ("subject_strength", "style_strength"):
+        return "" if value is None else str(value)
+    return value
 
 
 def _quiet(message: str) -> None:
@@ -174,34 +167,37 @@ def build_ui(*, is_img2img: bool, input_accordion: type,
             gr.HTML(f'<span class="dynfuse-version">v{__version__}</span>', elem_id=eid("version"))
         tags = gr.Textbox(value="[]", label="LoRA tags in the prompt", elem_id=eid("tags"),
                           **gradio_compat.HIDDEN_BY_CSS)
-        with gr.Row(elem_id=eid("loras")):
-            for role in ("subject", "style"):
-                with gr.Column(min_width=220, elem_classes=["dynfuse-lora"]):
-                    c[role] = gr.Dropdown(
-                        label=f"{role.capitalize()} LoRA", choices=[AUTO], value=getattr(DEFAULTS, role),
-                        allow_custom_value=True, elem_id=eid(role),
-                        info=f"A <lora:…> tag of the prompt; Auto takes the {'first' if role == 'subject' else 'second'}.")
-                    c[f"{role}_strength"] = gr.Number(
-                        label=f"{role.capitalize()} strength", value=getattr(DEFAULTS, f"{role}_strength"),
-                        step=0.05, elem_id=eid(f"{role}_strength"), info="Empty: the tag's own weight.")
+        for role, which in (("subject", "first"), ("style", "second")):
+            with gr.Row(elem_id=eid(f"{role}_row"), elem_classes=["dynfuse-lora"]):
+                c[role] = gr.Dropdown(
+                    label=f"{role.capitalize()} LoRA", choices=[AUTO], value=getattr(DEFAULTS, role),
+                    allow_custom_value=True, scale=3, elem_id=eid(role),
+                    info=f"A LoRA tag of the prompt; Auto takes the {which} one.")
+                # A textbox because "empty" must be a value: gradio 3's number box shows and sends 0 for None.
+                c[f"{role}_strength"] = gr.Textbox(
+                    label=f"{role.capitalize()} strength", value=_ui_value(f"{role}_strength", None),
+                    placeholder="tag weight", info="Empty: the tag's weight.", max_lines=1, scale=1,
+                    min_width=120, elem_id=eid(f"{role}_strength"))
         status = gr.HTML(_status([], None), elem_id=eid("tag_status"), elem_classes=["dynfuse-status"])
         with gr.Row():
             c["method"] = gr.Radio(label="Method", choices=list(METHODS), value=DEFAULTS.method,
                                    info=METHOD_INFO, elem_id=eid("method"))
-        c["show_map"] = gr.Checkbox(label="Show selection map", value=DEFAULTS.show_map, elem_id=eid("show_map"))
+        c["show_map"] = gr.Checkbox(label="Show selection map", value=DEFAULTS.show_map,
+                                    elem_id=eid("show_map"))
 
         with gr.Accordion("Advanced", open=False, elem_id=eid("advanced")):
             with gr.Row():
                 c["measure"] = gr.Dropdown(label="Measure", choices=list(MEASURES), value=DEFAULTS.measure,
-                                           info=_doc("measure"), elem_id=eid("measure"))
+                                           info="For kl and kl-soft.", elem_id=eid("measure"))
                 c["temperature"] = gr.Slider(label="KL temperature", minimum=0.05, maximum=10.0, step=0.05,
                                              value=DEFAULTS.temperature, elem_id=eid("temperature"))
-                c["decide_per"] = gr.Radio(label="Decide per", choices=list(DECIDE_PER),
-                                           value=DEFAULTS.decide_per, info=_doc("decide_per"),
-                                           elem_id=eid("decide_per"))
-            c["standardize"] = gr.Checkbox(label="Standardize outputs", value=DEFAULTS.standardize,
-                                           info=_doc("standardize"), elem_id=eid("standardize"))
+                c["standardize"] = gr.Checkbox(label="Standardize outputs", value=DEFAULTS.standardize,
+                                               info="Per-token std of the base output.",
+                                               elem_id=eid("standardize"))
             with gr.Row():
+                c["decide_per"] = gr.Radio(label="Decide per", choices=list(DECIDE_PER),
+                                           value=DEFAULTS.decide_per, info="row: each CFG row alone.",
+                                           elem_id=eid("decide_per"))
                 c["soft_temperature"] = gr.Slider(label="kl-soft temperature", minimum=0.05, maximum=10.0,
                                                   step=0.05, value=DEFAULTS.soft_temperature,
                                                   elem_id=eid("soft_temperature"))
@@ -216,8 +212,8 @@ def build_ui(*, is_img2img: bool, input_accordion: type,
                                                value=DEFAULTS.klora_schedule, elem_id=eid("klora_schedule"))
 
         with gr.Accordion("Guidance", open=False, elem_id=eid("guidance_group")):
-            c["guidance"] = gr.Checkbox(label="Enable guidance", value=DEFAULTS.guidance, info=_doc("guidance"),
-                                        elem_id=eid("guidance"))
+            c["guidance"] = gr.Checkbox(label="Enable guidance", value=DEFAULTS.guidance,
+                                        info=FIELDS["guidance"].metadata["doc"], elem_id=eid("guidance"))
             with gr.Row():
                 c["subject_refs"] = gr.File(label="Subject references", file_count="multiple",
                                             file_types=["image"], elem_id=eid("subject_refs"))
@@ -229,7 +225,8 @@ def build_ui(*, is_img2img: bool, input_accordion: type,
                                                    elem_id=eid("guidance_strength"))
                 c["guidance_balance"] = gr.Slider(label="Subject/style balance", minimum=0.0, maximum=1.0,
                                                   step=0.05, value=DEFAULTS.guidance_balance,
-                                                  info=_doc("guidance_balance"), elem_id=eid("guidance_balance"))
+                                                  info="1: subject only · 0: style only.",
+                                                  elem_id=eid("guidance_balance"))
             with gr.Row():
                 c["guidance_start"] = gr.Slider(label="Guidance start", minimum=0.0, maximum=1.0, step=0.01,
                                                 value=DEFAULTS.guidance_start, elem_id=eid("guidance_start"))
@@ -239,7 +236,8 @@ def build_ui(*, is_img2img: bool, input_accordion: type,
                 c["guidance_every"] = gr.Slider(label="Guide every n steps", minimum=1, maximum=10, step=1,
                                                 value=DEFAULTS.guidance_every, elem_id=eid("guidance_every"))
                 c["guidance_decoder"] = gr.Radio(label="Decoder", choices=list(DECODERS),
-                                                 value=DEFAULTS.guidance_decoder, info=_doc("guidance_decoder"),
+                                                 value=DEFAULTS.guidance_decoder,
+                                                 info="auto: TAESD when installed, else approx.",
                                                  elem_id=eid("guidance_decoder"))
             c["show_loss_plot"] = gr.Checkbox(label="Show loss plot", value=DEFAULTS.show_loss_plot,
                                               elem_id=eid("show_loss_plot"))
