@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_dynfuse.hosts import detect
 from lib_dynfuse.hosts.base import NOTE_KEY
-from lib_dynfuse.hosts.forge import ForgeAdapter
 
 PROJECT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("forge_harness", Path(__file__).parent / "fakehost/forge/forge_harness.py")
@@ -21,6 +19,9 @@ _spec.loader.exec_module(fh)
 
 @pytest.fixture
 def forge(tmp_path):
+    # Imported per test: the A1111 fixtures drop lib_dynfuse.hosts.* from sys.modules.
+    from lib_dynfuse.hosts import detect
+
     detect.reset_adapter()
     with fh.forge_host(tmp_path) as host:
         fh.write_test_loras(tmp_path, host.sd_model)
@@ -33,11 +34,13 @@ def forge(tmp_path):
 
 
 def test_entry_script_runs_the_forge_takeover(forge, capsys):
+    from lib_dynfuse.hosts import detect, forge as forge_adapter
+
     host, runner = forge
     merged, _ = host.txt2img(fh.PROMPT, steps=3, enable_hr=True)
     fused, p = host.txt2img(fh.PROMPT, runner=runner, script_args=({"enabled": True, "method": "static"},),
                             steps=3, enable_hr=True)
-    assert isinstance(detect.get_adapter(), ForgeAdapter)
+    assert isinstance(detect.get_adapter(), forge_adapter.ForgeAdapter)
     torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
     assert "DynFuse method: static" in fused.infotexts[0]
     assert "DynFuse subject: subj" in fused.infotexts[0] and "DynFuse style: style" in fused.infotexts[0]

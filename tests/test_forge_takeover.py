@@ -341,12 +341,12 @@ def test_old_forge_patcher_is_refused_once_with_a_clear_message(host, capsys):
 
 
 def test_host_detection_picks_the_forge_adapter(host):
-    from lib_dynfuse.hosts import detect
+    from lib_dynfuse.hosts import detect, forge   # as imported now (other tests' fixtures re-import hosts)
 
     assert detect.detect_host() == detect.FORGE
     detect.reset_adapter()
     try:
-        assert isinstance(detect.get_adapter(), ForgeAdapter)
+        assert isinstance(detect.get_adapter(), forge.ForgeAdapter)
     finally:
         detect.reset_adapter()
 
