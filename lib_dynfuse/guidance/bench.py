@@ -6,6 +6,10 @@ not depend on the values). Called by ``python -m lib_dynfuse.bench --guidance``.
 """
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -51,6 +55,20 @@ def _decoder(kind: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     return VaeDecoder(_Decode(), 0.18215)
 
 
+def _seconds(call: Callable[[], object], device: str, repeats: int) -> float:
+    """Median wall time of ``call`` after one warm-up, under no_grad as in the hosts' sampling loops."""
+    def timed() -> float:
+        start = time.perf_counter()
+        call()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        timed()
+        return statistics.median(timed() for _ in range(repeats))
+
+
 def run(decoders: tuple[str, ...] = ("approx", "taesd", "vae"), size: int = 512, device: str | None = None,
         repeats: int = 3) -> dict:
     """Times one guided step per decoder and one SD1.5 UNet step (batch 2: one image with CFG).
@@ -78,14 +96,15 @@ def run(decoders: tuple[str, ...] = ("approx", "taesd", "vae"), size: int = 512,
             decoder = _decoder(kind, torch.device(device), dtype)
             guidance = Guidance(decoder, scorers, params, subject_refs=refs, style_ref=refs[0],
                                 decoder_kind=kind, log=lambda _: None)
-            guided[kind], _ = unet_bench.time_step(
-                lambda g=guidance: g.correct(x0, uncond, progress=0.5, step=0), device,
-                repeats if kind != "vae" or device != "cpu" else 1)
+            guided[kind] = _seconds(lambda g=guidance: g.correct(x0, uncond, progress=0.5, step=0), device,
+                                    repeats if kind != "vae" or device != "cpu" else 1)
             if guidance.messages:
                 raise RuntimeError(guidance.messages[0])
         unet = unet_bench.build_unet("sd15", device=device, dtype=dtype)
-        inputs = unet_bench.unet_inputs("sd15", size, 2, device, dtype)
-        unet_s, _ = unet_bench.time_step(lambda: unet(**inputs), device, repeats)
+        inputs = {"sample": torch.randn(2, 4, latent, latent, generator=generator).to(device, dtype),
+                  "timestep": torch.tensor(500, device=device),
+                  "encoder_hidden_states": torch.randn(2, 77, 768, generator=generator).to(device, dtype)}
+        unet_s = _seconds(lambda: unet(**inputs), device, repeats)
     finally:
         unload()
     return {

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .decoders import make_decoder
+from .decoders import VaeDecoder, make_decoder
 from .plot import loss_curve
 from .references import ReferenceImageError, load_image, lora_reference
 from .scorers import ScorerConfig, Scorers
@@ -78,7 +78,8 @@ class Guidance:
                  prompt: str | None = None, decoder_kind: str = "", log: Callable[[str], None] = print,
                  notes: dict[str, str] | None = None) -> None:
         """``subject_refs``/``style_ref``: PIL images, paths or base64 strings. ``notes``: where each side's
-        references came from (shown by ``sides``). Loads the encoders the active sides need."""
+        references came from (shown by ``sides``). Embeds the references once, loading the encoders on first
+        use (later jobs reuse the cached models). Raises ScorerLoadError when an encoder cannot be loaded."""
         self.decoder = decoder
         self.decoder_kind = decoder_kind
         self.scorers = scorers
@@ -130,7 +131,7 @@ class Guidance:
 
     def _place_decoder(self) -> None:
         # Our own decoders follow the encoders' device and precision; a host VAE stays where it is.
-        if self.decoder_kind != "vae":
+        if not isinstance(self.decoder, VaeDecoder):
             with torch.inference_mode(False):
                 self.decoder.to(self.scorers.device, self.scorers.dtype)
         tensor = next(iter(list(self.decoder.parameters()) + list(self.decoder.buffers())), None)
