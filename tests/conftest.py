@@ -13,7 +13,7 @@ PROJECT = os.path.dirname(TESTS)
 FAKE_A1111 = os.path.join(TESTS, "fakehost", "a1111")
 FAKE_A1111_PATHS = (FAKE_A1111, os.path.join(FAKE_A1111, "extensions-builtin", "Lora"))
 # Top-level module names the fake host (and the real built-in Lora extension) use.
-A1111_TOP_LEVEL = ("modules", "webui", "loras", "network", "networks", "network_lora", "network_full",
+A1111_TOP_LEVEL = ("modules", "webui", "loras", "checks", "network", "networks", "network_lora", "network_full",
                    "lyco_helpers", "lora", "lora_patches", "extra_networks_lora")
 
 

@@ -84,6 +84,7 @@ class HostAdapter(abc.ABC):
 
     def __init__(self) -> None:
         self.job: Job | None = None
+        self.last_job: Job | None = None  # the latest finished job, for inspection
 
     # ---- shared by every host -------------------------------------------------------------------
     def begin_job(self, p: Any, settings: Any) -> Job | None:
@@ -141,25 +142,25 @@ class HostAdapter(abc.ABC):
         return report.selection_summary(log) or None
 
     def end_job(self, p: Any, job: Job | None, processed: Any) -> None:
-        """Remove everything, then report what the session decided."""
+        """Remove everything, then add the selection map when asked."""
         if job is None:
             return
-        session = job.session
         try:
             self.release(job)
         finally:
             self.job = None
-        if session is None or job.failed:
+            self.last_job = job
+        log = job.last_log
+        if log is None or job.failed or not job.settings.show_map or processed is None:
             return
         try:
             from lib_dynfuse import report
 
-            if job.settings.show_map and processed is not None:
-                processed.images.append(report.selection_map(session.log))
-                if getattr(processed, "infotexts", None):
-                    processed.infotexts.append(processed.infotexts[0])
+            processed.images.append(report.selection_map(log))
+            if getattr(processed, "infotexts", None):
+                processed.infotexts.append(processed.infotexts[0])
         except Exception as e:  # noqa: BLE001
-            self.fail(p, "could not write the report", e)
+            self.fail(p, "could not draw the selection map", e)
 
     def cleanup(self) -> None:
         """Remove whatever an earlier job left behind (a crash skips postprocess). Idempotent."""
@@ -201,7 +202,8 @@ class HostAdapter(abc.ABC):
 
     @abc.abstractmethod
     def release(self, job: Job, keep_job: bool = False) -> None:
-        """Close the session (hooks removed) and undo host-side changes of this job. Idempotent.
+        """Close the session (hooks removed, its log kept in job.last_log) and undo host-side changes of this
+        job. Idempotent.
 
         keep_job=True: the job stays registered but inactive (after a failure mid-job)."""
 

@@ -19,6 +19,7 @@ LORA_EXTENSION = os.path.join(ROOT, "extensions-builtin", "Lora")
 class WebUI:
     def __init__(self, lora_dir: str, extension_roots: list[str] = (), *, with_lora: bool = True,
                  api_only: bool = False):
+        _fresh_process_state()
         shared.cmd_opts.lora_dir = lora_dir
         files = [scripts.ScriptFile(ROOT, "xyz_grid.py", os.path.join(ROOT, "scripts", "xyz_grid.py"))]
         if with_lora:
@@ -98,3 +99,20 @@ class WebUI:
         """Reload UI / shutdown: script_unloaded callbacks (reverse order), then all callbacks cleared."""
         script_callbacks.script_unloaded_callback()
         script_callbacks.clear_callbacks()
+
+
+def _fresh_process_state() -> None:
+    """What a new WebUI process starts with (tests start several WebUIs in one Python process)."""
+    processing.StableDiffusionProcessing.cached_c = [None, None]
+    processing.StableDiffusionProcessing.cached_uc = [None, None]
+    processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
+    processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
+    shared.state.__init__()  # modules hold the object itself (from modules.shared import state)
+    try:
+        import networks
+    except ImportError:
+        return
+    networks.loaded_networks.clear()
+    networks.networks_in_memory.clear()
+    networks.available_networks.clear()
+    networks.available_network_aliases.clear()

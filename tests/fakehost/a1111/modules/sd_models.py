@@ -278,14 +278,19 @@ class LatentDiffusion(nn.Module):
 
 
 def build_model(seed: int = 1234) -> LatentDiffusion:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LatentDiffusion()
-        with torch.no_grad():
-            for module in model.modules():
-                # Larger weights than the default init so that every layer (and every LoRA) visibly matters.
-                if isinstance(module, (nn.Linear, nn.Conv2d)):
-                    module.weight.mul_(2.0)
+    """The same weights on every call: drawn from a private generator (the global RNG may be in use elsewhere)."""
+    model = LatentDiffusion()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                # Twice the default init's range, so that every layer (and every LoRA) visibly matters.
+                bound = 2.0 / math.sqrt(module.weight[0].numel())
+                module.weight.copy_((torch.rand(module.weight.shape, generator=g) * 2 - 1) * bound)
+                if module.bias is not None:
+                    module.bias.copy_((torch.rand(module.bias.shape, generator=g) * 2 - 1) * bound)
+            elif isinstance(module, nn.Embedding):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=g))
     return model.eval()
 
 

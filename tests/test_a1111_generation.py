@@ -1,0 +1,195 @@
+"""DynFuse inside the fake AUTOMATIC1111 1.10.1 host, end to end on the tiny SD1.5-shaped model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+PROMPT = "a dog <lora:subj:1> <lora:sty:0.8>"
+
+
+def write_pair(ui, *, te=True, third=False, same_layers=False):
+    import loras
+
+    keys = loras.attention_keys()
+    loras.write_lora(os.path.join(ui.lora_dir, "subj.safetensors"), ui.model, keys, seed=1, te=te)
+    # Unless asked otherwise, the style LoRA also touches the convs, which the subject leaves alone (such layers
+    # always get their one LoRA).
+    convs = [r["kohya_key"] for r in loras.unet_rows() if r["kind"] == "Conv2d"]
+    style_keys = keys if same_layers else keys[2:] + convs
+    loras.write_lora(os.path.join(ui.lora_dir, "sty.safetensors"), ui.model, style_keys, seed=2, te=te)
+    if third:
+        loras.write_lora(os.path.join(ui.lora_dir, "third.safetensors"), ui.model, keys[:6] + convs[:2], seed=3,
+                         te=te)
+
+
+def run_without_extension(a1111, prompt, *, te=True, third=False, **kwargs):
+    ui = a1111(with_dynfuse=False)
+    write_pair(ui, te=te, third=third)
+    p, res = ui.txt2img(prompt, steps=3, seed=5, **kwargs)
+    return ui, p, res
+
+
+def test_dynfuse_on_fuses_reports_and_leaves_the_model_as_the_host_would(a1111):
+    import checks
+
+    ui0, p0, res0 = run_without_extension(a1111, PROMPT)
+    after0 = checks.probe()
+    state0 = checks.state()
+
+    ui = a1111()
+    write_pair(ui)
+    p, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
+    from lib_dynfuse.hosts import detect
+
+    job = detect.get_adapter().last_job
+    assert job is not None and not job.failed and len(job.last_log) > 0
+    assert {d.winner for d in job.last_log.decisions()} <= {"subject", "style"}
+    assert not torch.allclose(p.fake_latents[0], p0.fake_latents[0], atol=1e-3)
+    text = res.infotexts[0]
+    for key in ("DynFuse method: kl", "DynFuse subject: subj", "DynFuse style: sty", "DynFuse version: 0.1.0",
+                "DynFuse selection: subject "):
+        assert key in text
+    assert checks.dynfuse_hooks() == 0
+    # The host gets its activated list back: the next forward merges exactly what it would have merged.
+    out, cond = checks.probe()
+    assert torch.equal(out, after0[0]) and torch.equal(cond, after0[1])
+    checks.assert_same_state(checks.state(), state0)
+
+
+def test_unet_weights_are_never_written(a1111):
+    import checks
+    from modules import sd_models
+
+    ui = a1111()
+    write_pair(ui, te=False)
+    pristine = checks.state(sd_models.build_model())
+    ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
+    checks.assert_same_state(checks.state(), pristine)
+
+
+def test_off_is_bit_identical_to_no_extension(a1111):
+    import checks
+
+    _, p0, res0 = run_without_extension(a1111, PROMPT)
+    ui = a1111()
+    write_pair(ui)
+    p, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args(enabled=False))
+    assert torch.equal(p.fake_latents[0], p0.fake_latents[0])
+    assert res.infotexts == res0.infotexts
+    assert "DynFuse" not in res.infotexts[0]
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_static_method_matches_the_host_merge_and_keeps_other_loras(a1111, functional):
+    import checks
+    from modules import shared
+
+    prompt = PROMPT + " <lora:third:0.7>"
+    shared.opts.lora_functional = functional
+    try:
+        _, p0, _ = run_without_extension(a1111, prompt, third=True)
+        ui = a1111()
+        write_pair(ui, third=True)
+        p, res = ui.txt2img(prompt, steps=3, seed=5, dynfuse=checks.dynfuse_args(method="static"))
+    finally:
+        shared.opts.lora_functional = False
+    assert "DynFuse method: static" in res.infotexts[0]
+    assert torch.allclose(p.fake_latents[0], p0.fake_latents[0], atol=1e-4, rtol=1e-4)
+
+
+def test_third_lora_is_merged_exactly_as_without_the_extension(a1111):
+    import checks
+
+    # The host alone, with only the third LoRA: its merged weights are the reference.
+    ui0 = a1111(with_dynfuse=False)
+    write_pair(ui0, te=False, third=True)
+    ui0.txt2img("a dog <lora:third:0.7>", steps=3, seed=5)
+    reference = checks.state()
+
+    ui = a1111()
+    write_pair(ui, te=False, third=True)
+    ui.txt2img(PROMPT + " <lora:third:0.7>", steps=3, seed=5, dynfuse=checks.dynfuse_args())
+    # Right after the job (no forward since): only the third LoRA was ever merged into the UNet.
+    checks.assert_same_state(checks.state(), reference)
+
+
+def _check_subject_only(a1111, prompt_pair, prompt_subject, **kwargs):
+    """subject-only through DynFuse ~ the host with the subject LoRA alone (LoRAs without a text-encoder half)."""
+    import checks
+
+    ui0 = a1111(with_dynfuse=False)
+    write_pair(ui0, te=False, same_layers=True)
+    p0, res0 = ui0.txt2img(prompt_subject, steps=3, seed=5, **kwargs)
+    ui = a1111()
+    write_pair(ui, te=False, same_layers=True)
+    p, res = ui.txt2img(prompt_pair, steps=3, seed=5, dynfuse=checks.dynfuse_args(method="subject-only"), **kwargs)
+    assert len(p.fake_latents) == len(p0.fake_latents)
+    for a, b in zip(p.fake_latents, p0.fake_latents):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    return p, res
+
+
+def test_batch_size_and_count(a1111):
+    p, res = _check_subject_only(a1111, PROMPT, "a dog <lora:subj:1>", batch_size=2, n_iter=2)
+    assert len(res.infotexts) == 4 and all("DynFuse method: subject-only" in t for t in res.infotexts)
+    from lib_dynfuse.hosts import detect
+
+    log = detect.get_adapter().last_job.last_log
+    assert {d.unit for d in log.decisions()} == {0, 1}
+
+
+def test_hires_second_pass_is_fused_too(a1111):
+    from lib_dynfuse.hosts import detect
+
+    p, res = _check_subject_only(a1111, PROMPT, "a dog <lora:subj:1>", enable_hr=True, hr_scale=2.0,
+                                 hr_second_pass_steps=2, denoising_strength=0.6)
+    assert p.fake_latents[0].shape[-1] == 16
+    assert "Hires upscale: 2.0" in res.infotexts[0] and "DynFuse method: subject-only" in res.infotexts[0]
+    assert detect.get_adapter().last_job.last_log.steps  # the hires session decided too
+
+
+def test_ddim_and_and_prompts(a1111):
+    _check_subject_only(a1111, "a dog AND a cat:0.5 <lora:subj:1> <lora:sty:0.8>",
+                        "a dog AND a cat:0.5 <lora:subj:1>", sampler_name="DDIM")
+
+
+def test_kl_with_and_prompts_decides_per_image(a1111):
+    import checks
+    from lib_dynfuse.hosts import detect
+
+    ui = a1111()
+    write_pair(ui)
+    p, res = ui.txt2img("a dog AND a cat " + PROMPT[6:], steps=3, seed=5, batch_size=2,
+                        dynfuse=checks.dynfuse_args())
+    log = detect.get_adapter().last_job.last_log
+    assert {d.unit for d in log.decisions()} == {0, 1}
+    assert "DynFuse selection" in res.infotexts[1]
+
+
+def test_img2img(a1111):
+    import checks
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), (200, 40, 90))
+    ui0 = a1111(with_dynfuse=False)
+    write_pair(ui0, te=False, same_layers=True)
+    p0, _ = ui0.img2img("a dog <lora:subj:1>", image, steps=4, seed=5, denoising_strength=0.5)
+    ui = a1111()
+    write_pair(ui, te=False, same_layers=True)
+    p, res = ui.img2img(PROMPT, image, steps=4, seed=5, denoising_strength=0.5,
+                        dynfuse=checks.dynfuse_args(method="subject-only"))
+    assert torch.allclose(p.fake_latents[0], p0.fake_latents[0], atol=1e-4, rtol=1e-4)
+    assert "DynFuse method: subject-only" in res.infotexts[0]
+
+
+def test_selection_map_is_added_to_the_outputs(a1111):
+    import checks
+
+    ui = a1111()
+    write_pair(ui)
+    _, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args(show_map=True))
+    assert len(res.images) == 2 and res.images[1].size != res.images[0].size
+    assert len(res.infotexts) == 2
