@@ -11,7 +11,9 @@ import torch
 TESTS = os.path.dirname(os.path.realpath(__file__))
 PROJECT = os.path.dirname(TESTS)
 FAKE_A1111 = os.path.join(TESTS, "fakehost", "a1111")
-FAKE_A1111_PATHS = (FAKE_A1111, os.path.join(FAKE_A1111, "extensions-builtin", "Lora"))
+# Only the webui root: the built-in Lora's folder is put on sys.path by the script loader while its script runs,
+# so with the extension disabled `import networks` fails, as in the real host.
+FAKE_A1111_PATHS = (FAKE_A1111,)
 # Top-level module names the fake host (and the real built-in Lora extension) use.
 A1111_TOP_LEVEL = ("modules", "webui", "loras", "checks", "network", "networks", "network_lora", "network_full",
                    "lyco_helpers", "lora", "lora_patches", "extra_networks_lora")

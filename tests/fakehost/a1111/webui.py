@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import gradio as gr
 from fastapi import FastAPI
@@ -108,9 +109,8 @@ def _fresh_process_state() -> None:
     processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
     processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
     shared.state.__init__()  # modules hold the object itself (from modules.shared import state)
-    try:
-        import networks
-    except ImportError:
+    networks = sys.modules.get("networks")
+    if networks is None:
         return
     networks.loaded_networks.clear()
     networks.networks_in_memory.clear()

@@ -20,7 +20,14 @@ class NetworkOnDisk:
         self.name = name
         self.filename = filename
         self.is_safetensors = os.path.splitext(filename)[1].lower() == ".safetensors"
-        self.metadata = sd_models.read_metadata_from_safetensors(filename) if self.is_safetensors else {}
+        self.metadata = {}
+        if self.is_safetensors:
+            try:
+                self.metadata = sd_models.read_metadata_from_safetensors(filename)
+            except Exception as e:
+                from modules import errors
+
+                errors.display(e, f"reading lora {filename}")
         self.alias = self.metadata.get("ss_output_name", self.name)
         with open(filename, "rb") as f:
             self.hash = hashlib.sha256(f.read()).hexdigest()

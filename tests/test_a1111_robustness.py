@@ -1,0 +1,214 @@
+"""Failures inside the fake AUTOMATIC1111 host: an exception mid-sampling, an interrupt, and bad input."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from test_a1111_generation import PROMPT, write_pair
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _explode_at(model, call: int):
+    """Another extension's hook that raises on the n-th UNet call (the host does not catch it)."""
+    calls = []
+
+    def hook(module, inputs, output):
+        calls.append(1)
+        if len(calls) == call:
+            raise Boom("sampling failed")
+
+    return model.model.diffusion_model.out.register_forward_hook(hook)
+
+
+def _after_failure(ui, dynfuse):
+    """Run a job that raises mid-sampling, then a plain job; return the plain job's latents and the model."""
+    import checks
+
+    handle = _explode_at(ui.model, 2)
+    with pytest.raises(Boom):
+        ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=dynfuse)
+    handle.remove()
+    p, _ = ui.txt2img("a cat", steps=3, seed=7, dynfuse=checks.dynfuse_args(enabled=False))
+    return p.fake_latents[0], checks.probe(), checks.state()
+
+
+def test_exception_mid_sampling_leaves_nothing_behind(a1111):
+    import checks
+
+    ui0 = a1111(with_dynfuse=False)
+    write_pair(ui0)
+    ref = _after_failure(ui0, None)
+
+    ui = a1111()
+    write_pair(ui)
+    handle = _explode_at(ui.model, 2)
+    with pytest.raises(Boom):
+        ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
+    handle.remove()
+    assert checks.dynfuse_hooks() > 0  # postprocess was skipped, as in the real host
+    latents, (out, cond), state = _after_failure(ui, checks.dynfuse_args())
+    assert checks.dynfuse_hooks() == 0
+    assert torch.equal(latents, ref[0])
+    assert torch.equal(out, ref[1][0]) and torch.equal(cond, ref[1][1])
+    checks.assert_same_state(state, ref[2])
+
+
+def test_leftovers_are_removed_on_script_unload(a1111):
+    import checks
+
+    ui = a1111()
+    write_pair(ui)
+    handle = _explode_at(ui.model, 2)
+    with pytest.raises(Boom):
+        ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
+    handle.remove()
+    model = ui.model
+    ui.unload()
+    assert checks.dynfuse_hooks(model) == 0
+
+
+def test_interrupt_mid_way(a1111):
+    import checks
+    from modules import script_callbacks, shared
+
+    def interrupt_at_step_1(params):
+        if params.denoiser.step == 1:
+            shared.state.interrupt()
+
+    ui0 = a1111(with_dynfuse=False)
+    write_pair(ui0)
+    script_callbacks.on_cfg_denoiser(interrupt_at_step_1)
+    ui0.txt2img(PROMPT, steps=4, seed=5)
+    p0, _ = ui0.txt2img("a cat", steps=3, seed=7)
+    ref = p0.fake_latents[0], checks.state()
+
+    ui = a1111()
+    write_pair(ui)
+    script_callbacks.on_cfg_denoiser(interrupt_at_step_1)
+    p, res = ui.txt2img(PROMPT, steps=4, seed=5, dynfuse=checks.dynfuse_args())
+    assert checks.dynfuse_hooks() == 0  # an interrupt ends the job normally: postprocess ran
+    assert "DynFuse method: kl" in res.infotexts[0]
+    p2, _ = ui.txt2img("a cat", steps=3, seed=7, dynfuse=checks.dynfuse_args(enabled=False))
+    assert torch.equal(p2.fake_latents[0], ref[0])
+    checks.assert_same_state(checks.state(), ref[1])
+
+
+# ---- bad input: one console line, one infotext note, the generation as without DynFuse -------------------------
+
+def _bad(a1111, capsys, prompt, *, files=None, **fields):
+    import checks
+    import loras
+
+    ui0 = a1111(with_dynfuse=False)
+    (files or write_pair)(ui0)
+    p0, res0 = ui0.txt2img(prompt, steps=3, seed=5)
+    ui = a1111()
+    (files or write_pair)(ui)
+    capsys.readouterr()
+    p, res = ui.txt2img(prompt, steps=3, seed=5, dynfuse=checks.dynfuse_args(**fields))
+    out = capsys.readouterr().out
+    assert torch.equal(p.fake_latents[0], p0.fake_latents[0])
+    assert checks.dynfuse_hooks() == 0
+    lines = [line for line in out.splitlines() if line.startswith("DynFuse: ")]
+    return lines, res.infotexts[0]
+
+
+def test_tag_not_in_prompt(a1111, capsys):
+    lines, text = _bad(a1111, capsys, PROMPT, style="other")
+    assert lines == ["DynFuse: style LoRA 'other' is not in the prompt (tags found: subj, sty). "
+                     "DynFuse is off for this generation."]
+    assert "DynFuse note: \"off: style LoRA 'other' is not in the prompt (tags found: subj, sty)\"" in text
+    assert "DynFuse method" not in text
+
+
+def test_only_one_lora_in_prompt(a1111, capsys):
+    lines, text = _bad(a1111, capsys, "a dog <lora:subj:1>")
+    assert len(lines) == 1 and lines[0].endswith("DynFuse is off for this generation.")
+    assert "DynFuse note" in text
+
+
+def test_same_lora_twice(a1111, capsys):
+    lines, text = _bad(a1111, capsys, PROMPT, subject="subj", style="subj")
+    assert lines == ["DynFuse: 'subj' is chosen as both subject and style; choose two different LoRAs. "
+                     "DynFuse is off for this generation."]
+    assert "DynFuse note" in text
+
+
+def _broken_file(ui):
+    write_pair(ui)
+    with open(os.path.join(ui.lora_dir, "broken.safetensors"), "wb") as f:
+        f.write(b"not a safetensors file")
+
+
+def test_lora_file_that_fails_to_load(a1111, capsys):
+    lines, text = _bad(a1111, capsys, "a dog <lora:subj:1> <lora:broken:1>", files=_broken_file)
+    assert lines == ["DynFuse: LoRA 'broken' is not loaded (file missing, failed to load, or not in this pass's "
+                     "prompt; see the console above). DynFuse is off for this generation."]
+    assert 'DynFuse note: "off: LoRA broken not loaded"' in text
+
+
+def _foreign_file(ui):
+    import loras
+    import safetensors.torch
+
+    write_pair(ui)
+    # SDXL-style keys of a block the SD1.5 UNet does not have: the host loads it with no modules.
+    sd = {"lora_unet_output_blocks_8_1_transformer_blocks_9_attn1_to_q.lora_down.weight": torch.ones(2, 8),
+          "lora_unet_output_blocks_8_1_transformer_blocks_9_attn1_to_q.lora_up.weight": torch.ones(8, 2)}
+    safetensors.torch.save_file(sd, os.path.join(ui.lora_dir, "xl.safetensors"))
+    assert loras  # imported for the fixture's module bookkeeping
+
+
+def test_lora_that_does_not_fit_the_model(a1111, capsys):
+    lines, text = _bad(a1111, capsys, "a dog <lora:subj:1> <lora:xl:1>", files=_foreign_file)
+    assert lines == ["DynFuse: LoRA 'xl' has no layers that fit this model's UNet (is it made for another model "
+                     "family?). DynFuse is off for this generation."]
+    assert 'DynFuse note: "off: LoRA xl does not fit the UNet"' in text
+
+
+def test_invalid_setting_from_the_ui(a1111, capsys):
+    lines, text = _bad(a1111, capsys, PROMPT, guidance_start=0.8, guidance_end=0.3)
+    assert len(lines) == 1 and "guidance_start (0.8) must be before guidance_end (0.3)" in lines[0]
+    assert "DynFuse note" in text
+
+
+def test_lora_extension_disabled(a1111, capsys):
+    import checks
+
+    ui = a1111(with_lora=False)
+    capsys.readouterr()
+    p, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DynFuse: ")]
+    assert lines == ["DynFuse: the built-in Lora extension is not loaded (it is disabled, or the WebUI runs with "
+                     "--disable-all-extensions); DynFuse needs it to load LoRA files. DynFuse is off for this "
+                     "generation."]
+    assert "DynFuse note" in res.infotexts[0]
+
+
+def test_no_shared_layers_only_warns(a1111, capsys):
+    import checks
+    import loras
+
+    def disjoint(ui):
+        keys = loras.attention_keys()
+        loras.write_lora(os.path.join(ui.lora_dir, "subj.safetensors"), ui.model, keys[:8], seed=1, te=False)
+        loras.write_lora(os.path.join(ui.lora_dir, "sty.safetensors"), ui.model, keys[8:], seed=2, te=False)
+
+    ui0 = a1111(with_dynfuse=False)
+    disjoint(ui0)
+    p0, _ = ui0.txt2img(PROMPT, steps=3, seed=5)
+    ui = a1111()
+    disjoint(ui)
+    capsys.readouterr()
+    p, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DynFuse: ")]
+    assert lines == ["DynFuse: 'subj' and 'sty' share no UNet layer: each layer gets its own LoRA, as without "
+                     "DynFuse."]
+    assert "DynFuse note: no shared layers" in res.infotexts[0] and "DynFuse method: kl" in res.infotexts[0]
+    assert torch.allclose(p.fake_latents[0], p0.fake_latents[0], atol=1e-4, rtol=1e-4)
