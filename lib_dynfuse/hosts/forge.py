@@ -157,13 +157,17 @@ class ForgeAdapter(HostAdapter):
             return
         from lib_dynfuse.layout import StepClock
 
-        denoiser = getattr(params, "denoiser", None)
-        # denoiser.step is the sampler's true index; params.sampling_step lags by one on Forge.
-        index = int(getattr(denoiser, "step", params.sampling_step))
-        total = int(getattr(denoiser, "total_steps", None) or params.total_sampling_steps or 1)
-        sigma = params.sigma
-        sigma = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else sigma
-        session.set_step(StepClock(index, total, sigma))
+        try:
+            denoiser = getattr(params, "denoiser", None)
+            # denoiser.step is the sampler's true index; params.sampling_step lags by one on Forge.
+            index = int(getattr(denoiser, "step", params.sampling_step))
+            total = int(getattr(denoiser, "total_steps", None) or params.total_sampling_steps or 1)
+            sigma = params.sigma
+            sigma = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else sigma
+            session.set_step(StepClock(index, total, sigma))
+        except Exception as e:  # noqa: BLE001
+            self.fail(getattr(getattr(params, "denoiser", None), "p", None), "could not read the sampler step", e)
+            return
         calls = job.host.get("wrapper_calls", [0])
         if index > 0 and calls[0] == 0 and not job.host.get("wrapper_warned"):
             job.host["wrapper_warned"] = True
