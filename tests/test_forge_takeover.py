@@ -366,3 +366,41 @@ def test_a_failing_takeover_gives_forge_back_every_lora(host, monkeypatch, capsy
     assert p.extra_generation_params[NOTE_KEY] == "off: could not take over the LoRAs (RuntimeError)"
     assert len(host.sd_model.forge_objects.unet.lora_patches) == 3
     assert torch.equal(processed.images[0], clean.images[0])
+
+
+class WrapperScript:
+    """Another extension using Forge's single model_function_wrapper slot (as MultiDiffusion does)."""
+
+    filename = "wrapper-ext"
+
+    def __init__(self):
+        self.calls = 0
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        unet = p.sd_model.forge_objects.unet.clone()
+
+        def wrapper(apply_model, args):
+            self.calls += 1
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        unet.set_model_unet_function_wrapper(wrapper)
+        p.sd_model.forge_objects.unet = unet
+
+
+def test_an_earlier_unet_wrapper_is_chained(host):
+    earlier = WrapperScript()
+    script, _ = dynfuse(host)
+    runner = host.scripts.ScriptRunner([earlier, script])
+    host.txt2img(fh.PROMPT, runner=runner, steps=3)
+    assert earlier.calls == 3
+    assert script.job.host["wrapper_calls"] == [3]
+
+
+def test_a_later_extension_replacing_the_wrapper_is_reported_once(host, capsys):
+    script, _ = dynfuse(host)
+    later = WrapperScript()
+    runner = host.scripts.ScriptRunner([script, later])
+    host.txt2img(fh.PROMPT, runner=runner, steps=3)
+    out = capsys.readouterr().out
+    assert later.calls == 3
+    assert out.count("replaced Forge's UNet function wrapper") == 1
