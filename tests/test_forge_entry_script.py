@@ -34,11 +34,12 @@ def forge(tmp_path):
 
 
 def test_entry_script_runs_the_forge_takeover(forge, capsys):
-    from lib_dynfuse.hosts import detect, forge as forge_adapter
+    from lib_dynfuse.hosts import detect
+    from lib_dynfuse.hosts import forge as forge_adapter
 
     host, runner = forge
     merged, _ = host.txt2img(fh.PROMPT, steps=3, enable_hr=True)
-    fused, p = host.txt2img(fh.PROMPT, runner=runner, script_args=({"enabled": True, "method": "static"},),
+    fused, _p = host.txt2img(fh.PROMPT, runner=runner, script_args=({"enabled": True, "method": "static"},),
                             steps=3, enable_hr=True)
     assert isinstance(detect.get_adapter(), forge_adapter.ForgeAdapter)
     torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)

@@ -120,7 +120,7 @@ def test_lora_store_layout_and_merge_only_when_the_key_list_changes(host, tmp_pa
     unet = host.sd_model.forge_objects.unet
     loader = unet.lora_loader
     key = (str(tmp_path / "subj.safetensors"), 0.8, 1.0, False)
-    assert list(unet.lora_patches)[0] == key
+    assert next(iter(unet.lora_patches)) == key
     entry = unet.lora_patches[key]["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"][0]
     assert entry[0] == 0.8 and entry[1][0] == "lora" and entry[2:] == [1.0, None, None]
     up, down, alpha, mid, dora = entry[1][1]

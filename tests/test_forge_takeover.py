@@ -55,7 +55,7 @@ def test_off_is_bit_identical_to_no_extension(host):
 def test_static_method_reproduces_forges_merge(host):
     merged, _ = host.txt2img(fh.PROMPT, steps=3, batch_size=2)
     script, runner = dynfuse(host, method="static")
-    fused, p = host.txt2img(fh.PROMPT, runner=runner, steps=3, batch_size=2)
+    fused, _p = host.txt2img(fh.PROMPT, runner=runner, steps=3, batch_size=2)
     # Output-space deltas instead of merged weights: equal up to fp32 rounding.
     torch.testing.assert_close(torch.stack(fused.latents), torch.stack(merged.latents), rtol=1e-4, atol=1e-4)
     assert script.takeovers == 1
@@ -63,7 +63,7 @@ def test_static_method_reproduces_forges_merge(host):
 
 
 def test_only_subject_and_style_leave_forges_store_and_the_rest_stays_merged(host, tmp_path):
-    script, runner = dynfuse(host)
+    _script, runner = dynfuse(host)
     seen = {}
 
     def during_sampling(params):
@@ -89,7 +89,7 @@ def test_forge_shared_structures_are_not_mutated(host):
     cached = host.sd_model.forge_objects_after_applying_lora.unet
     before = store_snapshot(cached)
     options_before = repr(cached.model_options)
-    script, runner = dynfuse(host)
+    _script, runner = dynfuse(host)
     host.txt2img(fh.PROMPT, runner=runner, steps=2, enable_hr=True)
     assert host.sd_model.forge_objects_after_applying_lora.unet is cached
     assert store_snapshot(cached) == before
@@ -98,7 +98,7 @@ def test_forge_shared_structures_are_not_mutated(host):
 
 
 def test_next_generation_without_dynfuse_matches_a_host_that_never_had_it(host, tmp_path):
-    script, runner = dynfuse(host)
+    _script, runner = dynfuse(host)
     host.txt2img(fh.PROMPT, runner=runner, steps=3)
     model = host.sd_model.forge_objects_original.unet.model
     assert hooks_on(model) == 0
@@ -119,7 +119,7 @@ def test_next_generation_without_dynfuse_matches_a_host_that_never_had_it(host, 
 
 
 def test_repeated_dynfuse_generations_do_not_re_merge(host):
-    script, runner = dynfuse(host)
+    _script, runner = dynfuse(host)
     host.txt2img(fh.PROMPT, runner=runner, steps=2)
     loader = host.sd_model.forge_objects.unet.lora_loader
     merges = loader.merge_count
@@ -258,7 +258,7 @@ def test_deciding_per_row_can_split_an_images_rows(host):
 
 
 def test_strength_override_and_tag_strength_scale_the_deltas(host):
-    script, runner = dynfuse(host, method="static", subject_strength=0.3)
+    _script, runner = dynfuse(host, method="static", subject_strength=0.3)
     fused, _ = host.txt2img(fh.PROMPT, runner=runner, steps=2)
     merged, _ = host.txt2img(fh.PROMPT.replace("subj:0.8", "subj:0.3"), steps=2)
     torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
@@ -284,7 +284,7 @@ def test_loha_and_bias_patches_become_dense_deltas_matching_forge(host, tmp_path
     fh.write_lora(tmp_path / "hada.safetensors", host.sd_model, [], extra=loha)
     prompt = "a cat <lora:hada:0.7> <lora:style:1> <lora:other:0.5>"
     merged, _ = host.txt2img(prompt, steps=2)
-    script, runner = dynfuse(host, method="static")
+    _script, runner = dynfuse(host, method="static")
     fused, _ = host.txt2img(prompt, runner=runner, steps=2)
     torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
 
@@ -312,14 +312,14 @@ def test_a_patch_dynfuse_cannot_fuse_stays_with_forge_under_its_own_key(host, tm
 
     host.script_callbacks.on_cfg_denoiser(during)
     runner = host.scripts.ScriptRunner([Rescaler(), script])
-    processed, p = host.txt2img(fh.PROMPT, runner=runner, steps=2)
+    _processed, p = host.txt2img(fh.PROMPT, runner=runner, steps=2)
     assert any(k[0].endswith("subj.safetensors" + STATIC_SUFFIX) for k in cached_store["keys"])
     assert "proj_in keeps the subject LoRA merged statically" in p.extra_generation_params[NOTE_KEY]
 
 
 def test_a_tag_forge_did_not_load_turns_dynfuse_off_with_a_message(host, capsys):
     clean, _ = host.txt2img("a dog <lora:subj:0.8> <lora:nothere:1> <lora:other:0.5>", steps=2)
-    script, runner = dynfuse(host)
+    _script, runner = dynfuse(host)
     processed, p = host.txt2img("a dog <lora:subj:0.8> <lora:nothere:1> <lora:other:0.5>", runner=runner, steps=2)
     assert "style 'nothere' LoRA has no UNet weights" in capsys.readouterr().out
     assert "off:" in p.extra_generation_params[NOTE_KEY]
@@ -328,7 +328,8 @@ def test_a_tag_forge_did_not_load_turns_dynfuse_off_with_a_message(host, capsys)
 
 def test_old_forge_patcher_is_refused_once_with_a_clear_message(host, capsys):
     class OldPatcher:   # ldm_patched ModelPatcher: a flat .patches dict, no lora_patches / lora_loader
-        patches = {}
+        def __init__(self):
+            self.patches = {}
 
     host.sd_model.forge_objects.unet = OldPatcher()
     adapter = ForgeAdapter()
@@ -341,7 +342,7 @@ def test_old_forge_patcher_is_refused_once_with_a_clear_message(host, capsys):
 
 
 def test_host_detection_picks_the_forge_adapter(host):
-    from lib_dynfuse.hosts import detect, forge   # as imported now (other tests' fixtures re-import hosts)
+    from lib_dynfuse.hosts import detect, forge  # as imported now (other tests' fixtures re-import hosts)
 
     assert detect.detect_host() == detect.FORGE
     detect.reset_adapter()
@@ -360,7 +361,7 @@ def test_a_failing_takeover_gives_forge_back_every_lora(host, monkeypatch, capsy
         raise RuntimeError("no hooks today")
 
     monkeypatch.setattr(session.FusionSession, "install", broken_install)
-    script, runner = dynfuse(host)
+    _script, runner = dynfuse(host)
     processed, p = host.txt2img(fh.PROMPT, runner=runner, steps=2)
     assert "could not take over the LoRAs: RuntimeError: no hooks today" in capsys.readouterr().out
     assert p.extra_generation_params[NOTE_KEY] == "off: could not take over the LoRAs (RuntimeError)"

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -192,9 +193,8 @@ class ForgeAdapter(HostAdapter):
 
     def remove_leftovers(self) -> None:
         try:
-            from modules import shared
-
             from lib_dynfuse.session import remove_leftover_hooks
+            from modules import shared
 
             engine = shared.sd_model
             objects = getattr(engine, "forge_objects_original", None) or getattr(engine, "forge_objects", None)

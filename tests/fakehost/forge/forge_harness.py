@@ -11,6 +11,7 @@ import csv
 import importlib
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors.torch import save_file
@@ -57,7 +58,7 @@ def forge_host(lora_dir: Path, seed: int = 0):
 class Host:
     """Handles to the fake host's modules, imported from sys.path, so they are the ones Forge code sees."""
 
-    MODULES = {"processing": "modules.processing", "scripts": "modules.scripts", "shared": "modules.shared",
+    MODULES: ClassVar[dict[str, str]] = {"processing": "modules.processing", "scripts": "modules.scripts", "shared": "modules.shared",
                "script_callbacks": "modules.script_callbacks", "networks": "networks",
                "memory_management": "backend.memory_management", "lora": "backend.patcher.lora",
                "kdiffusion": "modules.sd_samplers_kdiffusion"}
