@@ -405,3 +405,24 @@ def test_a_later_extension_replacing_the_wrapper_is_reported_once(host, capsys):
     out = capsys.readouterr().out
     assert later.calls == 3
     assert out.count("replaced Forge's UNet function wrapper") == 1
+
+
+def test_online_lora_mode_for_low_bit_unets(host):
+    """"(fp16 LoRA)" on an fp8/nf4/gguf UNet: Forge merges LoRAs per forward instead of into the weights."""
+    importlib.import_module("backend.args").dynamic_args["online_lora"] = True
+    host.sd_model.forge_objects.unet.model.storage_dtype = torch.float8_e4m3fn
+    original = fh.unet_weights(host.sd_model)
+    merged, _ = host.txt2img(fh.PROMPT, steps=2)
+    unet = host.sd_model.forge_objects.unet
+    assert all(key[3] for key in unet.lora_patches)
+    assert all(torch.equal(original[k], v) for k, v in fh.unet_weights(host.sd_model).items())
+
+    script, runner = dynfuse(host, method="static")
+    online = []
+    host.script_callbacks.on_cfg_denoiser(
+        lambda params: online.append(hasattr(host.sd_model.forge_objects.unet.model.get_submodule(CONTESTED),
+                                             "forge_online_loras")))
+    fused, _ = host.txt2img(fh.PROMPT, runner=runner, steps=2)
+    assert online == [True, True]             # "other" still patched online on the contested layer
+    torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-3, atol=1e-3)
+    assert all(torch.equal(original[k], v) for k, v in fh.unet_weights(host.sd_model).items())
