@@ -417,7 +417,7 @@ def test_online_lora_mode_for_low_bit_unets(host):
     assert all(key[3] for key in unet.lora_patches)
     assert all(torch.equal(original[k], v) for k, v in fh.unet_weights(host.sd_model).items())
 
-    script, runner = dynfuse(host, method="static")
+    _script, runner = dynfuse(host, method="static")
     online = []
     host.script_callbacks.on_cfg_denoiser(
         lambda params: online.append(hasattr(host.sd_model.forge_objects.unet.model.get_submodule(CONTESTED),
