@@ -12,9 +12,9 @@ gr = pytest.importorskip("gradio")
 if int(gr.__version__.split(".", 1)[0]) != 3:
     pytest.skip(f"gradio {gr.__version__} is not 3.x (see test_ui_gradio4.py)", allow_module_level=True)
 
-from ui_stand_ins import InputAccordion  # noqa: E402
+from ui_stand_ins import InputAccordion
 
-from lib_dynfuse.hosts import ui  # noqa: E402
+from lib_dynfuse.hosts import ui
 
 
 @pytest.fixture(scope="module")

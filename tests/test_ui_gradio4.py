@@ -15,10 +15,10 @@ gr = pytest.importorskip("gradio")
 if int(gr.__version__.split(".", 1)[0]) != 4:
     pytest.skip(f"gradio {gr.__version__} is not 4.x (see test_ui_gradio3.py)", allow_module_level=True)
 
-from gradio.data_classes import FileData, ListFiles  # noqa: E402
-from ui_stand_ins import InputAccordion  # noqa: E402
+from gradio.data_classes import FileData, ListFiles
+from ui_stand_ins import InputAccordion
 
-from lib_dynfuse.hosts import ui  # noqa: E402
+from lib_dynfuse.hosts import ui
 
 
 @pytest.fixture(scope="module")

@@ -75,5 +75,5 @@ with _without_pyi():
             return "checkbox"
 
 
-def InputAccordion(value: bool = False, **kwargs) -> InputAccordionImpl:  # noqa: N802 - the host's name
+def InputAccordion(value: bool = False, **kwargs) -> InputAccordionImpl:
     return InputAccordionImpl(value=value, setup=True, **kwargs)

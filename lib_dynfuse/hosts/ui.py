@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
@@ -31,6 +32,9 @@ from lib_dynfuse.settings import (
     coerce,
     from_infotext,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 AUTO = "Auto"
 
@@ -127,7 +131,7 @@ class PasteKey(str):
     field_name: str
     warn: bool
 
-    def __new__(cls, key: str, field_name: str, *, warn: bool = False) -> PasteKey:
+    def __new__(cls, key: str, field_name: str, *, warn: bool = False) -> Self:
         self = super().__new__(cls, key)
         self.field_name = field_name
         self.warn = warn  # only one key per paste prints warnings about damaged values, so each shows once

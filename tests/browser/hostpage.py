@@ -23,11 +23,11 @@ for path in (ROOT, ROOT / "tests"):  # as pytest's pythonpath does, also when ru
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-import gradio as gr  # noqa: E402
-import gradio.routes  # noqa: E402
-from ui_stand_ins import InputAccordion  # noqa: E402
+import gradio as gr
+import gradio.routes
+from ui_stand_ins import InputAccordion
 
-from lib_dynfuse.hosts import ui  # noqa: E402
+from lib_dynfuse.hosts import ui
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

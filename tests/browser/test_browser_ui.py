@@ -16,8 +16,8 @@ if not os.path.exists("/usr/bin/chromium"):
     pytest.skip("headless Chromium is missing: apt-get install -y chromium", allow_module_level=True)
 pytest.importorskip("playwright.sync_api", reason="playwright is missing: pip install playwright")
 
-import hostpage  # noqa: E402
-import make_screenshot  # noqa: E402
+import hostpage
+import make_screenshot
 
 
 @pytest.fixture(scope="module")
