@@ -76,6 +76,9 @@ def parse_generation_parameters(x: str, skip_fields: list[str] | None = None):
     return res
 
 
+type_of_gr_update = dict  # type(gr.update()) in gradio 3.41
+
+
 class _Keep:
     """Stands for gr.update() (no change) in paste results."""
 
@@ -102,7 +105,7 @@ def paste(infotext: str, paste_fields) -> list:
             v = params.get(key, None)
         if v is None:
             res.append(KEEP)
-        elif isinstance(v, dict) and v.get("__type__") == "update":
+        elif isinstance(v, type_of_gr_update):  # a gr.update(...) dict goes to the page as it is
             res.append(v.get("value", KEEP))
         else:
             try:

@@ -1,0 +1,234 @@
+"""Infotext paste, X/Y/Z axes, the API, the Settings section, Reload UI and host detection in the fake A1111."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import pytest
+
+from test_a1111_generation import PROMPT, write_pair
+
+
+def _pasted_settings(ui, infotext):
+    """PNG Info -> Send to txt2img, then the values the DynFuse accordion would send."""
+    from lib_dynfuse.hosts import ui as dui
+    from modules import infotext_utils
+
+    runner = ui.runner(False)
+    script = ui.script("DynFuse")
+    pasted = dict(zip((id(c) for c, _ in runner.infotext_fields), ui.paste(infotext)))
+    values = []
+    for control in script.controls:
+        value = pasted.get(id(control), infotext_utils.KEEP)
+        values.append(control.value if value is infotext_utils.KEEP else value)
+    return dui.values_to_settings(values)
+
+
+def test_infotext_round_trip(a1111):
+    import checks
+    from lib_dynfuse.hosts import ui as dui
+
+    ui = a1111()
+    write_pair(ui)
+    fields = dict(method="kl-soft", soft_temperature=2.5, temperature=1.5, subject_strength=0.7, measure="js",
+                  decide_per="row", subject="subj", style="sty")
+    _, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args(**fields))
+    expected = dui.values_to_settings(checks.dynfuse_args(**fields))
+    assert _pasted_settings(ui, res.infotexts[0]) == expected
+    # "Auto" is written as the LoRA it resolved to, so a pasted infotext names both LoRAs.
+    _, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
+    pasted = _pasted_settings(ui, res.infotexts[0])
+    assert (pasted.enabled, pasted.subject, pasted.style) == (True, "subj", "sty")
+    # The generation parameters alias module of 1.8+ parses the same way.
+    from modules import generation_parameters_copypaste
+
+    assert generation_parameters_copypaste.parse_generation_parameters(res.infotexts[0])["DynFuse method"] == "kl-soft"
+
+
+def test_pasting_an_infotext_without_dynfuse_changes_nothing(a1111):
+    from modules import infotext_utils
+
+    ui = a1111()
+    _, res = ui.txt2img("a dog", steps=3, seed=5)
+    assert all(v is infotext_utils.KEEP for v in ui.paste(res.infotexts[0]))
+
+
+# ---- X/Y/Z ----------------------------------------------------------------------------------------------------
+
+def _xyz():
+    from lib_dynfuse.hosts import xyz
+
+    return xyz.find_xyz_module()
+
+
+def test_xyz_axes_registered_once(a1111):
+    ui = a1111()
+    labels = [o.label for o in _xyz().axis_options if o.label.startswith("[DynFuse]")]
+    assert labels == ["[DynFuse] Enabled", "[DynFuse] Method", "[DynFuse] Subject strength",
+                      "[DynFuse] Style strength", "[DynFuse] KL temperature", "[DynFuse] Guidance strength",
+                      "[DynFuse] Guidance balance", "[DynFuse] Guidance start", "[DynFuse] Guidance end"]
+    from modules import script_callbacks
+
+    script_callbacks.before_ui_callback()  # the UI built again
+    assert [o.label for o in _xyz().axis_options].count("[DynFuse] Method") == 1
+    method = next(o for o in _xyz().axis_options if o.label == "[DynFuse] Method")
+    assert "kl" in method.choices() and "static" in method.choices()
+
+
+def test_xyz_cells_override_ui_settings(a1111):
+    import checks
+
+    ui = a1111()
+    write_pair(ui)
+    p = ui.make_p(PROMPT, dynfuse=checks.dynfuse_args(method="kl"), steps=3, seed=5)
+    cells = _xyz().run_axis(p, "[DynFuse] Method", "static, subject-only")
+    assert [x for x, _, _ in cells] == ["static", "subject-only"]
+    assert "DynFuse method: static" in cells[0][2].infotexts[0]
+    assert "DynFuse method: subject-only" in cells[1][2].infotexts[0]
+    assert not hasattr(p, "_dynfuse_xyz")  # the plot's own p is untouched
+
+    cells = _xyz().run_axis(p, "[DynFuse] Subject strength", "0.5, 1.25")
+    assert 'DynFuse subject: "subj:0.5"' in cells[0][2].infotexts[0]
+
+    cells = _xyz().run_axis(p, "[DynFuse] Enabled", "True, False", vals_dropdown=["True", "False"])
+    assert "DynFuse method" in cells[0][2].infotexts[0]
+    assert "DynFuse" not in cells[1][2].infotexts[0]  # cells share one extra_generation_params dict
+
+
+def test_xyz_values_are_confirmed_before_any_image(a1111):
+    import checks
+    from lib_dynfuse.settings import SettingsError
+
+    ui = a1111()
+    write_pair(ui)
+    p = ui.make_p(PROMPT, dynfuse=checks.dynfuse_args(), steps=3, seed=5)
+    with pytest.raises(SettingsError, match="temperature is -1; use a value > 0 and <= 100"):
+        _xyz().run_axis(p, "[DynFuse] KL temperature", "1, -1")
+    with pytest.raises(SettingsError, match="method 'fancy' is unknown"):
+        _xyz().run_axis(p, "[DynFuse] Method", "kl, fancy")
+    assert p.fake_latents == []
+
+
+# ---- API ------------------------------------------------------------------------------------------------------
+
+def _payload(args):
+    return {"prompt": PROMPT, "steps": 3, "seed": 5, "alwayson_scripts": {"DynFuse": {"args": args}}}
+
+
+def test_api_dict_args(a1111):
+    ui = a1111(api_only=True)
+    write_pair(ui)
+    res = ui.api_txt2img(_payload([{"enabled": True, "method": "static", "style_strength": "0.5"}]))
+    assert "DynFuse method: static" in res["info"] and 'DynFuse style: "sty:0.5"' in res["info"]
+
+
+def test_api_positional_args_like_the_page(a1111):
+    import checks
+
+    ui = a1111(api_only=True)
+    write_pair(ui)
+    res = ui.api_txt2img(_payload(checks.dynfuse_args(method="switch")[:6]))
+    assert "DynFuse method: switch" in res["info"]
+
+
+def test_api_unknown_key_and_bad_value(a1111, capsys):
+    ui = a1111(api_only=True)
+    write_pair(ui)
+    capsys.readouterr()
+    res = ui.api_txt2img(_payload([{"enabled": True, "methd": "static"}]))
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DynFuse: ")]
+    assert len(out) == 1 and "methd" in out[0] and out[0].endswith("DynFuse is off for this generation.")
+    assert "DynFuse note" in res["info"] and "methd" in res["info"] and "DynFuse method" not in res["info"]
+
+    res = ui.api_txt2img(_payload([{"enabled": True, "temperature": -2}]))
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DynFuse: ")]
+    assert out == ["DynFuse: temperature is -2; use a value > 0 and <= 100. DynFuse is off for this generation."]
+    assert 'DynFuse note: "off: temperature is -2; use a value > 0 and <= 100"' in res["info"]
+
+
+def test_api_unknown_script_name_is_422(a1111):
+    from fastapi.exceptions import HTTPException
+
+    ui = a1111(api_only=True)
+    payload = _payload([{"enabled": True}])
+    payload["alwayson_scripts"] = {"dynfusion": {"args": []}}
+    with pytest.raises(HTTPException) as e:
+        ui.api_txt2img(payload)
+    assert e.value.status_code == 422
+
+
+@pytest.mark.parametrize("api_only", [False, True])
+def test_routes(a1111, api_only):
+    from fastapi.testclient import TestClient
+
+    ui = a1111(api_only=api_only)
+    client = TestClient(ui.app)
+    assert client.get("/dynfuse/v1/version").json() == {"version": "0.1.0"}
+    schema = client.get("/dynfuse/v1/schema").json()
+    assert "method" in schema["properties"]
+
+
+# ---- settings, reload, detection ------------------------------------------------------------------------------
+
+def test_settings_section(a1111):
+    from lib_dynfuse.hosts import options
+    from modules import shared
+
+    a1111()
+    assert shared.opts.dynfuse_clip_model == "ViT-B-32"
+    assert shared.opts.data_labels["dynfuse_dino_model"].section == ("dynfuse", "DynFuse")
+    shared.opts.set("dynfuse_device", "cpu")
+    config = options.scorer_config()
+    assert (config.device, config.clip_pretrained, config.dino_model) == ("cpu", "openai", "vit_small_patch16_224.dino")
+    assert options.read_option("dynfuse_unload_after") is False
+
+
+def test_reload_ui_registers_everything_once(a1111):
+    from modules import script_callbacks
+
+    ui = a1111()
+    ui.unload()
+    ui = a1111()
+    names = [c.name for c in script_callbacks.callback_map["callbacks_cfg_denoiser"]]
+    assert names == ["base/dynfuse.py/cfg_denoiser/dynfuse_cfg_denoiser"]
+    assert [o.label for o in _xyz().axis_options].count("[DynFuse] Enabled") == 1
+
+
+def _package(root, name, files=("__init__.py",)):
+    for f in files:
+        path = os.path.join(root, name, f)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").close()
+
+
+def test_detect_hosts(a1111, tmp_path, monkeypatch, capsys):
+    import checks
+    from lib_dynfuse.hosts import detect
+    from modules import paths
+
+    a1111()
+    assert detect.detect_host() == detect.A1111
+    root = tmp_path / "forge"
+    _package(str(root), "modules_forge")
+    _package(str(root), "ldm_patched")
+    monkeypatch.setattr(paths, "script_path", str(root))
+    monkeypatch.syspath_prepend(str(root))
+    for name in ("modules_forge", "ldm_patched", "backend"):
+        sys.modules.pop(name, None)
+    assert detect.detect_host() == detect.OLD_FORGE
+    _package(str(root), "backend", ("__init__.py", "patcher/__init__.py", "patcher/lora.py",
+                                    "diffusion_engine/__init__.py", "diffusion_engine/base.py"))
+    assert detect.detect_host() == detect.FORGE
+
+    adapter = detect.UnsupportedHost(detect.OLD_FORGE_MESSAGE)
+    from modules import processing
+
+    p = processing.StableDiffusionProcessingTxt2Img(prompt=PROMPT)
+    settings = dataclasses.replace(__import__("lib_dynfuse.settings", fromlist=["DEFAULTS"]).DEFAULTS, enabled=True)
+    capsys.readouterr()
+    assert adapter.begin_job(p, settings) is None
+    assert capsys.readouterr().out.startswith("DynFuse: this WebUI is old Forge, reForge or Forge Classic")
+    assert p.extra_generation_params["DynFuse note"] == "off: unsupported WebUI"
+    assert checks  # fixture bookkeeping
