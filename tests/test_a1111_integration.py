@@ -41,10 +41,10 @@ def test_infotext_round_trip(a1111):
     _, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
     pasted = _pasted_settings(ui, res.infotexts[0])
     assert (pasted.enabled, pasted.subject, pasted.style) == (True, "subj", "sty")
-    # The generation parameters alias module of 1.8+ parses the same way.
+    # The alias module kept since 1.8 parses the same way.
     from modules import generation_parameters_copypaste
 
-    assert generation_parameters_copypaste.parse_generation_parameters(res.infotexts[0])["DynFuse method"] == "kl-soft"
+    assert generation_parameters_copypaste.parse_generation_parameters(res.infotexts[0])["DynFuse method"] == "kl"
 
 
 def test_pasting_an_infotext_without_dynfuse_changes_nothing(a1111):
