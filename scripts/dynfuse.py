@@ -89,6 +89,10 @@ def _on_cfg_denoiser(params):
     detect.get_adapter().on_cfg_denoiser(params)
 
 
+def _on_cfg_denoised(params):
+    detect.get_adapter().on_cfg_denoised(params)
+
+
 def _on_cfg_after_cfg(params):
     detect.get_adapter().on_cfg_after_cfg(params)
 
@@ -105,6 +109,7 @@ def _on_unload():
 
 
 script_callbacks.on_cfg_denoiser(_on_cfg_denoiser, name="dynfuse_cfg_denoiser")
+script_callbacks.on_cfg_denoised(_on_cfg_denoised, name="dynfuse_cfg_denoised")
 script_callbacks.on_cfg_after_cfg(_on_cfg_after_cfg, name="dynfuse_cfg_after_cfg")
 script_callbacks.on_before_ui(_on_before_ui, name="dynfuse_xyz_axes")
 script_callbacks.on_app_started(api.add_routes, name="dynfuse_api")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, say
+from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, plain, say
 
 TE_PROXY_SUFFIX = "_dynfuse_te"
 LORA_DISABLED = ("the built-in Lora extension is not loaded (it is disabled, or the WebUI runs with "
@@ -48,6 +48,8 @@ def _net_names(net: Any) -> set[str]:
 
 class A1111Adapter(HostAdapter):
     name = "a1111"
+    # Replace the open_clip / timm model loaders (tests pass random-weight models): {"clip_factory": ...}.
+    guidance_factories: dict[str, Any] = {}
 
     def unsupported_reason(self, p: Any) -> str | None:
         if _networks() is None:
@@ -56,6 +58,43 @@ class A1111Adapter(HostAdapter):
         if getattr(model, "is_sd3", False):
             return "SD3 models are not supported."
         return None
+
+    def prepare(self, p: Any, job: Job) -> None:
+        if job.settings.guidance:
+            job.guidance = self._prepare_guidance(p, job)
+
+    def _prepare_guidance(self, p: Any, job: Job) -> Any | None:
+        import os
+
+        import torch
+
+        from lib_dynfuse.guidance import Guidance, GuidanceError, GuidanceParams
+        from lib_dynfuse.hosts import options
+
+        s = job.settings
+        model = p.sd_model
+        family = "SDXL" if getattr(model, "is_sdxl", False) else "SD2" if getattr(model, "is_sd2", False) else "SD1.5"
+        try:
+            from modules import paths
+
+            taesd_dir = os.path.join(paths.models_path, "VAE-taesd")
+        except Exception:  # noqa: BLE001
+            taesd_dir = None
+        try:
+            with torch.no_grad():
+                return Guidance.prepare(
+                    family=family,
+                    params=GuidanceParams(s.guidance_strength, s.guidance_balance, s.guidance_start,
+                                          s.guidance_end, s.guidance_every),
+                    decoder=s.guidance_decoder, taesd_dir=taesd_dir, vae=getattr(model, "first_stage_model", None),
+                    scorer_config=options.scorer_config(), subject_refs=s.subject_refs, style_ref=s.style_ref,
+                    subject_lora=_lora_path(job.subject.name), style_lora=_lora_path(job.style.name),
+                    prompt=p.all_prompts[0] if getattr(p, "all_prompts", None) else p.prompt,
+                    log=say, **self.guidance_factories)
+        except GuidanceError as e:
+            say(f"{plain(str(e))} Guidance is off for this generation; the fusion still runs.")
+            add_note(p, "guidance off")
+            return None
 
     # ---- takeover -------------------------------------------------------------------------------
     def take_over(self, p: Any, job: Job) -> None:
@@ -159,8 +198,7 @@ class A1111Adapter(HostAdapter):
     # ---- step clock and batch layout ------------------------------------------------------------
     def on_cfg_denoiser(self, params: Any) -> None:
         job = self.job
-        session = job.session if job is not None and not job.failed else None
-        if session is None:
+        if job is None or job.failed or (job.session is None and job.guidance is None):
             return
         try:
             from lib_dynfuse.layout import StepClock
@@ -170,10 +208,55 @@ class A1111Adapter(HostAdapter):
             total = getattr(denoiser, "total_steps", None)
             if index is None or not total:  # before 1.8 only the lagging state counter exists
                 index, total = params.sampling_step, params.total_sampling_steps
-            session.set_step(StepClock(index=int(index), total=int(total), sigma=_sigma(params, denoiser)))
-            session.set_layout(_layout(params, denoiser))
+            clock = StepClock(index=int(index), total=int(total), sigma=_sigma(params, denoiser))
+            job.host["clock"] = clock
+            job.host["denoiser"] = denoiser  # AfterCFGCallbackParams carries no reference to it
+            n_images = _n_images(params)
+            # The images' own x and t are the last rows (the uncond block): kept for epsilon-space guidance.
+            job.host["x_t"], job.host["t"] = params.x[-n_images:], params.sigma[-n_images:]
+            if job.session is not None:
+                job.session.set_step(clock)
+                job.session.set_layout(_layout(params, denoiser))
         except Exception as e:  # noqa: BLE001
             self.fail(getattr(getattr(params, "denoiser", None), "p", None), "could not read the sampler step", e)
+
+    def on_cfg_denoised(self, params: Any) -> None:
+        job = self.job
+        if job is None or job.failed or job.guidance is None or "x_t" not in job.host:
+            return
+        n_images = job.host["x_t"].shape[0]
+        # The unconditional estimate sets the size of the guidance step (a fraction of the CFG update).
+        job.host["uncond_out"] = params.x[-n_images:].detach().clone() if params.x.shape[0] >= 2 * n_images else None
+
+    def on_cfg_after_cfg(self, params: Any) -> None:
+        job = self.job
+        guidance = job.guidance if job is not None and not job.failed else None
+        clock = job.host.get("clock") if guidance is not None else None
+        if clock is None or not getattr(guidance, "active", True):
+            return
+        p = None
+        try:
+            denoiser = job.host.get("denoiser")
+            p = getattr(denoiser, "p", None)
+            uncond = job.host.get("uncond_out")
+            if uncond is not None and uncond.shape != params.x.shape:
+                uncond = None
+            if denoiser is not None and hasattr(denoiser, "alphas"):  # DDIM, PLMS, UniPC: epsilon space
+                x_t, t = job.host["x_t"], job.host["t"]
+                alpha_bar = denoiser.alphas[t.to(dtype=int)].view(-1, 1, 1, 1).to(params.x.device)
+                params.x = guidance.correct_eps(params.x, x_t, alpha_bar, uncond, progress=clock.progress,
+                                                step=clock.index)
+            else:
+                guided = guidance.correct(params.x, uncond, progress=clock.progress, step=clock.index)
+                mask = getattr(denoiser, "mask", None)
+                if guided is not params.x and mask is not None:  # inpainting: keep the unmasked part
+                    guided = guided * denoiser.nmask + denoiser.init_latent * mask
+                params.x = guided
+        except Exception as e:  # noqa: BLE001
+            job.guidance = None
+            say(f"guidance failed ({type(e).__name__}: {e}); it is off for the rest of this generation.")
+            if p is not None:
+                add_note(p, "guidance off")
 
     # ---- cleanup --------------------------------------------------------------------------------
     def _close_session(self, job: Job) -> None:
@@ -210,6 +293,18 @@ class A1111Adapter(HostAdapter):
                 say(f"removed {removed} hooks left by an interrupted generation.")
         except Exception as e:  # noqa: BLE001
             say(f"could not check for leftover hooks: {e}")
+
+
+def _lora_path(name: str) -> str | None:
+    networks = _networks()
+    entry = None if networks is None else networks.available_network_aliases.get(name)
+    return getattr(entry, "filename", None)
+
+
+def _n_images(params: Any) -> int:
+    uncond = params.text_uncond
+    uncond = uncond.get("crossattn") if isinstance(uncond, dict) else uncond
+    return int(uncond.shape[0])
 
 
 def _second(pair: tuple | None) -> Any | None:

@@ -150,17 +150,22 @@ class HostAdapter(abc.ABC):
         finally:
             self.job = None
             self.last_job = job
-        log = job.last_log
-        if log is None or job.failed or not job.settings.show_map or processed is None:
+        if job.failed or processed is None:
             return
         try:
             from lib_dynfuse import report
 
-            processed.images.append(report.selection_map(log))
-            if getattr(processed, "infotexts", None):
-                processed.infotexts.append(processed.infotexts[0])
+            if job.settings.show_map and job.last_log is not None:
+                _add_image(processed, report.selection_map(job.last_log))
+            if job.guidance is not None and job.settings.show_loss_plot:
+                _add_image(processed, job.guidance.loss_plot())
         except Exception as e:  # noqa: BLE001
-            self.fail(p, "could not draw the selection map", e)
+            self.fail(p, "could not draw the report images", e)
+        finally:
+            if job.guidance is not None and _unload_guidance_models():
+                from lib_dynfuse.guidance import unload
+
+                unload()
 
     def cleanup(self) -> None:
         """Remove whatever an earlier job left behind (a crash skips postprocess). Idempotent."""
@@ -213,8 +218,23 @@ class HostAdapter(abc.ABC):
     def on_cfg_denoiser(self, params: Any) -> None:  # noqa: B027 - optional hook
         """CFG-denoiser callback: tell the session the step clock and batch layout."""
 
+    def on_cfg_denoised(self, params: Any) -> None:  # noqa: B027 - optional hook
+        """CFG-denoised callback: what guidance needs from the raw UNet outputs (read only)."""
+
     def on_cfg_after_cfg(self, params: Any) -> None:  # noqa: B027 - optional hook
         """After-CFG callback: the guidance step, when guidance is on."""
+
+
+def _add_image(processed: Any, image: Any) -> None:
+    processed.images.append(image)
+    if getattr(processed, "infotexts", None):
+        processed.infotexts.append(processed.infotexts[0])
+
+
+def _unload_guidance_models() -> bool:
+    from lib_dynfuse.hosts import options
+
+    return bool(options.read_option("dynfuse_unload_after"))
 
 
 def _drop_stale_keys(p: Any) -> None:
