@@ -16,17 +16,12 @@ from lib_dynfuse.policies import EngineOptions, Policy
 
 @dataclass(frozen=True)
 class DecisionPlan:
-    """Which rows of one UNet call decide, for which units (images, or rows), and which unit each row follows.
+    """Which row of one UNet call decides for which unit (an image, or a row), and which unit each row follows."""
 
-    ``pending`` lists images of the call without a conditional row (a separate uncond chunk): they follow the
-    decision their cond row made earlier in the same step, or their own first row when there was none.
-    """
-
-    deciding_rows: tuple[int, ...]
+    deciding_rows: tuple[int, ...]  # one per unit
     units: tuple[int, ...]
-    unit_of_row: tuple[int, ...]  # index into units + pending
-    pending: tuple[tuple[int, int], ...] = ()  # (image, its first row)
-    tied: bool = False
+    unit_of_row: tuple[int, ...]  # index into units
+    tied: bool = False  # units are images whose rows share one decision
 
     @classmethod
     def per_row(cls, rows: int) -> DecisionPlan:
@@ -34,14 +29,11 @@ class DecisionPlan:
         return cls(r, r, r)
 
     @classmethod
-    def tied(cls, layout: BatchLayout) -> DecisionPlan:
-        deciding = layout.deciding_row
-        decided = [image for image in layout.images if layout.is_cond[deciding[image]]]
-        pending = tuple((image, deciding[image]) for image in layout.images if image not in decided)
-        order = decided + [image for image, _ in pending]
-        index = {image: i for i, image in enumerate(order)}
-        return cls(tuple(deciding[i] for i in decided), tuple(decided),
-                   tuple(index[image] for image in layout.image_of_row), pending, tied=True)
+    def tied_to_images(cls, layout: BatchLayout) -> DecisionPlan:
+        images = layout.images
+        index = {image: i for i, image in enumerate(images)}
+        return cls(tuple(layout.deciding_row[i] for i in images), images,
+                   tuple(index[image] for image in layout.image_of_row), tied=True)
 
 
 @dataclass
@@ -62,7 +54,7 @@ class StepState:
             if self.layout is None or len(self.layout) != rows or self.options.decide_per == "row":
                 plan = DecisionPlan.per_row(rows)
             else:
-                plan = DecisionPlan.tied(self.layout)
+                plan = DecisionPlan.tied_to_images(self.layout)
             self._plans[rows] = plan
         return plan
 
@@ -125,19 +117,24 @@ class LayerFusion:
         y_style = style.output(x, self.geometry)
         plan = state.plan(base.shape[0])
         step = state.clock.index
-        reuse = {image: self._tied[image] for image, _ in plan.pending
-                 if image in self._tied and self._tied[image][0] == step}
-        fresh = [(image, row) for image, row in plan.pending if image not in reuse]
-        units = plan.units + tuple(image for image, _ in fresh)
-        w_subject, w_style = self._decide(base, y_subject, y_style, plan.deciding_rows + tuple(r for _, r in fresh),
-                                          units, state)
-        if plan.pending:
-            order = plan.units + tuple(image for image, _ in plan.pending)
-            w_subject = torch.stack([reuse[i][1] if i in reuse else w_subject[units.index(i)] for i in order])
-            w_style = torch.stack([reuse[i][2] if i in reuse else w_style[units.index(i)] for i in order])
+        # The first call of a step that sees an image decides for all its rows in that step: A1111 runs cond and
+        # uncond rows in one call, Forge may run an uncond chunk first, in a call of its own.
+        reused = {}
         if plan.tied:
-            for i, image in enumerate(plan.units):
-                self._tied[image] = (step, w_subject[i], w_style[i])
+            reused = {u: hit for u in plan.units if (hit := self._tied.get(u)) is not None and hit[0] == step}
+        if reused:
+            fresh = tuple(u for u in plan.units if u not in reused)
+            rows = tuple(r for u, r in zip(plan.units, plan.deciding_rows) if u not in reused)
+            decided = self._decide(base, y_subject, y_style, rows, fresh, state) if fresh else None
+            w_subject, w_style = (
+                torch.stack([reused[u][k + 1] if u in reused else decided[k][fresh.index(u)] for u in plan.units])
+                for k in (0, 1))
+        else:
+            w_subject, w_style = self._decide(base, y_subject, y_style, plan.deciding_rows, plan.units, state)
+        if plan.tied:
+            for i, unit in enumerate(plan.units):
+                if unit not in reused:
+                    self._tied[unit] = (step, w_subject[i], w_style[i])
         index = state.row_index(plan, base.device)
         shape = (-1,) + (1,) * (base.dim() - 1)
         if state.policy.one_hot:

@@ -159,25 +159,29 @@ def test_uncond_rows_follow_their_images_cond_row(model):
     assert len(session.log.decisions()) == 2
 
 
-def test_separate_cond_and_uncond_calls_stay_tied_within_a_step(model):
-    """Forge may run cond and uncond in separate UNet calls; the uncond call reuses the cond decision."""
+@pytest.mark.parametrize("first_is_cond", [True, False])
+def test_separate_cond_and_uncond_calls_stay_tied_within_a_step(model, first_is_cond):
+    """Forge may run cond and uncond in separate UNet calls (uncond first); the first call of the step decides."""
     name = ATTENTION[0]
     layer = dict(model.named_modules())[name]
     subject, style = lora_deltas(model, [name], 13)[name], lora_deltas(model, [name], 14)[name]
     geometry = LayerGeometry.of(layer)
-    x_cond, x_uncond = torch.randn(1, 6, 8), torch.randn(1, 6, 8) * 5
+    x_first, x_second = torch.randn(1, 6, 8), torch.randn(1, 6, 8) * 5
     session = FusionSession([LayerTarget(name, layer, subject, style)], EngineOptions())
     with session:
         session.set_step(StepClock(0, 4))
-        session.set_layout(BatchLayout.rows([0], [True]))
-        layer(x_cond)
-        cond_winner = session.log.decisions()[0].winner
-        session.set_layout(BatchLayout.rows([0], [False]))
-        base = layer.forward(x_uncond)
-        fused = layer(x_uncond)
-    chosen = subject if cond_winner == "subject" else style
-    torch.testing.assert_close(fused, base + chosen.output(x_uncond, geometry))
-    assert len(session.log.decisions()) == 1
+        session.set_layout(BatchLayout.rows([0], [first_is_cond]))
+        layer(x_first)
+        first_winner = session.log.decisions()[0].winner
+        session.set_layout(BatchLayout.rows([0], [not first_is_cond]))
+        base = layer.forward(x_second)
+        fused = layer(x_second)
+        chosen = subject if first_winner == "subject" else style
+        torch.testing.assert_close(fused, base + chosen.output(x_second, geometry))
+        assert len(session.log.decisions()) == 1
+        session.set_step(StepClock(1, 4))  # a new step decides anew
+        layer(x_second)
+    assert len(session.log.decisions()) == 2
 
 
 def test_weights_are_bit_identical_after_a_normal_run(model):

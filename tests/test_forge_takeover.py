@@ -228,8 +228,6 @@ def winners_per_call(host, script, batch_size, **generation):
     return calls
 
 
-@pytest.mark.xfail(strict=True, reason="Forge runs the uncond chunk first; lib_dynfuse.fusion ties a later uncond "
-                   "row to its cond row, not a later cond row to the uncond row that decided earlier in the step")
 def test_split_cond_and_uncond_calls_keep_each_images_decision_tied(host):
     one_chunk = host.sd_model.forge_objects.unet.model.memory_required([2, 4, 8, 8])
     host.memory_management.free_memory_bytes = one_chunk * 1.5      # Forge runs uncond and cond separately
