@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -13,7 +14,8 @@ from lib_dynfuse.guidance.scorers import CLIP_MEAN, CLIP_STD, preprocess
 
 def test_importing_the_package_loads_neither_open_clip_nor_timm():
     code = "import sys, lib_dynfuse.guidance; print('open_clip' in sys.modules or 'timm' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=project)
     assert out.stdout.strip() == "False"
 
 
