@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from modules import script_callbacks, scripts
-
 from lib_dynfuse import __version__
 from lib_dynfuse.hosts import api, detect, options, xyz
 from lib_dynfuse.hosts.base import plain, refuse, say
+from modules import script_callbacks, scripts
 
 BASEDIR = scripts.basedir()
 
@@ -44,9 +43,8 @@ class Script(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
-        from modules.ui_components import InputAccordion
-
         from lib_dynfuse.hosts import ui
+        from modules.ui_components import InputAccordion
 
         built = ui.build_ui(is_img2img=is_img2img, input_accordion=InputAccordion, lora_names=_lora_names)
         self.infotext_fields = built.infotext_fields

@@ -35,7 +35,7 @@ def run_without_extension(a1111, prompt, *, te=True, third=False, **kwargs):
 def test_dynfuse_on_fuses_reports_and_leaves_the_model_as_the_host_would(a1111):
     import checks
 
-    ui0, p0, res0 = run_without_extension(a1111, PROMPT)
+    _ui0, p0, _res0 = run_without_extension(a1111, PROMPT)
     after0 = checks.probe()
     state0 = checks.state()
 
@@ -61,6 +61,7 @@ def test_dynfuse_on_fuses_reports_and_leaves_the_model_as_the_host_would(a1111):
 
 def test_unet_weights_are_never_written(a1111):
     import checks
+
     from modules import sd_models
 
     ui = a1111()
@@ -85,6 +86,7 @@ def test_off_is_bit_identical_to_no_extension(a1111):
 @pytest.mark.parametrize("functional", [False, True])
 def test_static_method_matches_the_host_merge_and_keeps_other_loras(a1111, functional):
     import checks
+
     from modules import shared
 
     prompt = PROMPT + " <lora:third:0.7>"
@@ -122,7 +124,7 @@ def _check_subject_only(a1111, prompt_pair, prompt_subject, **kwargs):
 
     ui0 = a1111(with_dynfuse=False)
     write_pair(ui0, te=False, same_layers=True)
-    p0, res0 = ui0.txt2img(prompt_subject, steps=3, seed=5, **kwargs)
+    p0, _res0 = ui0.txt2img(prompt_subject, steps=3, seed=5, **kwargs)
     ui = a1111()
     write_pair(ui, te=False, same_layers=True)
     p, res = ui.txt2img(prompt_pair, steps=3, seed=5, dynfuse=checks.dynfuse_args(method="subject-only"), **kwargs)
@@ -133,7 +135,7 @@ def _check_subject_only(a1111, prompt_pair, prompt_subject, **kwargs):
 
 
 def test_batch_size_and_count(a1111):
-    p, res = _check_subject_only(a1111, PROMPT, "a dog <lora:subj:1>", batch_size=2, n_iter=2)
+    _p, res = _check_subject_only(a1111, PROMPT, "a dog <lora:subj:1>", batch_size=2, n_iter=2)
     assert len(res.infotexts) == 4 and all("DynFuse method: subject-only" in t for t in res.infotexts)
     from lib_dynfuse.hosts import detect
 
@@ -158,11 +160,12 @@ def test_ddim_and_and_prompts(a1111):
 
 def test_kl_with_and_prompts_decides_per_image(a1111):
     import checks
+
     from lib_dynfuse.hosts import detect
 
     ui = a1111()
     write_pair(ui)
-    p, res = ui.txt2img("a dog AND a cat " + PROMPT[6:], steps=3, seed=5, batch_size=2,
+    _p, res = ui.txt2img("a dog AND a cat " + PROMPT[6:], steps=3, seed=5, batch_size=2,
                         dynfuse=checks.dynfuse_args())
     log = detect.get_adapter().last_job.last_log
     assert {d.unit for d in log.decisions()} == {0, 1}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-
 from test_a1111_generation import PROMPT, write_pair
 
 pytest.importorskip("open_clip")
@@ -15,6 +14,7 @@ pytest.importorskip("timm")
 @pytest.fixture
 def tiny_encoders(a1111):
     from conftest_guidance import CPU, TINY
+
     from lib_dynfuse.guidance import scorers
 
     def start(**kwargs):
@@ -35,11 +35,11 @@ def tiny_encoders(a1111):
 def test_guidance_moves_the_sample_and_plots_its_loss(tiny_encoders, sampler):
     import checks
 
-    refs = dict(subject_refs=(Image.new("RGB", (32, 32), (250, 10, 10)),),
-                style_ref=Image.new("RGB", (32, 32), (10, 10, 250)))
+    refs = {"subject_refs": (Image.new("RGB", (32, 32), (250, 10, 10)),),
+                "style_ref": Image.new("RGB", (32, 32), (10, 10, 250))}
     ui = tiny_encoders()
     write_pair(ui)
-    common = dict(steps=4, seed=5, sampler_name=sampler)
+    common = {"steps": 4, "seed": 5, "sampler_name": sampler}
     p0, _ = ui.txt2img(PROMPT, dynfuse=checks.dynfuse_args(**refs), **common)
     p1, res = ui.txt2img(PROMPT, dynfuse=checks.dynfuse_args(guidance=True, guidance_strength=0.5,
                                                               guidance_start=0.0, guidance_end=1.0,

@@ -7,7 +7,6 @@ import os
 import sys
 
 import pytest
-
 from test_a1111_generation import PROMPT, write_pair
 
 
@@ -28,12 +27,13 @@ def _pasted_settings(ui, infotext):
 
 def test_infotext_round_trip(a1111):
     import checks
+
     from lib_dynfuse.hosts import ui as dui
 
     ui = a1111()
     write_pair(ui)
-    fields = dict(method="kl-soft", soft_temperature=2.5, temperature=1.5, subject_strength=0.7, measure="js",
-                  decide_per="row", subject="subj", style="sty")
+    fields = {"method": "kl-soft", "soft_temperature": 2.5, "temperature": 1.5, "subject_strength": 0.7, "measure": "js",
+                  "decide_per": "row", "subject": "subj", "style": "sty"}
     _, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args(**fields))
     expected = dui.values_to_settings(checks.dynfuse_args(**fields))
     assert _pasted_settings(ui, res.infotexts[0]) == expected
@@ -64,7 +64,7 @@ def _xyz():
 
 
 def test_xyz_axes_registered_once(a1111):
-    ui = a1111()
+    a1111()
     labels = [o.label for o in _xyz().axis_options if o.label.startswith("[DynFuse]")]
     assert labels == ["[DynFuse] Enabled", "[DynFuse] Method", "[DynFuse] Subject strength",
                       "[DynFuse] Style strength", "[DynFuse] KL temperature", "[DynFuse] Guidance strength",
@@ -99,6 +99,7 @@ def test_xyz_cells_override_ui_settings(a1111):
 
 def test_xyz_values_are_confirmed_before_any_image(a1111):
     import checks
+
     from lib_dynfuse.settings import SettingsError
 
     ui = a1111()
@@ -205,6 +206,7 @@ def _package(root, name, files=("__init__.py",)):
 
 def test_detect_hosts(a1111, tmp_path, monkeypatch, capsys):
     import checks
+
     from lib_dynfuse.hosts import detect
     from modules import paths
 

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-
 from test_a1111_generation import PROMPT, write_pair
 
 
@@ -75,6 +74,7 @@ def test_leftovers_are_removed_on_script_unload(a1111):
 
 def test_interrupt_mid_way(a1111):
     import checks
+
     from modules import script_callbacks, shared
 
     def interrupt_at_step_1(params):
@@ -91,7 +91,7 @@ def test_interrupt_mid_way(a1111):
     ui = a1111()
     write_pair(ui)
     script_callbacks.on_cfg_denoiser(interrupt_at_step_1)
-    p, res = ui.txt2img(PROMPT, steps=4, seed=5, dynfuse=checks.dynfuse_args())
+    _p, res = ui.txt2img(PROMPT, steps=4, seed=5, dynfuse=checks.dynfuse_args())
     assert checks.dynfuse_hooks() == 0  # an interrupt ends the job normally: postprocess ran
     assert "DynFuse method: kl" in res.infotexts[0]
     p2, _ = ui.txt2img("a cat", steps=3, seed=7, dynfuse=checks.dynfuse_args(enabled=False))
@@ -103,11 +103,10 @@ def test_interrupt_mid_way(a1111):
 
 def _bad(a1111, capsys, prompt, *, files=None, **fields):
     import checks
-    import loras
 
     ui0 = a1111(with_dynfuse=False)
     (files or write_pair)(ui0)
-    p0, res0 = ui0.txt2img(prompt, steps=3, seed=5)
+    p0, _res0 = ui0.txt2img(prompt, steps=3, seed=5)
     ui = a1111()
     (files or write_pair)(ui)
     capsys.readouterr()
@@ -121,8 +120,8 @@ def _bad(a1111, capsys, prompt, *, files=None, **fields):
 
 def test_tag_not_in_prompt(a1111, capsys):
     lines, text = _bad(a1111, capsys, PROMPT, style="other")
-    assert lines == ["DynFuse: style LoRA 'other' is not in the prompt (tags found: subj, sty). "
-                     "DynFuse is off for this generation."]
+    assert lines == [("DynFuse: style LoRA 'other' is not in the prompt (tags found: subj, sty). "
+                     "DynFuse is off for this generation.")]
     assert "DynFuse note: \"off: style LoRA 'other' is not in the prompt (tags found: subj, sty)\"" in text
     assert "DynFuse method" not in text
 
@@ -135,8 +134,8 @@ def test_only_one_lora_in_prompt(a1111, capsys):
 
 def test_same_lora_twice(a1111, capsys):
     lines, text = _bad(a1111, capsys, PROMPT, subject="subj", style="subj")
-    assert lines == ["DynFuse: 'subj' is chosen as both subject and style; choose two different LoRAs. "
-                     "DynFuse is off for this generation."]
+    assert lines == [("DynFuse: 'subj' is chosen as both subject and style; choose two different LoRAs. "
+                     "DynFuse is off for this generation.")]
     assert "DynFuse note" in text
 
 
@@ -148,8 +147,8 @@ def _broken_file(ui):
 
 def test_lora_file_that_fails_to_load(a1111, capsys):
     lines, text = _bad(a1111, capsys, "a dog <lora:subj:1> <lora:broken:1>", files=_broken_file)
-    assert lines == ["DynFuse: LoRA 'broken' is not loaded (file missing, failed to load, or not in this pass's "
-                     "prompt; see the console above). DynFuse is off for this generation."]
+    assert lines == [("DynFuse: LoRA 'broken' is not loaded (file missing, failed to load, or not in this pass's "
+                     "prompt; see the console above). DynFuse is off for this generation.")]
     assert 'DynFuse note: "off: LoRA broken not loaded"' in text
 
 
@@ -167,8 +166,8 @@ def _foreign_file(ui):
 
 def test_lora_that_does_not_fit_the_model(a1111, capsys):
     lines, text = _bad(a1111, capsys, "a dog <lora:subj:1> <lora:xl:1>", files=_foreign_file)
-    assert lines == ["DynFuse: LoRA 'xl' has no layers that fit this model's UNet (is it made for another model "
-                     "family?). DynFuse is off for this generation."]
+    assert lines == [("DynFuse: LoRA 'xl' has no layers that fit this model's UNet (is it made for another model "
+                     "family?). DynFuse is off for this generation.")]
     assert 'DynFuse note: "off: LoRA xl does not fit the UNet"' in text
 
 
@@ -183,11 +182,11 @@ def test_lora_extension_disabled(a1111, capsys):
 
     ui = a1111(with_lora=False)
     capsys.readouterr()
-    p, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
+    _p, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DynFuse: ")]
-    assert lines == ["DynFuse: the built-in Lora extension is not loaded (it is disabled, or the WebUI runs with "
+    assert lines == [("DynFuse: the built-in Lora extension is not loaded (it is disabled, or the WebUI runs with "
                      "--disable-all-extensions); DynFuse needs it to load LoRA files. DynFuse is off for this "
-                     "generation."]
+                     "generation.")]
     assert "DynFuse note" in res.infotexts[0]
 
 
@@ -208,7 +207,7 @@ def test_no_shared_layers_only_warns(a1111, capsys):
     capsys.readouterr()
     p, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DynFuse: ")]
-    assert lines == ["DynFuse: 'subj' and 'sty' share no UNet layer: each layer gets its own LoRA, as without "
-                     "DynFuse."]
+    assert lines == [("DynFuse: 'subj' and 'sty' share no UNet layer: each layer gets its own LoRA, as without "
+                     "DynFuse.")]
     assert "DynFuse note: no shared layers" in res.infotexts[0] and "DynFuse method: kl" in res.infotexts[0]
     assert torch.allclose(p.fake_latents[0], p0.fake_latents[0], atol=1e-4, rtol=1e-4)

@@ -13,7 +13,7 @@ exist only when that extension is enabled.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, plain, say
 
@@ -49,7 +49,7 @@ def _net_names(net: Any) -> set[str]:
 class A1111Adapter(HostAdapter):
     name = "a1111"
     # Replace the open_clip / timm model loaders (tests pass random-weight models): {"clip_factory": ...}.
-    guidance_factories: dict[str, Any] = {}
+    guidance_factories: ClassVar[dict[str, Any]] = {}
 
     def unsupported_reason(self, p: Any) -> str | None:
         if _networks() is None:

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import abc
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 NOTE_KEY = "DynFuse note"
 SELECTION_KEY = "DynFuse selection"
@@ -29,7 +30,7 @@ CONSOLE_PREFIX = "DynFuse: "
 
 def plain(message: str) -> str:
     """The message without a leading "DynFuse: " (core errors carry it; console lines add it once)."""
-    return message[len(CONSOLE_PREFIX):] if message.startswith(CONSOLE_PREFIX) else message
+    return message.removeprefix(CONSOLE_PREFIX)
 
 
 def say(message: str) -> None:
@@ -196,7 +197,7 @@ class HostAdapter(abc.ABC):
         """A reason dynfuse cannot run on this host or model at all (None = fine)."""
         return None
 
-    def prepare(self, p: Any, job: Job) -> None:  # noqa: B027 - optional hook
+    def prepare(self, p: Any, job: Job) -> None:
         """Host work at process() time after the job exists (e.g. busting the cond cache)."""
 
     @abc.abstractmethod
@@ -212,16 +213,16 @@ class HostAdapter(abc.ABC):
 
         keep_job=True: the job stays registered but inactive (after a failure mid-job)."""
 
-    def remove_leftovers(self) -> None:  # noqa: B027 - optional hook
+    def remove_leftovers(self) -> None:
         """Find and remove hooks of any crashed earlier session on the current model."""
 
-    def on_cfg_denoiser(self, params: Any) -> None:  # noqa: B027 - optional hook
+    def on_cfg_denoiser(self, params: Any) -> None:
         """CFG-denoiser callback: tell the session the step clock and batch layout."""
 
-    def on_cfg_denoised(self, params: Any) -> None:  # noqa: B027 - optional hook
+    def on_cfg_denoised(self, params: Any) -> None:
         """CFG-denoised callback: what guidance needs from the raw UNet outputs (read only)."""
 
-    def on_cfg_after_cfg(self, params: Any) -> None:  # noqa: B027 - optional hook
+    def on_cfg_after_cfg(self, params: Any) -> None:
         """After-CFG callback: the guidance step, when guidance is on."""
 
 

@@ -23,6 +23,7 @@ OPTIONS: dict[str, tuple[object, str, str | None]] = {
 def register_options() -> None:
     """on_ui_settings callback: add the options (idempotent; values already saved are kept)."""
     import gradio as gr
+
     from modules import shared
 
     for key, (default, label, _) in OPTIONS.items():

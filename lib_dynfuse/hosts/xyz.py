@@ -7,7 +7,8 @@ makes its first image.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 XYZ_ATTR = "_dynfuse_xyz"
 XYZ_MODULE_NAMES = ("xyz_grid.py", "xyz_grid", "scripts.xyz_grid")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 
-
 def _current_model():
     from modules import shared
 

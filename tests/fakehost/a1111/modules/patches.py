@@ -17,7 +17,6 @@ def undo(key, obj, field):
     if patch_key not in originals[key]:
         raise RuntimeError(f"there is no patch for {field} to undo")
     setattr(obj, field, originals[key].pop(patch_key))
-    return None
 
 
 def original(key, obj, field):

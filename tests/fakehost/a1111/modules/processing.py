@@ -13,8 +13,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-import modules.shared as shared
-from modules import devices, extra_networks, infotext_utils, prompt_parser, scripts, sd_models, sd_samplers
+from modules import (
+    devices,
+    extra_networks,
+    infotext_utils,
+    prompt_parser,
+    scripts,
+    sd_models,
+    sd_samplers,
+    shared,
+)
 from modules.shared import opts, state
 
 opt_C = 4

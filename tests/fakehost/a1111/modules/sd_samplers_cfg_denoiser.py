@@ -4,8 +4,7 @@
 # Not modelled: the edit (instruct-pix2pix) model, the refiner switch, cond padding.
 import torch
 
-import modules.shared as shared
-from modules import prompt_parser, sd_samplers_common
+from modules import prompt_parser, sd_samplers_common, shared
 from modules.script_callbacks import (
     AfterCFGCallbackParams,
     CFGDenoisedParams,
@@ -14,7 +13,7 @@ from modules.script_callbacks import (
     cfg_denoised_callback,
     cfg_denoiser_callback,
 )
-from modules.shared import opts, state
+from modules.shared import state
 
 
 def catenate_conds(conds):

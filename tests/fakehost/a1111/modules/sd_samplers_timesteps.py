@@ -41,7 +41,7 @@ def ddim(model, x, timesteps, extra_args=None, callback=None, disable=None, eta=
     alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].to(torch.float64)
     sqrt_one_minus_alphas = torch.sqrt(1 - alphas)
     extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones((x.shape[0]))
+    s_in = x.new_ones(x.shape[0])
     s_x = x.new_ones((x.shape[0], 1, 1, 1))
     for i in range(len(timesteps) - 1):
         index = len(timesteps) - 1 - i

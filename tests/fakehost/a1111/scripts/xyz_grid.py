@@ -7,7 +7,7 @@ from csv import reader
 from io import StringIO
 from itertools import chain
 
-import modules.scripts as scripts
+from modules import scripts
 from modules.processing import process_images
 
 

@@ -1,6 +1,7 @@
 # Follows extensions-builtin/Lora/extra_networks_lora.py of AUTOMATIC1111 v1.10.1 (82a973c0): ExtraNetworkLora
 # (te / unet / dyn from positional and named args, load_networks, "Lora hashes", error comment on deactivate).
 import networks
+
 from modules import extra_networks, shared
 
 

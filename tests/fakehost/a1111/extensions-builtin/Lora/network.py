@@ -7,8 +7,8 @@ import hashlib
 import os
 from collections import namedtuple
 
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from modules import sd_models
 

@@ -1,10 +1,10 @@
 # Follows extensions-builtin/Lora/network_lora.py of AUTOMATIC1111 v1.10.1 (82a973c0): ModuleTypeLora (lora_up /
 # lora_down, and lora_A / lora_B renamed), NetworkModuleLora with up/down/mid factor modules on the CPU in
 # devices.dtype, calc_updown and the functional forward that ignores mid.
-import torch
-
 import lyco_helpers
 import network
+import torch
+
 from modules import devices
 
 

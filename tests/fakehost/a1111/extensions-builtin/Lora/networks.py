@@ -15,12 +15,12 @@ import logging
 import os
 import re
 
-import torch
-
 import lora_patches  # noqa: F401 - imported first by the real file too
 import network
 import network_full
 import network_lora
+import torch
+
 from modules import devices, sd_hijack, sd_models, shared
 
 module_types = [network_lora.ModuleTypeLora(), network_full.ModuleTypeFull()]

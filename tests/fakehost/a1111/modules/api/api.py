@@ -57,7 +57,7 @@ class Api:
             if script.alwayson is False:
                 raise HTTPException(status_code=422, detail="Cannot have a selectable script in the always on scripts params")
             if "args" in entry:
-                for idx in range(0, min(script.args_to - script.args_from, len(entry["args"]))):
+                for idx in range(min(script.args_to - script.args_from, len(entry["args"]))):
                     script_args[script.args_from + idx] = entry["args"][idx]
         return script_args
 

@@ -5,6 +5,7 @@ import extra_networks_lora
 import lora  # noqa: F401
 import lora_patches
 import networks
+
 from modules import extra_networks, script_callbacks
 
 
