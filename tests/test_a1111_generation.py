@@ -196,3 +196,37 @@ def test_selection_map_is_added_to_the_outputs(a1111):
     _, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args(show_map=True))
     assert len(res.images) == 2 and res.images[1].size != res.images[0].size
     assert len(res.infotexts) == 2
+
+
+def test_strength_override_and_full_weight_lora(a1111):
+    """static at a strength override ~ the host with that tag weight; a LyCORIS "diff" layer goes the dense way."""
+    import checks
+    import loras
+
+    def files(ui):
+        keys = loras.attention_keys()
+        loras.write_lora(os.path.join(ui.lora_dir, "subj.safetensors"), ui.model, keys, seed=1, te=False)
+        loras.write_lora(os.path.join(ui.lora_dir, "sty.safetensors"), ui.model, keys, seed=2, te=False,
+                         full_keys=keys[:3])
+
+    ui0 = a1111(with_dynfuse=False)
+    files(ui0)
+    p0, _ = ui0.txt2img("a dog <lora:subj:0.4> <lora:sty:0.8>", steps=3, seed=5)
+    ui = a1111()
+    files(ui)
+    p, _ = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args(method="static", subject_strength=0.4))
+    assert torch.allclose(p.fake_latents[0], p0.fake_latents[0], atol=1e-4, rtol=1e-4)
+
+
+def test_taken_loras_are_not_read_from_disk_again(a1111, monkeypatch):
+    import checks
+
+    ui = a1111()
+    import networks  # in sys.modules once the Lora script has loaded, as in the host
+
+    write_pair(ui)
+    reads = []
+    original = networks.load_network
+    monkeypatch.setattr(networks, "load_network", lambda name, on_disk: reads.append(name) or original(name, on_disk))
+    ui.txt2img(PROMPT, steps=2, seed=5, n_iter=3, dynfuse=checks.dynfuse_args())
+    assert sorted(reads) == ["sty", "subj"]  # once each, although lora_in_memory_limit is 0
