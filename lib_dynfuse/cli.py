@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoraFileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except Exception as error:  # a tool for users: one line, never a traceback
+    except Exception as error:  # noqa: BLE001 - a tool for users: one line, never a traceback
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
     print("\n".join(lines))

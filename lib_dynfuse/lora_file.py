@@ -12,7 +12,6 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from lib_dynfuse.deltas import LayerGeometry, LowRankDelta

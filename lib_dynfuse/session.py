@@ -94,7 +94,7 @@ class FusionSession:
                 return self._fallback(layer, x, output)
             try:
                 return layer.fuse(x, output, self._state)
-            except Exception as error:  # the host does not protect forward hooks: never let one break sampling
+            except Exception as error:  # noqa: BLE001 - the host does not protect forward hooks: never let one break sampling
                 self._failed.add(layer.name)
                 self._report(f"DynFuse: layer {layer.name} failed ({type(error).__name__}: {error}); "
                              "it gets both LoRAs at their strengths for the rest of this generation.")
@@ -106,7 +106,7 @@ class FusionSession:
     def _fallback(self, layer: LayerFusion, x: Tensor, output: Tensor) -> Tensor | None:
         try:
             return layer.static_output(x, output)
-        except Exception:
+        except Exception:  # noqa: BLE001 - even the merge failed: the host's own output, untouched
             return None
 
     def _report(self, message: str) -> None:

@@ -69,6 +69,14 @@ def brute_force_klora(pairs, alpha, beta, progress, schedule):
     return out
 
 
+def random_delta(g, geometry, rank, magnitude):
+    out_ch, in_ch = geometry.weight_shape[:2]
+    kernel = geometry.weight_shape[2:]
+    down = torch.randn(rank, in_ch, *kernel, generator=g) * magnitude
+    up = torch.randn(out_ch, rank, *(1,) * len(kernel), generator=g)
+    return LowRankDelta(down, up, alpha=float(rank))
+
+
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 1000), schedule=st.sampled_from(["S", "S*"]), alpha=st.floats(0.5, 3), beta=st.floats(0, 1),
        steps=st.integers(2, 12))
@@ -77,13 +85,9 @@ def test_klora_switch_matches_brute_force(seed, schedule, alpha, beta, steps):
     pairs = {}
     for i, (kind, shape) in enumerate([("linear", (6, 5)), ("linear", (4, 7)), ("conv2d", (4, 3, 3, 3)), ("linear", (5, 5))]):
         geometry = LayerGeometry(kind, shape)
-        r_c, r_s = 1 + i % 2, 2
-        def factors(r, mag):
-            down_shape = (r, shape[1]) if kind == "linear" else (r, shape[1], 3, 3)
-            up_shape = (shape[0], r) if kind == "linear" else (shape[0], r, 1, 1)
-            return LowRankDelta(torch.randn(*down_shape, generator=g) * mag, torch.randn(*up_shape, generator=g),
-                                alpha=float(r))
-        pairs[f"layer{i}"] = LayerPair(factors(r_c, 1.0 + i), factors(r_s, 1.0 + (3 - i) * 0.5), geometry)
+        subject = random_delta(g, geometry, rank=1 + i % 2, magnitude=1.0 + i)
+        style = random_delta(g, geometry, rank=2, magnitude=1.0 + (3 - i) * 0.5)
+        pairs[f"layer{i}"] = LayerPair(subject, style, geometry)
     options = EngineOptions(method="k-lora", klora_alpha=alpha, klora_beta=beta, klora_schedule=schedule)
     policy = make_policy(options)
     policy.prepare(pairs)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lib_dynfuse.deltas import LayerGeometry, LowRankDelta
+from lib_dynfuse.deltas import LayerGeometry
 from lib_dynfuse.divergence import row_divergence
 from lib_dynfuse.lora_file import deltas_for_model, parse_lora_tensors
 from lib_dynfuse.policies import EngineOptions
