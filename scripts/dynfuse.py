@@ -69,6 +69,11 @@ class Script(scripts.Script):
         if adapter.job is not None and adapter.takeover_at == "process_before_every_sampling":
             adapter.take_over(p, adapter.job)
 
+    def postprocess_batch(self, p, *args, images=None, batch_number=0, **kwargs):
+        # After the batch is decoded (RGB in [0, 1]) and before its images' infotexts are built.
+        adapter = detect.get_adapter()
+        adapter.score_batch(p, adapter.job, images, batch_number)
+
     def postprocess(self, p, processed, *args):
         adapter = detect.get_adapter()
         adapter.end_job(p, adapter.job, processed)

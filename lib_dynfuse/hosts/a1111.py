@@ -13,9 +13,9 @@ exist only when that extension is enabled.
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from typing import Any
 
-from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, plain, say
+from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, say
 
 TE_PROXY_SUFFIX = "_dynfuse_te"
 LORA_DISABLED = ("the built-in Lora extension is not loaded (it is disabled, or the WebUI runs with "
@@ -48,8 +48,6 @@ def _net_names(net: Any) -> set[str]:
 
 class A1111Adapter(HostAdapter):
     name = "a1111"
-    # Replace the open_clip / timm model loaders (tests pass random-weight models): {"clip_factory": ...}.
-    guidance_factories: ClassVar[dict[str, Any]] = {}
 
     def unsupported_reason(self, p: Any) -> str | None:
         if _networks() is None:
@@ -59,42 +57,25 @@ class A1111Adapter(HostAdapter):
             return "SD3 models are not supported."
         return None
 
-    def prepare(self, p: Any, job: Job) -> None:
-        if job.settings.guidance:
-            job.guidance = self._prepare_guidance(p, job)
+    # ---- guidance inputs ------------------------------------------------------------------------
+    def model_family(self, p: Any) -> str | None:
+        model = getattr(p, "sd_model", None)
+        if getattr(model, "is_sdxl", False):
+            return "SDXL"
+        return "SD2" if getattr(model, "is_sd2", False) else "SD1.5"
 
-    def _prepare_guidance(self, p: Any, job: Job) -> Any | None:
+    def taesd_dir(self) -> str | None:
         import os
 
-        import torch
+        from modules import paths
 
-        from lib_dynfuse.guidance import Guidance, GuidanceError, GuidanceParams
-        from lib_dynfuse.hosts import options
+        return os.path.join(paths.models_path, "VAE-taesd")  # where the host's own TAESD previews live
 
-        s = job.settings
-        model = p.sd_model
-        family = "SDXL" if getattr(model, "is_sdxl", False) else "SD2" if getattr(model, "is_sd2", False) else "SD1.5"
-        try:
-            from modules import paths
+    def guidance_vae(self, p: Any) -> Any | None:
+        return getattr(p.sd_model, "first_stage_model", None)
 
-            taesd_dir = os.path.join(paths.models_path, "VAE-taesd")
-        except Exception:  # noqa: BLE001
-            taesd_dir = None
-        try:
-            with torch.no_grad():
-                return Guidance.prepare(
-                    family=family,
-                    params=GuidanceParams(s.guidance_strength, s.guidance_balance, s.guidance_start,
-                                          s.guidance_end, s.guidance_every),
-                    decoder=s.guidance_decoder, taesd_dir=taesd_dir, vae=getattr(model, "first_stage_model", None),
-                    scorer_config=options.scorer_config(), subject_refs=s.subject_refs, style_ref=s.style_ref,
-                    subject_lora=_lora_path(job.subject.name), style_lora=_lora_path(job.style.name),
-                    prompt=p.all_prompts[0] if getattr(p, "all_prompts", None) else p.prompt,
-                    log=say, **self.guidance_factories)
-        except GuidanceError as e:
-            say(f"{plain(str(e))} Guidance is off for this generation; the fusion still runs.")
-            add_note(p, "guidance off")
-            return None
+    def lora_path(self, name: str) -> str | None:
+        return _lora_path(name)
 
     # ---- takeover -------------------------------------------------------------------------------
     def take_over(self, p: Any, job: Job) -> None:
@@ -231,32 +212,22 @@ class A1111Adapter(HostAdapter):
     def on_cfg_after_cfg(self, params: Any) -> None:
         job = self.job
         guidance = job.guidance if job is not None and not job.failed else None
-        clock = job.host.get("clock") if guidance is not None else None
-        if clock is None or not getattr(guidance, "active", True):
+        if guidance is None or "clock" not in job.host or not guidance.active:
             return
-        p = None
+        denoiser = job.host.get("denoiser")
         try:
-            denoiser = job.host.get("denoiser")
-            p = getattr(denoiser, "p", None)
             uncond = job.host.get("uncond_out")
             if uncond is not None and uncond.shape != params.x.shape:
                 uncond = None
             if denoiser is not None and hasattr(denoiser, "alphas"):  # DDIM, PLMS, UniPC: epsilon space
-                x_t, t = job.host["x_t"], job.host["t"]
+                clock, x_t, t = job.host["clock"], job.host["x_t"], job.host["t"]
                 alpha_bar = denoiser.alphas[t.to(dtype=int)].view(-1, 1, 1, 1).to(params.x.device)
                 params.x = guidance.correct_eps(params.x, x_t, alpha_bar, uncond, progress=clock.progress,
                                                 step=clock.index)
             else:
-                guided = guidance.correct(params.x, uncond, progress=clock.progress, step=clock.index)
-                mask = getattr(denoiser, "mask", None)
-                if guided is not params.x and mask is not None:  # inpainting: keep the unmasked part
-                    guided = guided * denoiser.nmask + denoiser.init_latent * mask
-                params.x = guided
+                params.x = self.guided_x0(job, params.x, uncond, denoiser)
         except Exception as e:  # noqa: BLE001
-            job.guidance = None
-            say(f"guidance failed ({type(e).__name__}: {e}); it is off for the rest of this generation.")
-            if p is not None:
-                add_note(p, "guidance off")
+            self.guidance_failed(getattr(denoiser, "p", None), job, e)
 
     # ---- cleanup --------------------------------------------------------------------------------
     def _close_session(self, job: Job) -> None:

@@ -7,6 +7,7 @@ The entry script (scripts/dynfuse.py) calls, per generation:
                                                 # Forge: process_before_every_sampling (every sampling run)
     adapter.on_cfg_denoiser(params)             # CFG callback: step clock and batch layout
     adapter.on_cfg_after_cfg(params)            # CFG callback: guidance seam
+    adapter.score_batch(p, job, images, n)      # Script.postprocess_batch: CLIP/DINO scores of the decoded batch
     adapter.end_job(p, job, processed)          # Script.postprocess: hooks removed, infotext, selection map
     adapter.cleanup()                           # start of the next job and script unload: leftovers of a crash
 
@@ -20,12 +21,18 @@ import abc
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from lib_dynfuse.hosts import options
 
 NOTE_KEY = "DynFuse note"
 SELECTION_KEY = "DynFuse selection"
+SCORES_KEY = "DynFuse scores"
 VERSION_KEY = "DynFuse version"
 CONSOLE_PREFIX = "DynFuse: "
+# Messages of the guidance package name themselves already.
+GUIDANCE_PREFIX = "DynFuse guidance: "
+SKIP_SCORES = f"To skip the scores, turn off {options.where('dynfuse_scores')}."
 
 
 def plain(message: str) -> str:
@@ -35,7 +42,8 @@ def plain(message: str) -> str:
 
 def say(message: str) -> None:
     """One console line the user can search for."""
-    print(f"{CONSOLE_PREFIX}{plain(message)}", flush=True)
+    text = plain(message)
+    print(text if text.startswith(GUIDANCE_PREFIX) else f"{CONSOLE_PREFIX}{text}", flush=True)
 
 
 def add_note(p: Any, note: str) -> None:
@@ -67,7 +75,9 @@ class Job:
     failed: bool = False               # set after an error: the rest of the job runs as without dynfuse
     notes: list[str] = field(default_factory=list)
     last_log: Any | None = None        # DecisionLog of the latest session (kept after its hooks are gone)
-    guidance: Any | None = None        # lib_dynfuse.guidance state, when guidance is on
+    guidance: Any | None = None        # lib_dynfuse.guidance.Guidance, while guidance is on
+    scorer: Any | None = None          # the Guidance whose encoders and references give the scores (or None)
+    scores: dict[int, str] = field(default_factory=dict)  # image index in the job -> "subject-DINO 0.412, ..."
     host: dict[str, Any] = field(default_factory=dict)   # adapter-private state (removed nets, proxies, ...)
 
     @property
@@ -82,6 +92,8 @@ class HostAdapter(abc.ABC):
     # The Script method that calls take_over: A1111 after every activation of extra networks, Forge before
     # every sampling run (its LoRAs are patched into a fresh UNet clone there).
     takeover_at: str = "after_extra_networks_activate"
+    # Replace the open_clip / timm model loaders (tests pass random-weight models): {"clip_factory": ...}.
+    guidance_factories: ClassVar[dict[str, Any]] = {}
 
     def __init__(self) -> None:
         self.job: Job | None = None
@@ -131,6 +143,7 @@ class HostAdapter(abc.ABC):
         params[VERSION_KEY] = __version__
         # A callable is evaluated by the host when each image's infotext is built, i.e. after its batch sampled.
         params[SELECTION_KEY] = lambda **_: self.selection_text(job)
+        params[SCORES_KEY] = lambda **kwargs: scores_text(job, **kwargs)
 
     def selection_text(self, job: Job) -> str | None:
         if job.failed:
@@ -151,9 +164,11 @@ class HostAdapter(abc.ABC):
         finally:
             self.job = None
             self.last_job = job
-        if job.failed or processed is None:
-            return
+        used_models = job.guidance is not None or job.scorer is not None
+        job.scorer = None
         try:
+            if job.failed or processed is None:
+                return
             from lib_dynfuse import report
 
             if job.settings.show_map and job.last_log is not None:
@@ -163,7 +178,7 @@ class HostAdapter(abc.ABC):
         except Exception as e:  # noqa: BLE001
             self.fail(p, "could not draw the report images", e)
         finally:
-            if job.guidance is not None and _unload_guidance_models():
+            if used_models and _unload_guidance_models():
                 from lib_dynfuse.guidance import unload
 
                 unload()
@@ -192,13 +207,143 @@ class HostAdapter(abc.ABC):
             except Exception as e:  # noqa: BLE001
                 say(f"cleanup failed: {e}")
 
+    # ---- guidance and scores ----------------------------------------------------------------------
+    def prepare(self, p: Any, job: Job) -> None:
+        """At process() time, outside the host's sampling loop: the guidance (when on) and the scorer (when the
+        scores setting is on). Neither problem stops the fusion: one console line each, and it runs without."""
+        import torch
+
+        want_scores = bool(options.read_option("dynfuse_scores"))
+        if not (job.settings.guidance or want_scores):
+            return
+        # Forge samples under inference_mode: what is built here must stay usable for gradients there.
+        with torch.inference_mode(False):
+            load_error = None
+            if job.settings.guidance:
+                load_error = self._start_guidance(p, job, want_scores)
+            if want_scores:
+                self._start_scorer(p, job, load_error)
+
+    def _start_guidance(self, p: Any, job: Job, want_scores: bool) -> BaseException | None:
+        """job.guidance, or a message and None. Returns the error when the encoders could not be loaded."""
+        from lib_dynfuse.guidance import GuidanceError, ScorerLoadError
+
+        family = self.model_family(p)
+        try:
+            if family is None:
+                raise GuidanceError(f"{GUIDANCE_PREFIX}this model has no latent decoder for guidance (SD 1.5, SD 2 "
+                                    "and SDXL models are supported).")
+            job.guidance = self._guidance(p, job, family=family, decoder=job.settings.guidance_decoder, log=say)
+            return None
+        except GuidanceError as e:
+            scores = " and no CLIP/DINO scores are written" if want_scores and isinstance(e, ScorerLoadError) else ""
+            say(f"{plain(str(e))} Guidance is off for this generation{scores}; the fusion still runs.")
+            add_note(p, "guidance off")
+            return e if isinstance(e, ScorerLoadError) else None
+        except Exception as e:  # noqa: BLE001 - a host object we did not expect: the fusion still runs
+            say(f"guidance could not start ({type(e).__name__}: {e}); it is off for this generation, the fusion "
+                "still runs.")
+            add_note(p, "guidance off")
+            return None
+
+    def _start_scorer(self, p: Any, job: Job, load_error: BaseException | None) -> None:
+        """job.scorer: the guidance itself, else one built for the scores only (its decoder is never used: the
+        scores are taken on decoded images). No scores, with one console line, without references or models."""
+        from lib_dynfuse.guidance import ScorerLoadError
+
+        if load_error is not None:  # already reported by the guidance
+            return
+        scorer = job.guidance
+        if scorer is None:
+            quiet: list[str] = []  # with guidance off, "the subject side is off" would only confuse
+            try:
+                scorer = self._guidance(p, job, family=self.model_family(p) or "SD1.5", decoder="approx",
+                                        log=quiet.append)
+            except ScorerLoadError as e:
+                why = plain(str(e)).removeprefix(GUIDANCE_PREFIX).replace(", or turn guidance off.", ".")
+                say(f"no CLIP/DINO scores for this generation: {why} {SKIP_SCORES}")
+                return
+            except Exception as e:  # noqa: BLE001 - the scores are extras: never stop the generation for them
+                say(f"no CLIP/DINO scores for this generation ({type(e).__name__}: {e}). {SKIP_SCORES}")
+                return
+        if scorer.subject_embedding is None and scorer.style_embedding is None:
+            say("no CLIP/DINO scores for this generation: no reference image (add subject or style images in the "
+                f"DynFuse panel, or put a preview image beside the LoRA files). {SKIP_SCORES}")
+            return
+        job.scorer = scorer
+
+    def _guidance(self, p: Any, job: Job, *, family: str, decoder: str, log: LogFn) -> Any:
+        """Guidance.prepare with this host's paths, VAE and prompt. Raises GuidanceError."""
+        from lib_dynfuse.guidance import Guidance, GuidanceParams
+        s = job.settings
+        return Guidance.prepare(
+            family=family,
+            params=GuidanceParams(s.guidance_strength, s.guidance_balance, s.guidance_start, s.guidance_end,
+                                  s.guidance_every),
+            decoder=decoder, taesd_dir=self.taesd_dir(), vae=self.guidance_vae(p) if decoder == "vae" else None,
+            scorer_config=options.scorer_config(), subject_refs=s.subject_refs, style_ref=s.style_ref,
+            subject_lora=self.lora_path(job.subject.name), style_lora=self.lora_path(job.style.name),
+            prompt=_first_prompt(p), log=log, **self.guidance_factories)
+
+    def guided_x0(self, job: Job, x0: Any, x0_uncond: Any | None, denoiser: Any = None) -> Any:
+        """The guidance step on an after-CFG x0 estimate; for inpainting the unmasked part stays the original."""
+        clock = job.host["clock"]
+        guided = job.guidance.correct(x0, x0_uncond, progress=clock.progress, step=clock.index)
+        mask = getattr(denoiser, "mask", None)
+        if guided is not x0 and mask is not None:
+            guided = guided * denoiser.nmask + denoiser.init_latent * mask
+        return guided
+
+    def guidance_failed(self, p: Any, job: Job, error: BaseException) -> None:
+        """An unexpected error in the guidance step: it is off for the rest of the job, the image goes on."""
+        job.guidance = None
+        say(f"guidance failed ({type(error).__name__}: {error}); it is off for the rest of this generation.")
+        if _debug():
+            traceback.print_exc()
+        if p is not None:
+            add_note(p, "guidance off")
+
+    def score_batch(self, p: Any, job: Job | None, images: Any, batch_number: int) -> None:
+        """Postprocess_batch: the scores of the decoded images ([B, 3, H, W] in [0, 1]) of batch ``batch_number``,
+        kept for their infotexts (built by the host right after this, image by image)."""
+        scorer = job.scorer if job is not None else None
+        if scorer is None or images is None:
+            return
+        try:
+            from lib_dynfuse.guidance import format_scores
+
+            rows = scorer.scores(images)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: the images are done, only the scores are lost
+            job.scorer = None
+            say(f"could not compute the CLIP/DINO scores ({type(e).__name__}: {e}); none are written for the rest "
+                f"of this generation. {SKIP_SCORES}")
+            return
+        first = batch_number * int(getattr(p, "batch_size", len(rows)) or len(rows))
+        for i, row in enumerate(rows):
+            text = format_scores(row)
+            if text:
+                job.scores[first + i] = text
+
     # ---- host-specific --------------------------------------------------------------------------
     def unsupported_reason(self, p: Any) -> str | None:
         """A reason dynfuse cannot run on this host or model at all (None = fine)."""
         return None
 
-    def prepare(self, p: Any, job: Job) -> None:
-        """Host work at process() time after the job exists (e.g. busting the cond cache)."""
+    def model_family(self, p: Any) -> str | None:
+        """"SD1.5", "SD2" or "SDXL" (the guidance decoders' families); None for a model guidance cannot decode."""
+        return None
+
+    def taesd_dir(self) -> str | None:
+        """The host's TAESD folder (models/VAE-taesd), or None."""
+        return None
+
+    def guidance_vae(self, p: Any) -> Any | None:
+        """A VAE module guidance may differentiate through (decoder "vae"), or None."""
+        return None
+
+    def lora_path(self, name: str) -> str | None:
+        """The file of the LoRA a tag names (its preview image is the default reference), or None."""
+        return None
 
     @abc.abstractmethod
     def take_over(self, p: Any, job: Job) -> None:
@@ -226,6 +371,20 @@ class HostAdapter(abc.ABC):
         """After-CFG callback: the guidance step, when guidance is on."""
 
 
+def scores_text(job: Job, p: Any = None, index: int | None = None, all_prompts: Any = None,
+                use_main_prompt: bool = False, **_: Any) -> str | None:
+    """The "DynFuse scores" value of one image's infotext; the host calls it with create_infotext's locals.
+
+    Inside the batch loop the host passes the batch's own prompt list and an index within the batch; elsewhere
+    (Processed.infotext, the image saved before hires fix) the job's lists and an index within the job. A grid
+    (use_main_prompt) stands for many images: no scores."""
+    if use_main_prompt or p is None or index is None:
+        return None
+    if all_prompts is not None and all_prompts is getattr(p, "prompts", None):
+        index += int(getattr(p, "iteration", 0)) * int(getattr(p, "batch_size", 1))
+    return job.scores.get(index)
+
+
 def _add_image(processed: Any, image: Any) -> None:
     processed.images.append(image)
     if getattr(processed, "infotexts", None):
@@ -233,8 +392,6 @@ def _add_image(processed: Any, image: Any) -> None:
 
 
 def _unload_guidance_models() -> bool:
-    from lib_dynfuse.hosts import options
-
     return bool(options.read_option("dynfuse_unload_after"))
 
 

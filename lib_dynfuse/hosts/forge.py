@@ -56,6 +56,35 @@ class ForgeAdapter(HostAdapter):
             return UNSUPPORTED_VARIANT
         return None
 
+    # ---- guidance inputs ------------------------------------------------------------------------
+    def model_family(self, p: Any) -> str | None:
+        model = getattr(p, "sd_model", None)
+        for flag, family in (("is_sdxl", "SDXL"), ("is_sd2", "SD2"), ("is_sd1", "SD1.5")):
+            if getattr(model, flag, False):
+                return family
+        return None  # Flux, SD3, Chroma: 16-channel latents no guidance decoder reads
+
+    def taesd_dir(self) -> str | None:
+        from modules import paths_internal
+
+        return os.path.join(paths_internal.models_path, "VAE-taesd")  # as Forge's own sd_vae_taesd
+
+    def guidance_vae(self, p: Any) -> Any | None:
+        """A private, gradient-capable copy of the model's VAE on the guidance device: Forge's own is made of
+        inference tensors and belongs to its memory manager, which must not move it in the middle of sampling."""
+        objects = getattr(getattr(p, "sd_model", None), "forge_objects", None)
+        vae = getattr(getattr(objects, "vae", None), "first_stage_model", None)
+        if vae is None:
+            return None
+        from lib_dynfuse.guidance import private_module
+        from lib_dynfuse.hosts import options
+
+        with torch.inference_mode(False):
+            return private_module(vae).to(options.scorer_config().torch_device())
+
+    def lora_path(self, name: str) -> str | None:
+        return _lora_file(name)
+
     # ---- the takeover ---------------------------------------------------------------------------
     def take_over(self, p: Any, job: Job) -> None:
         if job.failed:
@@ -91,6 +120,8 @@ class ForgeAdapter(HostAdapter):
 
             session = FusionSession(targets, job.settings.engine_options(), log_errors=say)
             _install_layout_wrapper(unet, session, job)
+            if job.guidance is not None:
+                _install_uncond_tap(unet, job)
             engine.forge_objects.unet = unet
             job.host.update(clone=unet, source=source)
             job.session = session
@@ -153,9 +184,9 @@ class ForgeAdapter(HostAdapter):
     # ---- CFG callbacks --------------------------------------------------------------------------
     def on_cfg_denoiser(self, params: Any) -> None:
         job = self.job
-        session = job.session if job is not None and not job.failed else None
-        if session is None:
+        if job is None or job.failed or (job.session is None and job.guidance is None):
             return
+        session = job.session
         from lib_dynfuse.layout import StepClock
 
         try:
@@ -165,21 +196,44 @@ class ForgeAdapter(HostAdapter):
             total = int(getattr(denoiser, "total_steps", None) or params.total_sampling_steps or 1)
             sigma = params.sigma
             sigma = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else sigma
-            session.set_step(StepClock(index, total, sigma))
+            clock = StepClock(index, total, sigma)
+            job.host["clock"] = clock
+            job.host["denoiser"] = denoiser  # AfterCFGCallbackParams carries no reference to it
+            if session is not None:
+                session.set_step(clock)
         except Exception as e:  # noqa: BLE001
             self.fail(getattr(getattr(params, "denoiser", None), "p", None), "could not read the sampler step", e)
             return
         calls = job.host.get("wrapper_calls", [0])
-        if index > 0 and calls[0] == 0 and not job.host.get("wrapper_warned"):
+        if session is not None and index > 0 and calls[0] == 0 and not job.host.get("wrapper_warned"):
             job.host["wrapper_warned"] = True
             say("another extension replaced Forge's UNet function wrapper after DynFuse set it; cond and "
                 "uncond rows of an image now decide separately.")
+
+    def on_cfg_after_cfg(self, params: Any) -> None:
+        """Forge hands the after-CFG x0 estimate ([B, C, h, w], an inference tensor; Forge's timestep samplers
+        convert to epsilon only afterwards); the guided estimate assigned back is what the sampler uses."""
+        job = self.job
+        guidance = job.guidance if job is not None and not job.failed else None
+        if guidance is None or "clock" not in job.host or not guidance.active:
+            return
+        denoiser = job.host.get("denoiser")
+        try:
+            uncond = (job.host.get("uncond_x0") or [None])[0]
+            if uncond is not None and uncond.shape != params.x.shape:
+                uncond = None
+            params.x = self.guided_x0(job, params.x, uncond, denoiser)
+        except Exception as e:  # noqa: BLE001
+            self.guidance_failed(getattr(denoiser, "p", None), job, e)
 
     # ---- lifetime -------------------------------------------------------------------------------
     def release(self, job: Job, keep_job: bool = False) -> None:
         self._close_session(job)
         job.host.pop("clone", None)
         job.host.pop("source", None)
+        tap = job.host.pop("uncond_x0", None)
+        if tap is not None:
+            tap.clear()  # the tap in the clone's model_options keeps nothing from now on
 
     def _close_session(self, job: Job) -> None:
         session = job.session
@@ -313,6 +367,21 @@ def _install_layout_wrapper(unet: Any, session: Any, job: Job) -> None:
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     unet.set_model_unet_function_wrapper(dynfuse_unet_wrapper)
+
+
+def _install_uncond_tap(unet: Any, job: Job) -> None:
+    """Keep each step's unconditional x0 estimate for the size of the guidance step: Forge fires no
+    cfg_denoised callback, but hands ``uncond_denoised`` to every sampler_post_cfg_function (a list: other
+    extensions' functions stay). At CFG 1 Forge skips the uncond pass and hands zeros; x0 - 0 is x0, the scale
+    Guidance.correct uses without an unconditional estimate."""
+    store = job.host["uncond_x0"] = [None]
+
+    def dynfuse_keep_uncond(args: dict) -> torch.Tensor:
+        if store:
+            store[0] = args["uncond_denoised"]
+        return args["denoised"]
+
+    unet.set_model_sampler_post_cfg_function(dynfuse_keep_uncond)
 
 
 def _restore_unet(p: Any, job: Job) -> None:

@@ -6,18 +6,27 @@ from typing import Any
 
 SECTION = ("dynfuse", "DynFuse")
 
-# key -> (default, label, ScorerConfig field or None)
+# key -> (default, label, ScorerConfig field or None). The CLIP/DINO models serve both guidance and the scores;
+# their error messages name the "CLIP weights path" / "DINO weights path" options.
 OPTIONS: dict[str, tuple[object, str, str | None]] = {
-    "dynfuse_clip_model": ("ViT-B-32", "Guidance: CLIP model name (open_clip)", "clip_model"),
-    "dynfuse_clip_pretrained": ("openai", "Guidance: CLIP pretrained tag (open_clip)", "clip_pretrained"),
-    "dynfuse_clip_weights": ("", "Guidance: local CLIP weights file (overrides the pretrained tag)", "clip_weights"),
-    "dynfuse_dino_model": ("vit_small_patch16_224.dino", "Guidance: DINO model name (timm)", "dino_model"),
-    "dynfuse_dino_weights": ("", "Guidance: local DINO weights file (overrides the timm download)", "dino_weights"),
-    "dynfuse_cache_dir": ("", "Guidance: model cache folder (empty: the libraries' default)", "cache_dir"),
-    "dynfuse_device": ("auto", "Guidance: device (auto, cpu, cuda:0, ...)", "device"),
-    "dynfuse_precision": ("auto", "Guidance: precision", "precision"),
-    "dynfuse_unload_after": (False, "Guidance: unload the CLIP/DINO models after each generation", None),
+    "dynfuse_scores": (True, "Write CLIP/DINO scores to the infotext", None),
+    "dynfuse_clip_model": ("ViT-B-32", "CLIP model name (open_clip)", "clip_model"),
+    "dynfuse_clip_pretrained": ("openai", "CLIP pretrained tag (open_clip)", "clip_pretrained"),
+    "dynfuse_clip_weights": ("", "CLIP weights path: a local weights file (overrides the pretrained tag)",
+                             "clip_weights"),
+    "dynfuse_dino_model": ("vit_small_patch16_224.dino", "DINO model name (timm)", "dino_model"),
+    "dynfuse_dino_weights": ("", "DINO weights path: a local weights file (overrides the timm download)",
+                             "dino_weights"),
+    "dynfuse_cache_dir": ("", "CLIP/DINO model cache folder (empty: the libraries' default)", "cache_dir"),
+    "dynfuse_device": ("auto", "CLIP/DINO device (auto, cpu, cuda:0, ...)", "device"),
+    "dynfuse_precision": ("auto", "CLIP/DINO precision", "precision"),
+    "dynfuse_unload_after": (False, "Unload the CLIP/DINO models after each generation", None),
 }
+
+
+def where(key: str) -> str:
+    """How a message names an option: "Settings > DynFuse > <label>"."""
+    return f"Settings > {SECTION[1]} > {OPTIONS[key][1]}"
 
 
 def register_options() -> None:

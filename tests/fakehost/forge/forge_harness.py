@@ -134,7 +134,8 @@ def write_test_loras(lora_dir: Path, sd_model) -> dict[str, Path]:
 
 class AdapterScript:
     """An always-on script wired to a host adapter the way the entry script wires it (Script.process ->
-    begin_job, process_before_every_sampling -> take_over, postprocess -> end_job, CFG callbacks)."""
+    begin_job, process_before_every_sampling -> take_over, postprocess_batch -> score_batch, postprocess ->
+    end_job, CFG callbacks)."""
 
     filename = "dynfuse-test"
 
@@ -153,6 +154,9 @@ class AdapterScript:
         self.takeovers += 1
         if self.job is not None:
             self.adapter.take_over(p, self.job)
+
+    def postprocess_batch(self, p, *args, images=None, batch_number=0, **kwargs):
+        self.adapter.score_batch(p, self.job, images, batch_number)
 
     def postprocess(self, p, processed, *args):
         self.adapter.end_job(p, self.job, processed)

@@ -1,13 +1,15 @@
 # Fake of modules/processing.py (stable-diffusion-webui-forge dfdcbab6): process_images_inner (l.852-1157),
-# StableDiffusionProcessingTxt2Img.sample (l.1342) and sample_hr_pass (l.1430-1539).
+# create_infotext (l.668-797), StableDiffusionProcessingTxt2Img.sample (l.1342) and sample_hr_pass (l.1430-1539).
 # Kept, in the real order: scripts.process OUTSIDE torch.inference_mode(); inside it per batch: forge_objects
 # reset from forge_objects_original, before_process_batch, parse_extra_network_prompts, extra_networks.activate,
 # forge_objects reset from forge_objects_after_applying_lora, process_batch, setup_conds, sample (sampler
 # created, forge_objects reset again, process_before_every_sampling, sampler.sample), post_sample, decode,
-# postprocess_batch; hires: activate hr networks, hr conds, before_hr, process_before_every_sampling, reset,
-# process_before_every_sampling again, sample_img2img; after the loop deactivate and postprocess (skipped when
-# sampling raises). Simplified: txt2img only, latent upscale (nearest) for hires, no cond cache, no saving,
-# infotext is a plain "key: value" list.
+# postprocess_batch, then each image's infotext (list values indexed, callables called with create_infotext's
+# locals; inside the batch loop it gets the batch's own lists and an index within the batch); hires: activate
+# hr networks, hr conds, before_hr, process_before_every_sampling, reset, process_before_every_sampling again,
+# sample_img2img; after the loop deactivate and postprocess (skipped when sampling raises). Simplified:
+# txt2img only, latent upscale (nearest) for hires, no cond cache, no saving, the infotext is only the
+# "key: value" list (no prompt, no quoting).
 import torch
 import torch.nn.functional as F
 
@@ -125,13 +127,19 @@ class Processed:
         self.extra_generation_params = dict(p.extra_generation_params)
 
 
-def create_infotext(p, index):
-    values = {}
-    for k, v in p.extra_generation_params.items():
-        v = v(p=p, index=index) if callable(v) else v
-        if v is not None:
-            values[k] = v
-    return ", ".join(f"{k}: {v}" for k, v in values.items())
+def create_infotext(p, all_prompts, all_seeds, all_subseeds, comments=None, iteration=0, position_in_batch=0,
+                    use_main_prompt=False, index=None, all_negative_prompts=None):
+    if use_main_prompt:
+        index = 0
+    elif index is None:
+        index = position_in_batch + iteration * p.batch_size
+    generation_params = dict(p.extra_generation_params)
+    for key, value in generation_params.items():
+        if isinstance(value, list):
+            generation_params[key] = value[index]
+        elif callable(value):
+            generation_params[key] = value(**locals())
+    return ", ".join(f"{k}: {v}" for k, v in generation_params.items() if v is not None)
 
 
 def process_images(p):
@@ -187,9 +195,13 @@ def process_images_inner(p):
             if p.scripts is not None:
                 p.scripts.postprocess_batch(p, x_samples, batch_number=n)
 
+            def infotext(index=0, use_main_prompt=False):
+                return create_infotext(p, p.prompts, p.seeds, p.seeds, use_main_prompt=use_main_prompt, index=index,
+                                       all_negative_prompts=p.negative_prompts)
+
             for i, image in enumerate(x_samples):
                 output_images.append(image)
-                infotexts.append(create_infotext(p, n * p.batch_size + i))
+                infotexts.append(infotext(i))
 
     if not p.disable_extra_networks and p.extra_network_data:
         extra_networks.deactivate(p, p.extra_network_data)

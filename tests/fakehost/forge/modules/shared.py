@@ -1,5 +1,5 @@
 # Fake of modules/shared.py + modules/shared_state.py (stable-diffusion-webui-forge dfdcbab6).
-# Simplified: only the options and state fields the generation path reads.
+# Simplified: only the options and state fields the generation path reads; options as a namespace.
 from types import SimpleNamespace
 
 
@@ -20,8 +20,9 @@ class State:
         self.sampling_step = 0
 
 
+# data: the saved values of extension options (modules/options.py Options.data), e.g. the DynFuse settings section.
 opts = SimpleNamespace(sd_lora="None", extra_networks_default_multiplier=1.0, lora_add_hashes_to_infotext=True,
-                       skip_early_cond=0.0, s_min_uncond_all=False, always_discard_next_to_last_sigma=False)
+                       skip_early_cond=0.0, s_min_uncond_all=False, always_discard_next_to_last_sigma=False, data={})
 cmd_opts = SimpleNamespace(lora_dir="")
 state = State()
 sd_model = None
