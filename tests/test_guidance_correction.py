@@ -157,6 +157,20 @@ def test_taesd_decoder_guides_under_inference_mode(tmp_path):
     assert g.messages == [] and not torch.equal(guided, x0)
 
 
+def test_taesd_guides_through_a_shrunk_decode_and_moves_every_latent_pixel():
+    torch.manual_seed(0)
+    decoder = TaesdDecoder(decode_size=64).eval().requires_grad_(False)
+    decoded = []
+    decoder[1].register_forward_hook(lambda _module, args, _out: decoded.append(tuple(args[0].shape)))
+    g = Guidance(decoder, Scorers(CPU, **TINY), GuidanceParams(balance=1.0), subject_refs=[SUBJECT],
+                 log=lambda _: None)
+    x0, uncond = latents(size=16)
+    guided = g.correct(x0, uncond, progress=0.5, step=0)
+    assert decoded == [(2, 4, 8, 8)]  # TAESD saw the latent at a quarter of its area
+    assert guided.shape == x0.shape and bool(((guided - x0).abs() > 0).all())
+    assert (g.loss(guided) < g.loss(x0)).all()
+
+
 class NanDecoder(nn.Module):
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return latent[:, :3] * float("nan")

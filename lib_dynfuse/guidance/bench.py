@@ -1,7 +1,8 @@
 """Benchmark, not a test: the cost of one guided step against one UNet step at SD1.5 shapes.
 
-A guided step is what ``Guidance.correct`` does at an active step: decode the x0 estimate, embed it with
-CLIP ViT-B-32 and DINO ViT-S/16, and backpropagate to x0. All models have random weights (the cost does
+A guided step is what ``Guidance.correct`` does at an active step: decode the x0 estimate (TAESD at its
+``decode_size``, the others at latent size), embed it with CLIP ViT-B-32 and DINO ViT-S/16, and backpropagate
+to x0. All models have random weights (the cost does
 not depend on the values). Called by ``python -m lib_dynfuse.bench --guidance``.
 """
 from __future__ import annotations
@@ -55,18 +56,29 @@ def _decoder(kind: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     return VaeDecoder(_Decode(), 0.18215)
 
 
-def _seconds(call: Callable[[], object], device: str, repeats: int) -> float:
-    """Median wall time of ``call`` after one warm-up, under no_grad as in the hosts' sampling loops."""
-    def timed() -> float:
+def _median_seconds(calls: dict[str, Callable[[], object]], device: str, repeats: int,
+                    once: frozenset[str] = frozenset()) -> dict[str, float]:
+    """Median wall time of each call after one warm-up, under no_grad as in the hosts' sampling loops.
+
+    Rounds interleave the calls, so a load change on the machine shifts all of them alike rather than
+    one; the calls in ``once`` are timed in the first round only.
+    """
+    def timed(call: Callable[[], object]) -> float:
         start = time.perf_counter()
         call()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    times: dict[str, list[float]] = {name: [] for name in calls}
     with torch.no_grad():
-        timed()
-        return statistics.median(timed() for _ in range(repeats))
+        for call in calls.values():
+            call()
+        for round_ in range(repeats):
+            for name, call in calls.items():
+                if round_ == 0 or name not in once:
+                    times[name].append(timed(call))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def run(decoders: tuple[str, ...] = ("approx", "taesd", "vae"), size: int = 512, device: str | None = None,
@@ -74,7 +86,9 @@ def run(decoders: tuple[str, ...] = ("approx", "taesd", "vae"), size: int = 512,
     """Times one guided step per decoder and one SD1.5 UNet step (batch 2: one image with CFG).
 
     Returns ``{"guided_step_over_unet_step": {decoder: ratio}, "guided_step_s": {...}, "unet_step_s": s,
-    "device": ..., "dtype": ..., "latent": [1, 4, h, w], "repeats": n}``.
+    "decode_size": {decoder: its decode_size}, "decoded_image": {decoder: [h, w]}, "device": ...,
+    "dtype": ..., "latent": [1, 4, h, w], "repeats": n}``; ``decoded_image`` is the size of the image the
+    decoder made for the encoders.
     """
     from lib_dynfuse import bench as unet_bench
 
@@ -90,27 +104,37 @@ def run(decoders: tuple[str, ...] = ("approx", "taesd", "vae"), size: int = 512,
     params = GuidanceParams(strength=0.2, balance=0.5, start=0.0, end=1.0)
     refs = [_pil(subject)]
 
-    guided: dict[str, float] = {}
+    guidances: dict[str, Guidance] = {}
+    decoded: dict[str, list[int]] = {}
     try:
         for kind in decoders:
             decoder = _decoder(kind, torch.device(device), dtype)
-            guidance = Guidance(decoder, scorers, params, subject_refs=refs, style_ref=refs[0],
-                                decoder_kind=kind, log=lambda _: None)
-            guided[kind] = _seconds(lambda g=guidance: g.correct(x0, uncond, progress=0.5, step=0), device,
-                                    repeats if kind != "vae" or device != "cpu" else 1)
-            if guidance.messages:
-                raise RuntimeError(guidance.messages[0])
+            decoder.register_forward_hook(
+                lambda _module, _inputs, image, kind=kind: decoded.__setitem__(kind, list(image.shape[-2:])))
+            guidances[kind] = Guidance(decoder, scorers, params, subject_refs=refs, style_ref=refs[0],
+                                       decoder_kind=kind, log=lambda _: None)
         unet = unet_bench.build_unet("sd15", device=device, dtype=dtype)
         inputs = {"sample": torch.randn(2, 4, latent, latent, generator=generator).to(device, dtype),
                   "timestep": torch.tensor(500, device=device),
                   "encoder_hidden_states": torch.randn(2, 77, 768, generator=generator).to(device, dtype)}
-        unet_s = _seconds(lambda: unet(**inputs), device, repeats)
+        calls: dict[str, Callable[[], object]] = {
+            kind: lambda g=guidance: g.correct(x0, uncond, progress=0.5, step=0)
+            for kind, guidance in guidances.items()}
+        calls["unet"] = lambda: unet(**inputs)
+        seconds = _median_seconds(calls, device, repeats,
+                                  once=frozenset({"vae"}) if device == "cpu" else frozenset())
+        for guidance in guidances.values():
+            if guidance.messages:
+                raise RuntimeError(guidance.messages[0])
     finally:
         unload()
+    unet_s = seconds.pop("unet")
     return {
-        "guided_step_over_unet_step": {k: round(v / unet_s, 3) for k, v in guided.items()},
-        "guided_step_s": {k: round(v, 4) for k, v in guided.items()},
+        "guided_step_over_unet_step": {k: round(v / unet_s, 3) for k, v in seconds.items()},
+        "guided_step_s": {k: round(v, 4) for k, v in seconds.items()},
         "unet_step_s": round(unet_s, 4),
+        "decode_size": {k: g.decoder.decode_size for k, g in guidances.items()},
+        "decoded_image": decoded,
         "device": device, "dtype": str(dtype).replace("torch.", ""), "latent": [1, 4, latent, latent],
         "encoders": "open_clip ViT-B-32 + timm vit_small_patch16_224.dino, random weights",
         "repeats": repeats, "threads": torch.get_num_threads(),

@@ -3,6 +3,11 @@
 Every decoder maps a diffusion latent (the sampler's x0 estimate, already multiplied by the VAE scale factor)
 to RGB in roughly [0, 1]. Values are not clamped: a clamp would zero the gradient of saturated pixels.
 
+The encoders only take 224-px images, so TAESD decodes a latent shrunk to give that size (``decode_size``)
+rather than a full-size image that the encoders' resize would mostly throw away: at 512 px that is a fifth
+of the pixels to decode and to differentiate. The linear preview map and the exact VAE decode the latent
+as it is.
+
 Decoders are private modules built outside inference mode. Forge runs sampling under
 ``torch.inference_mode()`` and loads its weights as inference tensors, which cannot take part in a backward
 pass; parameters created (or cloned) under ``torch.inference_mode(False)`` can.
@@ -14,11 +19,14 @@ import os
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import DecoderError
 
 DECODER_KINDS = ("auto", "approx", "taesd", "vae")
+# The input side of CLIP ViT-B/32 and DINO ViT-S/16: a larger decode is thrown away by their resize.
+DECODE_SIZE = 224
 
 # Latent -> RGB projections the hosts use for their "Approx cheap" live preview (A1111
 # modules/sd_vae_approx.py). Rows are latent channels, columns R, G, B; the result is ~[-1, 1].
@@ -81,8 +89,34 @@ def private_module(module: nn.Module) -> nn.Module:
         return twin.eval().requires_grad_(False)
 
 
+def shrink_latent(latent: torch.Tensor, decode_size: int | None, upscale: int) -> torch.Tensor:
+    """``latent`` resized so that a decoder making ``upscale`` pixels per latent pixel gives an image whose
+    shorter side is ``decode_size`` px (rounded up to whole latent pixels), aspect ratio kept. Returned as
+    is when ``decode_size`` is None or the latent is not larger than that: a latent is never enlarged.
+
+    Bicubic with antialiasing, in fp32: its adjoint spreads the gradient smoothly over the full-size latent,
+    where area averaging or nearest sampling would print the resampling grid into the correction.
+    """
+    if decode_size is None:
+        return latent
+    h, w = latent.shape[-2:]
+    short = -(-decode_size // upscale)
+    if short >= min(h, w):
+        return latent
+    scale = short / min(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    resized = F.interpolate(latent.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+    return resized.to(latent.dtype)
+
+
 class ApproxDecoder(nn.Module):
-    """The hosts' linear latent -> RGB preview projection, at latent resolution (the scorers resize)."""
+    """The hosts' linear latent -> RGB preview projection, at latent resolution (the scorers resize).
+
+    ``decode_size`` is None: the map is per pixel, so its image (64 px for a 512-px one) costs next to
+    nothing to differentiate, and shrinking the latent first would only do the scorers' resize earlier.
+    """
+
+    decode_size = None
 
     def __init__(self, family: str = "SD1.5") -> None:
         super().__init__()
@@ -119,15 +153,24 @@ class _TaesdBlock(nn.Module):
 class TaesdDecoder(nn.Sequential):
     """The TAESD decoder (madebyollin/taesd). Its state-dict keys are those of ``taesd_decoder.pth`` /
     ``taesdxl_decoder.pth`` ("1.weight", "3.conv.0.weight", ...). Input: the diffusion latent as is;
-    output: RGB in ~[0, 1] at 8x the latent resolution."""
+    output: RGB in ~[0, 1] at 8x the resolution of the latent it decodes.
 
-    def __init__(self, latent_channels: int = 4) -> None:
+    decode_size: the shorter side, in pixels, of the decoded image; a larger latent is first shrunk
+    (``shrink_latent``) so that TAESD decodes, and the gradient flows through, only what the encoders see.
+    Default 224 (a 512x768 image is decoded at 224x336); None decodes the latent at full size.
+    """
+
+    def __init__(self, latent_channels: int = 4, decode_size: int | None = DECODE_SIZE) -> None:
         layers: list[nn.Module] = [_TaesdClamp(), _conv(latent_channels, 64), nn.ReLU()]
         for _ in range(3):
             layers += [_TaesdBlock(64, 64) for _ in range(3)]
             layers += [nn.Upsample(scale_factor=2), _conv(64, 64, bias=False)]
         layers += [_TaesdBlock(64, 64), _conv(64, 3)]
         super().__init__(*layers)
+        self.decode_size = decode_size
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return super().forward(shrink_latent(latent, self.decode_size, 8))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TaesdDecoder:
@@ -144,8 +187,11 @@ class VaeDecoder(nn.Module):
 
     ``vae`` is a module with a ``decode`` method (A1111's ``first_stage_model``; on Forge pass
     ``private_module(forge_objects.vae.first_stage_model)``) or any callable taking the unscaled latent.
-    The full VAE is exact but by far the slowest decoder to differentiate.
+    The full VAE is exact but by far the slowest decoder to differentiate; it decodes the latent at full
+    size (``decode_size`` None).
     """
+
+    decode_size = None
 
     def __init__(self, vae: nn.Module | Callable[[torch.Tensor], torch.Tensor], scale_factor: float) -> None:
         super().__init__()
@@ -201,5 +247,5 @@ def make_decoder(kind: str, family: str, *, taesd_dir: str | os.PathLike | None 
     raise DecoderError(f"DynFuse guidance: unknown decoder '{kind}' (use one of {', '.join(DECODER_KINDS)}).")
 
 
-__all__ = ["DECODER_KINDS", "ApproxDecoder", "DecoderError", "TaesdDecoder", "VaeDecoder", "family_key",
-           "make_decoder", "private_module", "taesd_path"]
+__all__ = ["DECODER_KINDS", "DECODE_SIZE", "ApproxDecoder", "DecoderError", "TaesdDecoder", "VaeDecoder",
+           "family_key", "make_decoder", "private_module", "shrink_latent", "taesd_path"]
