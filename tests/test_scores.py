@@ -132,6 +132,15 @@ def test_no_reference_writes_no_scores_and_says_so_once(webui, capsys):
     assert loaded_models() == []
 
 
+def test_a_job_dynfuse_turned_off_writes_no_scores(webui, capsys):
+    import checks
+
+    capsys.readouterr()
+    _, res = webui.txt2img("a dog <lora:subj:1> <lora:gone:1>", steps=2, seed=5, dynfuse=checks.dynfuse_args(**REFS))
+    assert "DynFuse scores" not in res.infotexts[0] and 'DynFuse note: "off: LoRA gone not loaded"' in res.infotexts[0]
+    assert [line for line in dynfuse_lines(capsys) if "scores" in line] == []
+
+
 def test_the_setting_turns_the_scores_and_their_models_off(webui, capsys):
     import checks
 

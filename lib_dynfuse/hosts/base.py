@@ -248,26 +248,29 @@ class HostAdapter(abc.ABC):
 
     def _start_scorer(self, p: Any, job: Job, load_error: BaseException | None) -> None:
         """job.scorer: the guidance itself, else one built for the scores only (its decoder is never used: the
-        scores are taken on decoded images). No scores, with one console line, without references or models."""
+        scores are taken on decoded images). Without references or models there are no scores, and the first
+        batch says why (unless dynfuse is off by then: the job then runs as without it, scores included)."""
         from lib_dynfuse.guidance import ScorerLoadError
 
         if load_error is not None:  # already reported by the guidance
             return
         scorer = job.guidance
         if scorer is None:
-            quiet: list[str] = []  # with guidance off, "the subject side is off" would only confuse
             try:
+                # With guidance off, its "the subject side is off" lines would only confuse: not shown.
                 scorer = self._guidance(p, job, family=self.model_family(p) or "SD1.5", decoder="approx",
-                                        log=quiet.append)
+                                        log=lambda message: None)
             except ScorerLoadError as e:
                 why = plain(str(e)).removeprefix(GUIDANCE_PREFIX).replace(", or turn guidance off.", ".")
-                say(f"no CLIP/DINO scores for this generation: {why} {SKIP_SCORES}")
+                job.host["scores_off"] = f"no CLIP/DINO scores for this generation: {why} {SKIP_SCORES}"
                 return
             except Exception as e:  # noqa: BLE001 - the scores are extras: never stop the generation for them
-                say(f"no CLIP/DINO scores for this generation ({type(e).__name__}: {e}). {SKIP_SCORES}")
+                job.host["scores_off"] = (f"no CLIP/DINO scores for this generation ({type(e).__name__}: {e}). "
+                                          f"{SKIP_SCORES}")
                 return
         if scorer.subject_embedding is None and scorer.style_embedding is None:
-            say("no CLIP/DINO scores for this generation: no reference image (add subject or style images in the "
+            job.host["scores_off"] = (
+                "no CLIP/DINO scores for this generation: no reference image (add subject or style images in the "
                 f"DynFuse panel, or put a preview image beside the LoRA files). {SKIP_SCORES}")
             return
         job.scorer = scorer
@@ -275,6 +278,7 @@ class HostAdapter(abc.ABC):
     def _guidance(self, p: Any, job: Job, *, family: str, decoder: str, log: LogFn) -> Any:
         """Guidance.prepare with this host's paths, VAE and prompt. Raises GuidanceError."""
         from lib_dynfuse.guidance import Guidance, GuidanceParams
+
         s = job.settings
         return Guidance.prepare(
             family=family,
@@ -306,7 +310,12 @@ class HostAdapter(abc.ABC):
     def score_batch(self, p: Any, job: Job | None, images: Any, batch_number: int) -> None:
         """Postprocess_batch: the scores of the decoded images ([B, 3, H, W] in [0, 1]) of batch ``batch_number``,
         kept for their infotexts (built by the host right after this, image by image)."""
-        scorer = job.scorer if job is not None else None
+        if job is None or job.failed:
+            return
+        reason = job.host.pop("scores_off", None)
+        if reason:
+            say(reason)
+        scorer = job.scorer
         if scorer is None or images is None:
             return
         try:
