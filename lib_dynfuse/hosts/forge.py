@@ -16,6 +16,11 @@ sampling run (`process_before_every_sampling`, three times for txt2img with hire
    every UNet call from the `cond_or_uncond` list Forge hands to `model_function_wrapper`.
 
 Patches dynfuse cannot fuse (Flux slices, `strength_model` != 1) stay with Forge under a renamed key.
+
+Guidance corrects the x0 estimate Forge hands to the after-CFG callback; the unconditional estimate that sizes
+the step comes from a `sampler_post_cfg_function` on the same clone. Forge samples under inference mode with
+inference-tensor weights, so everything guidance differentiates is built in `process()` outside it, and decoder
+"vae" is a private copy of the checkpoint's VAE, never Forge's own.
 """
 
 from __future__ import annotations
