@@ -204,6 +204,9 @@ class ForgeAdapter(HostAdapter):
             clock = StepClock(index, total, sigma)
             job.host["clock"] = clock
             job.host["denoiser"] = denoiser  # AfterCFGCallbackParams carries no reference to it
+            tap = job.host.get("uncond_x0")
+            if tap:
+                tap[0] = None  # a step whose post-CFG functions do not run must not reuse the last estimate
             if session is not None:
                 session.set_step(clock)
         except Exception as e:  # noqa: BLE001
