@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -61,6 +62,9 @@ def test_uploaded_reference_files_convert(page, tmp_path):
     _, built = page
     path = tmp_path / "ref.png"
     Image.new("RGB", (5, 4), (1, 2, 3)).save(path)
+    # gradio's upload route creates its cache folder before any file reaches preprocess; on a fresh machine
+    # nothing else has made it yet.
+    Path(built.by_field["subject_refs"].GRADIO_CACHE).mkdir(parents=True, exist_ok=True)
     uploaded = built.by_field["subject_refs"].preprocess(
         ListFiles(root=[FileData(path=str(path), orig_name="ref.png")]))
     assert uploaded == [str(path)]  # paths (NamedString), not tempfile wrappers as in 3.41
