@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from lib_dynfuse import __version__
 from lib_dynfuse.divergence import MEASURES
 from lib_dynfuse.policies import DIVERGENCE_METHODS, KLORA_SCHEDULES, METHODS, EngineOptions
+from lib_dynfuse.prompt_tags import LoraTag, TagError, parse_lora_tags
 
 DECIDE_PER = ("image", "row")
 DECODERS = ("auto", "approx", "taesd", "vae")
@@ -363,18 +364,36 @@ _NAME_UNSAFE = re.compile(r'[%:"]|^\s|\s$')
 _NAME_ESCAPE = re.compile(r"%([0-9A-F]{2})")
 
 
-def _encode_lora(name: str, strength: float | None) -> str:
-    text = _NAME_UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", name)
-    return text if strength is None else f"{text}:{_num(strength)}"
+def _encode_lora(tag: LoraTag, strength: float | None) -> str:
+    """`name:weight`, the weight being the UNet weight the LoRA was fused at (the override, else the tag's)."""
+    text = _NAME_UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", tag.name)
+    return f"{text}:{_num(tag.unet if strength is None else strength)}"
 
 
-def _decode_lora(role: str, text: str) -> dict[str, object]:
-    name, colon, strength = text.partition(":")
+def _decode_lora(role: str, text: str, params: Mapping[str, str]) -> dict[str, object]:
+    """Name and strength override; the override stays empty where the weight is the pasted prompt's tag weight.
+
+    An empty override follows the tag, so editing the tag's weight after pasting keeps working as usual. A
+    name alone (no weight) is read as the tag's weight too.
+    """
+    name, colon, weight = text.partition(":")
     name = _NAME_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), name)
+    tag_weight = _tag_weight(params.get("Prompt", ""), name)
+    # Both sides are _num text, so equal weights give equal text and the damaged-value check stays in coerce.
+    same = tag_weight is not None and weight.strip() == _num(tag_weight)
     return {
         role: coerce(role, name),
-        f"{role}_strength": coerce(f"{role}_strength", strength) if colon else None,
+        f"{role}_strength": coerce(f"{role}_strength", weight) if colon and not same else None,
     }
+
+
+def _tag_weight(prompt: str, name: str) -> float | None:
+    """The UNet weight of the LoRA's first tag in the prompt (the tag the fusion takes); None if absent."""
+    try:
+        tags = parse_lora_tags(prompt)
+    except TagError:
+        return None
+    return next((tag.unet for tag in tags if tag.name == name), None)
 
 
 _GUIDANCE_PARTS = ("strength", "balance", "start", "end", "every", "decoder")
@@ -411,8 +430,9 @@ class InfotextKey:
     fields: tuple[str, ...]
     applies: Callable[[DynFuseSettings], bool] = lambda s: True
     always: bool = False  # written even when the value is the default
-    encode: Callable[[DynFuseSettings, Mapping[str, str]], str] | None = None
-    decode: Callable[[str], dict[str, object]] | None = None
+    # encode(settings, {"subject": tag, "style": tag}); decode(value, all parsed params) -> {field: value}
+    encode: Callable[[DynFuseSettings, Mapping[str, LoraTag]], str] | None = None
+    decode: Callable[[str, Mapping[str, str]], dict[str, object]] | None = None
 
 
 def _simple(
@@ -423,8 +443,8 @@ def _simple(
         (name,),
         applies,
         always,
-        encode=lambda s, labels: _format(getattr(s, name)),
-        decode=lambda text: {name: coerce(name, text)},
+        encode=lambda s, tags: _format(getattr(s, name)),
+        decode=lambda text, params: {name: coerce(name, text)},
     )
 
 
@@ -433,8 +453,8 @@ def _lora_key(role: str) -> InfotextKey:
         f"DynFuse {role}",
         (role, f"{role}_strength"),
         always=True,
-        encode=lambda s, labels: _encode_lora(labels[role], getattr(s, f"{role}_strength")),
-        decode=lambda text: _decode_lora(role, text),
+        encode=lambda s, tags: _encode_lora(tags[role], getattr(s, f"{role}_strength")),
+        decode=lambda text, params: _decode_lora(role, text, params),
     )
 
 
@@ -459,33 +479,35 @@ INFOTEXT_KEYS: tuple[InfotextKey, ...] = (
     _simple("klora_alpha", _method_is("k-lora")),
     _simple("klora_beta", _method_is("k-lora")),
     _simple("klora_schedule", _method_is("k-lora")),
+    _simple("show_map"),  # written only when on, like every default-off switch
     InfotextKey(
         "DynFuse guidance",
         ("guidance",) + tuple("guidance_" + p for p in _GUIDANCE_PARTS),
         applies=lambda s: s.guidance,
         always=True,
-        encode=lambda s, labels: _encode_guidance(s),
-        decode=_decode_guidance,
+        encode=lambda s, tags: _encode_guidance(s),
+        decode=lambda text, params: _decode_guidance(text),
     ),
-    InfotextKey("DynFuse version", (), always=True, encode=lambda s, labels: __version__),
+    _simple("show_loss_plot", lambda s: s.guidance),
+    InfotextKey("DynFuse version", (), always=True, encode=lambda s, tags: __version__),
     InfotextKey("DynFuse selection", ()),  # written by the report: share of layers won by the subject
     InfotextKey("DynFuse scores", ()),  # written by the report: guidance scores
 )
 
 
-def to_infotext(s: DynFuseSettings, *, subject_label: str, style_label: str) -> dict[str, str]:
+def to_infotext(s: DynFuseSettings, *, subject: LoraTag, style: LoraTag) -> dict[str, str]:
     """The "DynFuse ..." entries for p.extra_generation_params: defaults and irrelevant values left out.
 
-    subject_label/style_label are the LoRA names actually used (what "Auto" resolved to). Values are plain
-    text; the host quotes those containing ',' or ':' itself.
+    subject/style are the prompt tags actually used (what "Auto" resolved to): their names and weights are
+    written. Values are plain text; the host quotes those containing ',' or ':' itself.
     """
-    labels = {"subject": subject_label, "style": style_label}
+    tags = {"subject": subject, "style": style}
     result = {}
     for entry in INFOTEXT_KEYS:
         if entry.encode is None or not entry.applies(s):
             continue
         if entry.always or any(getattr(s, name) != getattr(DEFAULTS, name) for name in entry.fields):
-            result[entry.key] = entry.encode(s, labels)
+            result[entry.key] = entry.encode(s, tags)
     return result
 
 
@@ -504,7 +526,7 @@ def from_infotext(
             continue
         text = str(params[entry.key])
         try:
-            result.update(entry.decode(text))
+            result.update(entry.decode(text, params))
         except SettingsError as e:
             warn(f"DynFuse: ignoring damaged infotext value {entry.key}: {text!r} ({e})")
     if "DynFuse method" in params:

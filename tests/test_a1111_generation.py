@@ -49,8 +49,8 @@ def test_dynfuse_on_fuses_reports_and_leaves_the_model_as_the_host_would(a1111):
     assert {d.winner for d in job.last_log.decisions()} <= {"subject", "style"}
     assert not torch.allclose(p.fake_latents[0], p0.fake_latents[0], atol=1e-3)
     text = res.infotexts[0]
-    for key in ("DynFuse method: kl", "DynFuse subject: subj", "DynFuse style: sty", "DynFuse version: 0.1.0",
-                "DynFuse selection: subject "):
+    for key in ("DynFuse method: kl", 'DynFuse subject: "subj:1"', 'DynFuse style: "sty:0.8"',
+                "DynFuse version: 0.1.0", "DynFuse selection: subject "):
         assert key in text
     assert checks.dynfuse_hooks() == 0
     # The host gets its activated list back: the next forward merges exactly what it would have merged.

@@ -33,14 +33,16 @@ def test_infotext_round_trip(a1111):
     ui = a1111()
     write_pair(ui)
     fields = {"method": "kl-soft", "soft_temperature": 2.5, "temperature": 1.5, "subject_strength": 0.7, "measure": "js",
-                  "decide_per": "row", "subject": "subj", "style": "sty"}
+              "decide_per": "row", "subject": "subj", "style": "sty", "show_map": True}
     _, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args(**fields))
     expected = dui.values_to_settings(checks.dynfuse_args(**fields))
     assert _pasted_settings(ui, res.infotexts[0]) == expected
-    # "Auto" is written as the LoRA it resolved to, so a pasted infotext names both LoRAs.
+    # "Auto" is written as the LoRA it resolved to, so a pasted infotext names both LoRAs; the weights written
+    # are the prompt's, so the strength boxes stay empty and keep following the tags.
     _, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
+    assert 'DynFuse subject: "subj:1", DynFuse style: "sty:0.8"' in res.infotexts[0]
     pasted = _pasted_settings(ui, res.infotexts[0])
-    assert (pasted.enabled, pasted.subject, pasted.style) == (True, "subj", "sty")
+    assert pasted == dataclasses.replace(dui.values_to_settings(checks.dynfuse_args()), subject="subj", style="sty")
     # The alias module kept since 1.8 parses the same way.
     from modules import generation_parameters_copypaste
 

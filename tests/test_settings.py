@@ -14,10 +14,12 @@ from PIL import Image
 
 from lib_dynfuse import __version__
 from lib_dynfuse.policies import EngineOptions
+from lib_dynfuse.prompt_tags import LoraTag
 from lib_dynfuse.settings import (
     DEFAULTS,
     FIELDS,
     INFOTEXT_KEYS,
+    STRENGTH_RANGE,
     DynFuseSettings,
     SettingsError,
     coerce,
@@ -51,7 +53,15 @@ def host_unquote(text: str) -> str:
         return text
 
 
-def host_infotext(extra: dict[str, str]) -> str:
+PROMPT = "a dog <lora:dog:0.8> <lora:ink:1:0.6>"
+PROMPT_WEIGHTS = {"dog": 0.8, "ink": 0.6}  # the UNet weights of PROMPT's tags
+
+
+def tag(name: str, unet: float) -> LoraTag:
+    return LoraTag(name=name, te=1.0, unet=unet, role=None, text=f"<lora:{name}:1:{unet}>")
+
+
+def host_infotext(extra: dict[str, str], prompt: str = PROMPT) -> str:
     params = {
         "Steps": "20",
         "Sampler": "Euler a",
@@ -62,15 +72,17 @@ def host_infotext(extra: dict[str, str]) -> str:
         "Version": "v1.10.1",
     }
     line = ", ".join(f"{k}: {host_quote(v)}" for k, v in params.items())
-    return f"a dog <lora:dog:0.8> <lora:ink:0.6>\nNegative prompt: blurry\n{line}"
+    return f"{prompt}\nNegative prompt: blurry\n{line}"
 
 
 def host_parse(text: str) -> dict[str, str]:
-    *_, lastline = text.strip().split("\n")
+    *lines, lastline = text.strip().split("\n")
     assert len(RE_PARAM.findall(lastline)) >= 3
-    return {
+    params = {
         k: host_unquote(v) if v[:1] == '"' and v[-1:] == '"' else v for k, v in RE_PARAM.findall(lastline)
     }
+    params["Prompt"] = "\n".join(lines[: next(i for i, x in enumerate(lines) if x.startswith("Negative prompt:"))])
+    return params
 
 
 def png_base64(color=(255, 0, 0), mode="RGB") -> str:
@@ -256,11 +268,11 @@ def test_coerce_serves_xyz_values_and_labels():
 # ------------------------------------------------------------------ infotext
 
 
-def test_infotext_of_defaults_is_short():
-    assert to_infotext(DEFAULTS, subject_label="dog", style_label="ink wash") == {
+def test_infotext_of_defaults_is_short_and_names_the_tag_weights():
+    assert to_infotext(DEFAULTS, subject=tag("dog", 1.0), style=tag("ink wash", 0.6)) == {
         "DynFuse method": "kl",
-        "DynFuse subject": "dog",
-        "DynFuse style": "ink wash",
+        "DynFuse subject": "dog:1",
+        "DynFuse style": "ink wash:0.6",
         "DynFuse version": __version__,
     }
 
@@ -274,19 +286,28 @@ def test_infotext_writes_non_defaults_that_matter():
         switch_every=3,
         klora_alpha=2.0,
         subject_strength=0.9,
+        show_map=True,
         guidance=True,
         guidance_end=0.8,
         guidance_decoder="taesd",
+        show_loss_plot=True,
     )
-    assert to_infotext(s, subject_label="dog", style_label="a, b") == {
+    assert to_infotext(s, subject=tag("dog", 0.8), style=tag("a, b", 0.6)) == {
         "DynFuse method": "kl-soft",
-        "DynFuse subject": "dog:0.9",
-        "DynFuse style": "a, b",
+        "DynFuse subject": "dog:0.9",  # the strength override, not the tag's 0.8
+        "DynFuse style": "a, b:0.6",
         "DynFuse measure": "js",
         "DynFuse soft temperature": "0.25",
+        "DynFuse show map": "True",
         "DynFuse guidance": "strength 0.2, balance 0.5, start 0.2, end 0.8, every 1, decoder taesd",
+        "DynFuse show loss plot": "True",
         "DynFuse version": __version__,
     }  # switch_every and klora_alpha do not apply to kl-soft
+
+
+def test_loss_plot_switch_is_written_with_guidance_only():
+    s = replace(DEFAULTS, show_loss_plot=True)
+    assert "DynFuse show loss plot" not in to_infotext(s, subject=tag("dog", 1), style=tag("ink", 1))
 
 
 def test_infotext_keys_are_valid_host_keys_and_cover_the_infotext_fields():
@@ -294,7 +315,8 @@ def test_infotext_keys_are_valid_host_keys_and_cover_the_infotext_fields():
         assert re.fullmatch(r"DynFuse [\w \-/]+", entry.key)
         assert set(entry.fields) <= set(FIELDS)
     carried = {name for entry in INFOTEXT_KEYS for name in entry.fields}
-    assert set(FIELDS) - carried == {"enabled", "show_map", "subject_refs", "style_ref", "show_loss_plot"}
+    # enabled is the presence of "DynFuse method"; reference images are never written.
+    assert set(FIELDS) - carried == {"enabled", "subject_refs", "style_ref"}
     assert {e.key for e in INFOTEXT_KEYS if e.decode is None} == {
         "DynFuse version",
         "DynFuse selection",
@@ -304,18 +326,68 @@ def test_infotext_keys_are_valid_host_keys_and_cover_the_infotext_fields():
 
 def test_infotext_through_the_host_line():
     s = replace(DEFAULTS, enabled=True, method="switch", switch_every=2, style_strength=-0.5)
-    text = host_infotext(to_infotext(s, subject_label="my lora, v2", style_label="ink"))
-    assert 'DynFuse subject: "my lora, v2", DynFuse style: "ink:-0.5", DynFuse switch every: 2, ' in text
+    text = host_infotext(to_infotext(s, subject=tag("my lora, v2", 1.0), style=tag("ink", 0.6)))
+    assert 'DynFuse subject: "my lora, v2:1", DynFuse style: "ink:-0.5", DynFuse switch every: 2, ' in text
     parsed = from_infotext(host_parse(text), warn=pytest.fail)
     assert parsed == {
         "enabled": True,
         "method": "switch",
         "subject": "my lora, v2",
-        "subject_strength": None,
+        "subject_strength": 1.0,  # not among the prompt's tags: the written weight is kept as the override
         "style": "ink",
         "style_strength": -0.5,
         "switch_every": 2,
     }
+
+
+@pytest.mark.parametrize(
+    ("strength", "written", "pasted"),
+    [(None, "ink:0.6", None), (0.6, "ink:0.6", None), (1.25, "ink:1.25", 1.25)],
+)
+def test_strength_round_trip_keeps_the_override_only_where_it_differs_from_the_tag(strength, written, pasted):
+    s = replace(DEFAULTS, style_strength=strength)
+    text = host_infotext(to_infotext(s, subject=tag("dog", 0.8), style=tag("ink", 0.6)))
+    assert f"DynFuse style: {json.dumps(written)}" in text
+    parsed = from_infotext(host_parse(text), warn=pytest.fail)
+    assert (parsed["style"], parsed["style_strength"]) == ("ink", pasted)
+    assert (parsed["subject"], parsed["subject_strength"]) == ("dog", None)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "pasted"),
+    [
+        ("a dog <lora:dog:0.8> <lora:ink:1:0.6>", None),  # the tag as it was generated
+        ("a dog <lora:dog:0.8> <lora:ink:0.9>", 0.6),  # the prompt's weight differs: the override keeps 0.6
+        ("a dog <lora:dog:0.8> <lora:ink:1:unet=0.6>", None),  # the host's named unet weight
+        ("a dog <lora:dog:0.8> <lora:ink:0.6:0.5> <lora:ink:0.6>", 0.6),  # the first tag is the one fused
+        ("a dog <lora:dog:0.8> <lora:ink:abc>", 0.6),  # an unreadable prompt: keep the weight as written
+        ("a dog", 0.6),
+    ],
+)
+def test_paste_compares_the_weight_with_the_pasted_prompt(prompt, pasted):
+    params = {"DynFuse method": "kl", "DynFuse style": "ink:0.6", "Prompt": prompt}
+    assert from_infotext(params, warn=pytest.fail)["style_strength"] == pasted
+
+
+def test_tag_weight_beyond_the_strength_range_pastes_as_the_tag_weight():
+    params = {"DynFuse method": "kl", "DynFuse subject": "dog:3", "Prompt": "<lora:dog:3> <lora:ink>"}
+    assert from_infotext(params, warn=pytest.fail) == {"enabled": True, "method": "kl", "subject": "dog",
+                                                        "subject_strength": None}
+
+
+def test_name_without_weight_still_pastes():
+    params = {"DynFuse method": "kl", "DynFuse subject": "dog", "Prompt": "a dog"}
+    assert from_infotext(params, warn=pytest.fail)["subject_strength"] is None
+
+
+def test_show_switches_paste_on_and_default_to_off():
+    s = replace(DEFAULTS, show_map=True, guidance=True, show_loss_plot=True)
+    params = host_parse(host_infotext(to_infotext(s, subject=tag("dog", 0.8), style=tag("ink", 0.6))))
+    pasted = from_infotext(params, warn=pytest.fail, fill_defaults=True)
+    assert (pasted["show_map"], pasted["show_loss_plot"]) == (True, True)
+    del params["DynFuse show map"], params["DynFuse show loss plot"]
+    pasted = from_infotext(params, warn=pytest.fail, fill_defaults=True)
+    assert (pasted["show_map"], pasted["show_loss_plot"]) == (False, False)
 
 
 def test_read_only_keys_are_ignored():
@@ -400,24 +472,46 @@ lora_names = st.text(st.sampled_from(' ,:"%\\\n\tab.-') | st.characters(), min_s
 )
 
 
+# Names and weights sometimes those of PROMPT's tags, so that both ways of pasting a strength are taken.
+prompt_tags = st.builds(
+    tag,
+    st.sampled_from(list(PROMPT_WEIGHTS)) | lora_names,
+    st.sampled_from(list(PROMPT_WEIGHTS.values())) | _number(*STRENGTH_RANGE, False),
+)
+
+
+def pasted_strength(used: LoraTag, strength: float | None) -> float | None:
+    """What a paste of PROMPT's infotext puts in the strength box: empty where the prompt's tag gives the weight."""
+    weight = used.unet if strength is None else strength
+    return None if PROMPT_WEIGHTS.get(used.name) == weight else weight
+
+
 @hypothesis_settings(max_examples=300, deadline=None)
-@given(s=valid_settings, subject_label=lora_names, style_label=lora_names)
-@example(s=DEFAULTS, subject_label=" dog ", style_label='"ink"').via("names the host would strip or unquote")
-@example(s=DEFAULTS, subject_label="50%3A50", style_label="ink").via("a name that looks escaped")
-def test_infotext_round_trip(s, subject_label, style_label):
+@given(s=valid_settings, subject=prompt_tags, style=prompt_tags)
+@example(s=DEFAULTS, subject=tag(" dog ", 1.0), style=tag('"ink"', 1.0)).via("names the host strips or unquotes")
+@example(s=DEFAULTS, subject=tag("50%3A50", 1.0), style=tag("ink", 0.6)).via("a name that looks escaped")
+def test_infotext_round_trip(s, subject, style):
     s.validate()
-    written = to_infotext(s, subject_label=subject_label, style_label=style_label)
+    written = to_infotext(s, subject=subject, style=style)
     parsed = from_infotext(host_parse(host_infotext(written)), warn=pytest.fail)
     rebuilt = replace(DEFAULTS, **parsed)
     rebuilt.validate()
-    expected = replace(s, subject=subject_label, style=style_label)
+    expected = replace(
+        s,
+        subject=subject.name,
+        subject_strength=pasted_strength(subject, s.subject_strength),
+        style=style.name,
+        style_strength=pasted_strength(style, s.style_strength),
+    )
     for entry in INFOTEXT_KEYS:
         if entry.decode is not None and entry.applies(s):
             assert {n: getattr(rebuilt, n) for n in entry.fields} == {
                 n: getattr(expected, n) for n in entry.fields
             }
     assert parsed["enabled"] is True
-    assert to_infotext(rebuilt, subject_label=subject_label, style_label=style_label) == written
+    # Written again with PROMPT's tags, the same infotext (a name not in PROMPT has its weight as override).
+    assert to_infotext(rebuilt, subject=tag(subject.name, PROMPT_WEIGHTS.get(subject.name, 0)),
+                       style=tag(style.name, PROMPT_WEIGHTS.get(style.name, 0))) == written
 
 
 # ------------------------------------------------------------------ schema and describe

@@ -131,17 +131,33 @@ def built_name(built: ui.UiBuild, component) -> str:
     return next(name for name, c in built.by_field.items() if c is component)
 
 
+PROMPT = "a dog <lora:subj:1> <lora:sty:0.8>"
+
+
+def infotext_params(used: DynFuseSettings, prompt: str = PROMPT) -> dict[str, str]:
+    """The parsed infotext of a generation of `prompt` with these settings, as the host hands it to paste."""
+    subject, style = parse_lora_tags(prompt)
+    return {**to_infotext(used, subject=subject, style=style), "Prompt": prompt}
+
+
 def test_paste_restores_the_generation(built):
     used = replace(DEFAULTS, enabled=True, subject="subj", subject_strength=0.7, method="kl-soft",
-                   soft_temperature=2.5, guidance=True, guidance_end=0.8)
-    params = to_infotext(used, subject_label="subj", style_label="sty")
-    pasted = paste(built, params)
+                   soft_temperature=2.5, show_map=True, guidance=True, guidance_end=0.8, show_loss_plot=True)
+    pasted = paste(built, infotext_params(used))
     assert pasted["enabled"] is True
     assert pasted["subject"] == "subj" and pasted["subject_strength"] == "0.7"  # the strength box holds text
     assert pasted["style"] == "sty" and pasted["style_strength"] == ""  # empty: the tag's own weight
     assert pasted["method"] == "kl-soft" and pasted["soft_temperature"] == 2.5
     assert pasted["guidance"] is True and pasted["guidance_end"] == 0.8
+    assert pasted["show_map"] is True and pasted["show_loss_plot"] is True
     assert pasted["switch_every"] == DEFAULTS.switch_every  # left out of the infotext as a default
+
+
+def test_paste_into_a_prompt_with_other_tag_weights_keeps_the_generation_weights(built):
+    params = {**infotext_params(replace(DEFAULTS, enabled=True)), "Prompt": "a dog <lora:subj:1> <lora:sty:0.5>"}
+    pasted = paste(built, params)
+    assert (pasted["subject_strength"], pasted["style_strength"]) == ("", "0.8")
+    assert (pasted["show_map"], pasted["show_loss_plot"]) == (False, False)  # absent keys switch them off
 
 
 def test_paste_without_dynfuse_leaves_the_controls_alone(built):
@@ -149,7 +165,7 @@ def test_paste_without_dynfuse_leaves_the_controls_alone(built):
 
 
 def test_damaged_value_is_reported_once(built, capsys):
-    params = to_infotext(replace(DEFAULTS, enabled=True), subject_label="a", style_label="b")
+    params = infotext_params(replace(DEFAULTS, enabled=True))
     params["DynFuse measure"] = "banana"
     pasted = paste(built, params)
     assert pasted["method"] == "kl" and "measure" not in pasted  # skipped, the control keeps its value

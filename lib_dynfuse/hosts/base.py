@@ -139,7 +139,7 @@ class HostAdapter(abc.ABC):
         from lib_dynfuse.settings import to_infotext
 
         params = p.extra_generation_params
-        params.update(to_infotext(job.settings, subject_label=job.subject.name, style_label=job.style.name))
+        params.update(to_infotext(job.settings, subject=job.subject, style=job.style))
         params[VERSION_KEY] = __version__
         # A callable is evaluated by the host when each image's infotext is built, i.e. after its batch sampled.
         params[SELECTION_KEY] = lambda **_: self.selection_text(job)
