@@ -23,6 +23,9 @@ from lib_dynfuse.policies import DIVERGENCE_METHODS, KLORA_SCHEDULES, METHODS, E
 from lib_dynfuse.prompt_tags import LoraTag, TagError, parse_lora_tags
 
 DECIDE_PER = ("image", "row")
+# Methods that choose between the LoRAs per layer and step; the others apply fixed weights, so a share of
+# decisions won ("DynFuse selection") means nothing for them.
+CHOOSING_METHODS = ("kl", "kl-soft", "k-lora", "switch")
 DECODERS = ("auto", "approx", "taesd", "vae")
 STRENGTH_RANGE = (-2.0, 2.0)
 

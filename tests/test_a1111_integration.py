@@ -49,6 +49,18 @@ def test_infotext_round_trip(a1111):
     assert generation_parameters_copypaste.parse_generation_parameters(res.infotexts[0])["DynFuse method"] == "kl"
 
 
+@pytest.mark.parametrize("method", ["kl", "kl-soft", "k-lora", "switch", "static", "subject-only", "style-only"])
+def test_selection_share_is_written_only_by_methods_that_choose(a1111, method):
+    import checks
+
+    ui = a1111()
+    write_pair(ui)
+    _, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args(method=method))
+    assert f"DynFuse method: {method}" in res.infotexts[0]
+    # static applies both LoRAs and *-only one of them everywhere: a share "won by the subject" would mislead.
+    assert ("DynFuse selection: subject " in res.infotexts[0]) == (method in ("kl", "kl-soft", "k-lora", "switch"))
+
+
 def test_pasting_an_infotext_without_dynfuse_changes_nothing(a1111):
     from modules import infotext_utils
 

@@ -136,13 +136,14 @@ class HostAdapter(abc.ABC):
 
     def write_settings_infotext(self, p: Any, job: Job) -> None:
         from lib_dynfuse import __version__
-        from lib_dynfuse.settings import to_infotext
+        from lib_dynfuse.settings import CHOOSING_METHODS, to_infotext
 
         params = p.extra_generation_params
         params.update(to_infotext(job.settings, subject=job.subject, style=job.style))
         params[VERSION_KEY] = __version__
         # A callable is evaluated by the host when each image's infotext is built, i.e. after its batch sampled.
-        params[SELECTION_KEY] = lambda **_: self.selection_text(job)
+        if job.settings.method in CHOOSING_METHODS:
+            params[SELECTION_KEY] = lambda **_: self.selection_text(job)
         params[SCORES_KEY] = lambda **kwargs: scores_text(job, **kwargs)
 
     def selection_text(self, job: Job) -> str | None:
