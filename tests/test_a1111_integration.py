@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
+import json
 import os
 import sys
 
 import pytest
+from PIL import Image
 from test_a1111_generation import PROMPT, write_pair
 
 
@@ -128,8 +132,70 @@ def test_xyz_values_are_confirmed_before_any_image(a1111):
 
 # ---- API ------------------------------------------------------------------------------------------------------
 
-def _payload(args):
-    return {"prompt": PROMPT, "steps": 3, "seed": 5, "alwayson_scripts": {"DynFuse": {"args": args}}}
+def _payload(args, prompt=PROMPT, steps=3):
+    # The README's script key; the host matches it against the lowercased script title.
+    return {"prompt": prompt, "steps": steps, "seed": 5, "alwayson_scripts": {"dynfuse": {"args": args}}}
+
+
+def _png_data_url(color=(40, 90, 200)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 12), color).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+# `alwayson_scripts.dynfuse.args[0]` of the README's request, as printed there.
+README_SETTINGS = """{"enabled": true, "subject": "my_dog", "style": "watercolor", "method": "kl", "temperature": 1.0,
+    "style_strength": 0.8, "show_map": true, "guidance": true, "guidance_strength": 0.2, "guidance_balance": 0.5,
+    "style_ref": "data:image/png;base64,..."}"""
+
+
+def _readme_settings() -> dict:
+    """The README's settings object with a real image for the elided style_ref."""
+    return {**json.loads(README_SETTINGS), "style_ref": _png_data_url()}
+
+
+def test_readme_request_settings():
+    from lib_dynfuse.settings import DEFAULTS, from_api
+
+    settings = from_api(_readme_settings())
+    assert settings.style_ref.size == (16, 12) and settings.style_ref.getpixel((0, 0)) == (40, 90, 200)
+    assert dataclasses.replace(settings, style_ref=None) == dataclasses.replace(
+        DEFAULTS, enabled=True, subject="my_dog", style="watercolor", style_strength=0.8, show_map=True,
+        guidance=True)
+
+
+def test_readme_request_through_the_api(a1111):
+    pytest.importorskip("open_clip")
+    pytest.importorskip("timm")
+    import loras
+    from conftest_guidance import CPU, TINY
+
+    from lib_dynfuse.guidance import scorers
+
+    ui = a1111(api_only=True)
+    from lib_dynfuse.hosts import a1111 as adapter
+    from lib_dynfuse.hosts import detect
+    from modules import shared
+
+    adapter.A1111Adapter.guidance_factories = dict(TINY)  # random-weight CLIP and DINO of the real classes
+    shared.opts.set("dynfuse_device", CPU.device)
+    shared.opts.set("dynfuse_precision", CPU.precision)
+    keys = loras.attention_keys()
+    loras.write_lora(os.path.join(ui.lora_dir, "my_dog.safetensors"), ui.model, keys, seed=1)
+    loras.write_lora(os.path.join(ui.lora_dir, "watercolor.safetensors"), ui.model, keys[2:], seed=2)
+    try:
+        res = ui.api_txt2img(_payload([_readme_settings()], "my dog <lora:my_dog:1> <lora:watercolor:1>", 5))
+        assert detect.get_adapter().last_job.guidance.losses  # guided by the style image
+    finally:
+        scorers.unload()
+    info = res["info"]
+    for written in ("DynFuse method: kl", 'DynFuse subject: "my_dog:1"', 'DynFuse style: "watercolor:0.8"',
+                    "DynFuse show map: True",
+                    'DynFuse guidance: "strength 0.2, balance 0.5, start 0.2, end 0.7, every 1, decoder auto"',
+                    "DynFuse selection: subject "):
+        assert written in info
+    assert "DynFuse note" not in info
+    assert len(res["images"]) == 2  # the image and the selection map
 
 
 def test_api_dict_args(a1111):
