@@ -1,9 +1,10 @@
 """Installs what DynFuse needs beyond the WebUI itself (open_clip and timm, for guidance).
 
 The WebUI runs this file on every start, so it checks first and stays silent when nothing is missing. It
-installs only packages that are absent, never upgrades or downgrades one, and keeps pip away from the
-host's own torch, torchvision, gradio, safetensors and pydantic by pinning their installed versions in a
-constraints file. A failure prints the command to run by hand and never stops the WebUI from starting.
+installs only packages that are absent and never upgrades or downgrades one: a constraints file pins every
+installed distribution (the WebUI's torch, gradio, numpy, Pillow, ... alike) to its installed version, so pip
+can only add what is missing, or fail. A failure prints the command to run by hand (the constraints file is
+kept for it) and never stops the WebUI from starting.
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ PYPROJECT = Path(__file__).resolve().parent / "pyproject.toml"
 # Used only where pyproject.toml cannot be read (Python 3.10 without tomli); keep equal to it.
 FALLBACK_DEPENDENCIES = ("open_clip_torch>=2.20.0", "timm>=0.9.2")
 IMPORT_NAMES = {"open_clip_torch": "open_clip"}
-PROTECTED = ("torch", "torchvision", "gradio", "safetensors", "pydantic")
 
 _NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+_SEPARATORS = re.compile(r"[-_.]+")
+KEEP_NOTE = (
+    "    (that file pins every installed package to its installed version, so pip adds what is missing and "
+    "changes nothing else; where it cannot, its message names the package in the way)"
+)
 _AUTO = object()
 
 
@@ -62,20 +67,42 @@ def is_installed(distribution: str) -> bool:
         return importlib.util.find_spec(module) is not None
 
 
-def protected_pins() -> list[str]:
-    """`name==version` for every installed package pip must leave exactly as it is."""
-    pins = []
-    for name in PROTECTED:
-        try:
-            pins.append(f"{name}=={importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return pins
+def installed_pins() -> list[str]:
+    """`name==version` for every installed distribution, which pip must leave exactly as it is.
+
+    A distribution found twice on sys.path is pinned as the first one, the one Python imports (two pins of
+    one name would make pip refuse everything). One whose version pip cannot read is left out, likewise.
+    """
+    pins: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        name, version = dist.metadata["Name"], dist.version
+        if name and version and _is_pep440(version):
+            pins.setdefault(_SEPARATORS.sub("-", name).lower(), f"{name}=={version}")
+    return sorted(pins.values(), key=str.lower)
 
 
-def manual_command(missing: Sequence[str], pins: Sequence[str]) -> str:
-    # Listing the pins as requirements has the same effect as the constraints file and needs no file.
-    return " ".join([f'"{sys.executable}"', "-m", "pip", "install", *(f'"{r}"' for r in [*missing, *pins])])
+def _is_pep440(version: str) -> bool:
+    try:
+        from packaging.version import InvalidVersion, Version
+    except ImportError:  # pip itself vendors packaging; without one here, pip names a bad line when it fails
+        return True
+    try:
+        Version(version)
+    except InvalidVersion:
+        return False
+    return True
+
+
+def write_constraints(pins: Sequence[str]) -> str:
+    handle, path = tempfile.mkstemp(prefix="dynfuse-constraints-", suffix=".txt")
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        file.write("".join(pin + "\n" for pin in pins))
+    return path
+
+
+def manual_command(missing: Sequence[str], constraints: str) -> str:
+    quoted = [f'"{r}"' for r in missing]
+    return " ".join([f'"{sys.executable}"', "-m", "pip", "install", *quoted, "-c", f'"{constraints}"'])
 
 
 def _import_launch() -> ModuleType | None:
@@ -103,7 +130,11 @@ def _install(
             print(e)
             return False
         return True
-    result = run([sys.executable, "-m", "pip", "install", *missing, "-c", constraints], check=False)
+    try:
+        result = run([sys.executable, "-m", "pip", "install", *missing, "-c", constraints], check=False)
+    except OSError as e:
+        print(e)
+        return False
     return result.returncode == 0
 
 
@@ -122,25 +153,19 @@ def main(
         return 0
     if launch is _AUTO:
         launch = _import_launch()
-    pins = protected_pins()
+    constraints = write_constraints(installed_pins())
     if "--skip-install" in argv or getattr(getattr(launch, "args", None), "skip_install", False):
         print(
             f"DynFuse: {', '.join(missing)} missing and --skip-install given; guidance needs them. "
-            f"Install with:\n    {manual_command(missing, pins)}"
+            f"Install with:\n    {manual_command(missing, constraints)}\n{KEEP_NOTE}"
         )
         return 0
-
-    handle, constraints = tempfile.mkstemp(prefix="dynfuse-constraints-", suffix=".txt")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write("".join(pin + "\n" for pin in pins))
-        ok = _install(missing, constraints, launch, run)
-    finally:
+    if _install(missing, constraints, launch, run):
         os.unlink(constraints)
-    if not ok:
+    else:
         print(
             f"DynFuse: could not install {', '.join(missing)}; guidance stays off until they are installed. "
-            f"Install by hand with:\n    {manual_command(missing, pins)}"
+            f"Install by hand with:\n    {manual_command(missing, constraints)}\n{KEEP_NOTE}"
         )
     return 0
 

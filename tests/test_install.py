@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +13,8 @@ import pytest
 
 import install
 
-TORCH_PIN = f"torch=={importlib.metadata.version('torch')}"
+# Installed versions of packages the WebUI needs (Pillow and numpy were not among the five pinned before).
+HOST_VERSIONS = {name: importlib.metadata.version(name) for name in ("torch", "pillow", "numpy")}
 
 
 def write_pyproject(tmp_path: Path, *dependencies: str) -> Path:
@@ -87,9 +90,44 @@ def test_one_missing_means_one_pip_call_with_pinned_host_packages(capsys):
     command, kwargs = run.calls[0]
     assert command[:5] == [sys.executable, "-m", "pip", "install", "timm>=0.9.2"]
     assert command[5] == "-c" and len(command) == 7 and kwargs == {"check": False}
-    assert TORCH_PIN in run.constraints[0].splitlines()
+    assert_pins_host_versions(run.constraints[0])
     assert not Path(command[6]).exists()  # the constraints file is removed again
     assert capsys.readouterr().out == ""
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pinned(constraints: str) -> dict[str, str]:
+    """{canonical name: version} of a constraints file made of `name==version` lines."""
+    result = {}
+    for line in constraints.splitlines():
+        name, version = line.split("==")
+        result[_canonical(name)] = version
+    assert len(result) == len(constraints.splitlines())  # one pin per distribution, or pip refuses the file
+    return result
+
+
+def assert_pins_host_versions(constraints: str) -> None:
+    assert HOST_VERSIONS.items() <= pinned(constraints).items()
+
+
+def test_every_installed_distribution_is_pinned_to_its_installed_version():
+    pins = pinned("\n".join(install.installed_pins()))
+    assert set(pins) == {_canonical(d.metadata["Name"]) for d in importlib.metadata.distributions()}
+    assert all(importlib.metadata.version(name) == version for name, version in pins.items())
+    assert HOST_VERSIONS.items() <= pins.items()
+
+
+def test_a_distribution_found_twice_is_pinned_once_as_python_imports_it(monkeypatch):
+    def fake(name, version):
+        return SimpleNamespace(metadata={"Name": name}, version=version)
+
+    listed = [fake("Pillow", "10.0.0"), fake("pillow", "9.0.0"), fake("odd", "not a version"),
+              fake("a.b", "1")]
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter(listed))
+    assert install.installed_pins() == ["a.b==1", "Pillow==10.0.0"]
 
 
 def test_the_hosts_run_pip_is_preferred():
@@ -100,7 +138,7 @@ def test_the_hosts_run_pip_is_preferred():
     ((command, kwargs),) = run_pip.calls
     assert command.startswith('install "timm>=0.9.2" -c "') and command.endswith('.txt"')
     assert kwargs == {"desc": "DynFuse requirements: timm>=0.9.2"}
-    assert TORCH_PIN in run_pip.constraints[0].splitlines()
+    assert_pins_host_versions(run_pip.constraints[0])
 
 
 @pytest.mark.parametrize(
@@ -117,7 +155,17 @@ def test_skip_install_means_no_pip(argv, launch, capsys):
     assert launch is None or launch.run_pip.calls == []
     out = capsys.readouterr().out
     assert out.startswith("DynFuse: timm>=0.9.2 missing and --skip-install given")
-    assert f'-m pip install "timm>=0.9.2" "{TORCH_PIN}"' in out
+    assert_manual_command_is_runnable(out)
+
+
+def assert_manual_command_is_runnable(out: str, requirement: str = "timm>=0.9.2") -> None:
+    """The printed pip command names a constraints file that is still there and pins the host's packages."""
+    (constraints,) = re.findall(rf'-m pip install "{re.escape(requirement)}" -c "([^"]+)"\n', out)
+    try:
+        assert_pins_host_versions(Path(constraints).read_text(encoding="utf-8"))
+    finally:
+        Path(constraints).unlink()
+    assert out.endswith(install.KEEP_NOTE + "\n")
 
 
 @pytest.mark.parametrize(
@@ -128,12 +176,21 @@ def test_pip_failure_prints_the_manual_command_and_lets_the_host_start(launch, c
     run = Recorder(returncode=1)
     assert install.main([], run=run, launch=launch, installed=missing_timm) == 0
     out = capsys.readouterr().out
-    manual = install.manual_command(["timm>=0.9.2"], install.protected_pins())
-    assert manual.startswith(f'"{sys.executable}" -m pip install "timm>=0.9.2" "{TORCH_PIN}"')
-    assert out.endswith(
+    assert (
         "DynFuse: could not install timm>=0.9.2; guidance stays off until they are installed. "
-        f"Install by hand with:\n    {manual}\n"
-    )
+        f'Install by hand with:\n    "{sys.executable}" -m pip install "timm>=0.9.2" -c "'
+    ) in out
+    assert_manual_command_is_runnable(out)
+
+
+def test_pip_that_cannot_start_counts_as_a_failure(capsys):
+    def run(command, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", command[0])
+
+    assert install.main([], run=run, launch=None, installed=missing_timm) == 0
+    out = capsys.readouterr().out
+    assert "DynFuse: could not install timm>=0.9.2" in out
+    assert_manual_command_is_runnable(out)
 
 
 def test_several_missing_are_installed_in_one_call(tmp_path):
@@ -155,3 +212,44 @@ def test_runs_quietly_as_the_host_runs_it(tmp_path):
         check=False,
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def wheel(folder: Path, name: str, version: str, *requires: str) -> None:
+    """A minimal pure-Python wheel; a dry run reads only its metadata."""
+    info = f"{name}-{version}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as archive:
+        archive.writestr(f"{info}/METADATA", metadata + "".join(f"Requires-Dist: {r}\n" for r in requires))
+        archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(f"{info}/RECORD", "")
+
+
+def test_real_pip_adds_what_is_missing_and_changes_nothing_installed(tmp_path, capsys):
+    index = tmp_path / "index"
+    index.mkdir()
+    wheel(index, "pillow", "999.0")  # a newer Pillow that pip would otherwise take
+    wheel(index, "dynfuse_probe_any", "1.0", "pillow")
+    wheel(index, "dynfuse_probe_new", "1.0", "pillow>=999")
+    offline = ["--dry-run", "--no-index", "--find-links", str(index), "--disable-pip-version-check"]
+    outputs = []
+
+    def dry_run(command, check=False):
+        result = subprocess.run([*command, *offline], check=check, capture_output=True, text=True)
+        outputs.append(result.stdout + result.stderr)
+        return result
+
+    def would_install(output: str) -> set[str]:
+        line = next((x for x in output.splitlines() if x.startswith("Would install ")), "Would install ")
+        return {_canonical(item) for item in line.split()[2:]}
+
+    # What plain pip would do: upgrade the WebUI's Pillow.
+    dry_run([sys.executable, "-m", "pip", "install", "dynfuse_probe_new"])
+    assert would_install(outputs[-1]) == {"dynfuse-probe-new-1-0", "pillow-999-0"}, outputs[-1]
+
+    for probe, added in (("dynfuse_probe_any", {"dynfuse-probe-any-1-0"}), ("dynfuse_probe_new", set())):
+        pyproject = write_pyproject(tmp_path, probe)
+        assert install.main([], run=dry_run, launch=None, pyproject=pyproject) == 0
+        assert would_install(outputs[-1]) == added, outputs[-1]
+    out = capsys.readouterr().out
+    assert "could not install dynfuse_probe_new" in out and "dynfuse_probe_any" not in out
+    assert_manual_command_is_runnable(out, "dynfuse_probe_new")
