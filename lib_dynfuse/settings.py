@@ -368,13 +368,13 @@ _NAME_ESCAPE = re.compile(r"%([0-9A-F]{2})")
 
 
 def _encode_lora(tag: LoraTag, strength: float | None) -> str:
-    """`name:weight`, the weight being the UNet weight the LoRA was fused at (the override, else the tag's)."""
+    """`name:weight` with the UNet weight the LoRA was fused at: the strength override, else the tag's."""
     text = _NAME_UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", tag.name)
     return f"{text}:{_num(tag.unet if strength is None else strength)}"
 
 
 def _decode_lora(role: str, text: str, params: Mapping[str, str]) -> dict[str, object]:
-    """Name and strength override; the override stays empty where the weight is the pasted prompt's tag weight.
+    """Name and strength override; no override where the weight is that of the pasted prompt's tag.
 
     An empty override follows the tag, so editing the tag's weight after pasting keeps working as usual. A
     name alone (no weight) is read as the tag's weight too.

@@ -46,14 +46,18 @@ def test_infotext_round_trip(a1111):
     _, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
     assert 'DynFuse subject: "subj:1", DynFuse style: "sty:0.8"' in res.infotexts[0]
     pasted = _pasted_settings(ui, res.infotexts[0])
-    assert pasted == dataclasses.replace(dui.values_to_settings(checks.dynfuse_args()), subject="subj", style="sty")
+    defaults = dui.values_to_settings(checks.dynfuse_args())
+    assert pasted == dataclasses.replace(defaults, subject="subj", style="sty")
     # The alias module kept since 1.8 parses the same way.
     from modules import generation_parameters_copypaste
 
     assert generation_parameters_copypaste.parse_generation_parameters(res.infotexts[0])["DynFuse method"] == "kl"
 
 
-@pytest.mark.parametrize("method", ["kl", "kl-soft", "k-lora", "switch", "static", "subject-only", "style-only"])
+CHOOSING = ("kl", "kl-soft", "k-lora", "switch")
+
+
+@pytest.mark.parametrize("method", [*CHOOSING, "static", "subject-only", "style-only"])
 def test_selection_share_is_written_only_by_methods_that_choose(a1111, method):
     import checks
 
@@ -62,7 +66,7 @@ def test_selection_share_is_written_only_by_methods_that_choose(a1111, method):
     _, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args(method=method))
     assert f"DynFuse method: {method}" in res.infotexts[0]
     # static applies both LoRAs and *-only one of them everywhere: a share "won by the subject" would mislead.
-    assert ("DynFuse selection: subject " in res.infotexts[0]) == (method in ("kl", "kl-soft", "k-lora", "switch"))
+    assert ("DynFuse selection: subject " in res.infotexts[0]) == (method in CHOOSING)
 
 
 def test_pasting_an_infotext_without_dynfuse_changes_nothing(a1111):
@@ -144,9 +148,9 @@ def _png_data_url(color=(40, 90, 200)) -> str:
 
 
 # `alwayson_scripts.dynfuse.args[0]` of the README's request, as printed there.
-README_SETTINGS = """{"enabled": true, "subject": "my_dog", "style": "watercolor", "method": "kl", "temperature": 1.0,
-    "style_strength": 0.8, "show_map": true, "guidance": true, "guidance_strength": 0.2, "guidance_balance": 0.5,
-    "style_ref": "data:image/png;base64,..."}"""
+README_SETTINGS = """{"enabled": true, "subject": "my_dog", "style": "watercolor", "method": "kl",
+    "temperature": 1.0, "style_strength": 0.8, "show_map": true, "guidance": true, "guidance_strength": 0.2,
+    "guidance_balance": 0.5, "style_ref": "data:image/png;base64,..."}"""
 
 
 def _readme_settings() -> dict:
@@ -189,10 +193,9 @@ def test_readme_request_through_the_api(a1111):
     finally:
         scorers.unload()
     info = res["info"]
+    guidance = 'DynFuse guidance: "strength 0.2, balance 0.5, start 0.2, end 0.7, every 1, decoder auto"'
     for written in ("DynFuse method: kl", 'DynFuse subject: "my_dog:1"', 'DynFuse style: "watercolor:0.8"',
-                    "DynFuse show map: True",
-                    'DynFuse guidance: "strength 0.2, balance 0.5, start 0.2, end 0.7, every 1, decoder auto"',
-                    "DynFuse selection: subject "):
+                    "DynFuse show map: True", guidance, "DynFuse selection: subject "):
         assert written in info
     assert "DynFuse note" not in info
     assert len(res["images"]) == 2  # the image and the selection map

@@ -81,7 +81,8 @@ def host_parse(text: str) -> dict[str, str]:
     params = {
         k: host_unquote(v) if v[:1] == '"' and v[-1:] == '"' else v for k, v in RE_PARAM.findall(lastline)
     }
-    params["Prompt"] = "\n".join(lines[: next(i for i, x in enumerate(lines) if x.startswith("Negative prompt:"))])
+    negative = next(i for i, line in enumerate(lines) if line.startswith("Negative prompt:"))
+    params["Prompt"] = "\n".join(lines[:negative])
     return params
 
 
@@ -481,14 +482,14 @@ prompt_tags = st.builds(
 
 
 def pasted_strength(used: LoraTag, strength: float | None) -> float | None:
-    """What a paste of PROMPT's infotext puts in the strength box: empty where the prompt's tag gives the weight."""
+    """The strength a paste of PROMPT's infotext restores: None where PROMPT's tag has the weight."""
     weight = used.unet if strength is None else strength
     return None if PROMPT_WEIGHTS.get(used.name) == weight else weight
 
 
 @hypothesis_settings(max_examples=300, deadline=None)
 @given(s=valid_settings, subject=prompt_tags, style=prompt_tags)
-@example(s=DEFAULTS, subject=tag(" dog ", 1.0), style=tag('"ink"', 1.0)).via("names the host strips or unquotes")
+@example(s=DEFAULTS, subject=tag(" dog ", 1.0), style=tag('"ink"', 1.0)).via("the host strips or unquotes")
 @example(s=DEFAULTS, subject=tag("50%3A50", 1.0), style=tag("ink", 0.6)).via("a name that looks escaped")
 def test_infotext_round_trip(s, subject, style):
     s.validate()

@@ -154,7 +154,8 @@ def test_paste_restores_the_generation(built):
 
 
 def test_paste_into_a_prompt_with_other_tag_weights_keeps_the_generation_weights(built):
-    params = {**infotext_params(replace(DEFAULTS, enabled=True)), "Prompt": "a dog <lora:subj:1> <lora:sty:0.5>"}
+    params = infotext_params(replace(DEFAULTS, enabled=True))
+    params["Prompt"] = "a dog <lora:subj:1> <lora:sty:0.5>"
     pasted = paste(built, params)
     assert (pasted["subject_strength"], pasted["style_strength"]) == ("", "0.8")
     assert (pasted["show_map"], pasted["show_loss_plot"]) == (False, False)  # absent keys switch them off
