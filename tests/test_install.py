@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -231,10 +232,12 @@ def test_real_pip_adds_what_is_missing_and_changes_nothing_installed(tmp_path, c
     wheel(index, "dynfuse_probe_any", "1.0", "pillow")
     wheel(index, "dynfuse_probe_new", "1.0", "pillow>=999")
     offline = ["--dry-run", "--no-index", "--find-links", str(index), "--disable-pip-version-check"]
+    # This machine's pip settings (extra wheel folders, a config file) stay out of it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
     outputs = []
 
     def dry_run(command, check=False):
-        result = subprocess.run([*command, *offline], check=check, capture_output=True, text=True)
+        result = subprocess.run([*command, *offline], check=check, capture_output=True, text=True, env=env)
         outputs.append(result.stdout + result.stderr)
         return result
 
