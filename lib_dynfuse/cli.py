@@ -4,13 +4,12 @@ would be fused."""
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 
 from lib_dynfuse.deltas import LayerGeometry, LowRankDelta
 from lib_dynfuse.lora_file import LoraFile, LoraFileError, LoraLayer, read_lora
-from lib_dynfuse.policies import EngineOptions, KLoraPolicy, LayerPair
+from lib_dynfuse.policies import KLORA_SCHEDULES, EngineOptions, KLoraPolicy, LayerPair
 
 
 def _alphas(lora: LoraFile) -> str:
@@ -29,6 +28,17 @@ def _guess_geometry(layer: LoraLayer) -> LayerGeometry:
     return LayerGeometry("conv2d", (layer.up.shape[0], layer.down.shape[1], *kernel))
 
 
+def _ranges(steps: list[int]) -> str:
+    """``[0, 1, 2, 7, 9, 10]`` → ``0-2, 7, 9-10``."""
+    spans: list[list[int]] = []
+    for step in steps:
+        if spans and step == spans[-1][1] + 1:
+            spans[-1][1] = step
+        else:
+            spans.append([step, step])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans) or "none"
+
+
 def describe(lora: LoraFile, label: str) -> list[str]:
     return [
         f"{label}: {lora.path}",
@@ -40,9 +50,11 @@ def describe(lora: LoraFile, label: str) -> list[str]:
     ]
 
 
-def inspect(subject_path: str, style_path: str, *, steps: int = 30, list_layers: bool = False,
+def inspect(subject_path: str, style_path: str, *, steps: int = 30, summary: bool = False,
             options: EngineOptions | None = None) -> list[str]:
     subject, style = read_lora(subject_path), read_lora(style_path)
+    subject.require_unet_layers()
+    style.require_unet_layers()
     lines = describe(subject, "subject") + describe(style, "style")
     shared = [k for k in subject.layers if k in style.layers]
     lines.append(f"overlap: {len(shared)} layers touched by both, {len(subject.layers) - len(shared)} by the "
@@ -58,19 +70,35 @@ def inspect(subject_path: str, style_path: str, *, steps: int = 30, list_layers:
             raise LoraFileError(f"layer {key} has shape {list(geometry.weight_shape)} in the subject and "
                                 f"{list(geometry_s.weight_shape)} in the style: the LoRAs are for different models")
         pairs[key] = LayerPair(d_c, d_s, geometry)
-    policy = KLoraPolicy(options or EngineOptions(method="k-lora"))
+    options = options or EngineOptions(method="k-lora")
+    options.validate()
+    policy = KLoraPolicy(options)
     policy.prepare(pairs)
-    switch = {k: math.ceil(policy.switch_progress(k) * steps) for k in shared}
-    subject_throughout = sum(1 for s in switch.values() if s >= steps)
-    style_throughout = sum(1 for s in switch.values() if s <= 0)
-    lines.append(f"K-LoRA (gamma {policy.gamma:.3g}, S(t) = {policy.options.klora_alpha:g}*t + "
-                 f"{policy.options.klora_beta:g}, {steps} steps): subject throughout in {subject_throughout} "
-                 f"layers, style throughout in {style_throughout}, a switch in between in "
+    style_steps = {k: policy.style_steps(k, steps) for k in shared}
+    subject_throughout = sum(1 for s in style_steps.values() if not s)
+    style_throughout = sum(1 for s in style_steps.values() if len(s) == steps)
+    schedule = (f"S(t) = {options.klora_alpha:g}*t + {options.klora_beta:g}" if options.klora_schedule == "S"
+                else f"S*(t) = ({options.klora_alpha:g}*t + 0.85*{options.klora_alpha:g}) mod {options.klora_alpha:g}")
+    lines.append(f"K-LoRA (gamma {policy.gamma:.3g}, {schedule}, {steps} steps): subject throughout in "
+                 f"{subject_throughout} layers, style throughout in {style_throughout}, a switch in between in "
                  f"{len(shared) - subject_throughout - style_throughout}")
-    if list_layers:
-        lines.append(f"  {'layer':<72} {'ratio':>8} {'switch step':>11}")
-        lines += [f"  {k:<72} {policy.ratio[k]:>8.3f} {switch[k]:>11d}" for k in shared]
+    if summary:
+        return lines
+    # The switch step is the first step at which the style wins, asked of the engine's own rule; S* can hand
+    # the layer back and forth, so its style steps are listed too.
+    ranges = options.klora_schedule != "S"
+    lines.append(f"  {'shared layer':<72} {'ratio R':>8} {'switch step':>11}" + ("  style at steps" if ranges else ""))
+    for k in shared:
+        first = str(style_steps[k][0]) if style_steps[k] else "never"
+        lines.append(f"  {k:<72} {policy.ratio[k]:>8.3f} {first:>11}" + (f"  {_ranges(style_steps[k])}" if ranges else ""))
     return lines
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,16 +107,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = commands.add_parser("inspect", help="describe a subject and a style LoRA and how they overlap")
     cmd.add_argument("subject")
     cmd.add_argument("style")
-    cmd.add_argument("--steps", type=int, default=30, help="sampling steps for the K-LoRA switch steps")
-    cmd.add_argument("--layers", action="store_true", help="list every shared layer with its K-LoRA switch step")
+    cmd.add_argument("--steps", type=_positive_int, default=30, help="sampling steps for the K-LoRA switch steps")
+    cmd.add_argument("--summary", action="store_true", help="leave out the per-layer list of shared layers")
+    defaults = EngineOptions()
+    cmd.add_argument("--klora-alpha", type=float, default=defaults.klora_alpha, help="K-LoRA schedule slope α")
+    cmd.add_argument("--klora-beta", type=float, default=defaults.klora_beta, help="K-LoRA schedule offset β (S only)")
+    cmd.add_argument("--klora-schedule", choices=KLORA_SCHEDULES, default=defaults.klora_schedule)
     args = parser.parse_args(argv)
+    options = EngineOptions(method="k-lora", klora_alpha=args.klora_alpha, klora_beta=args.klora_beta,
+                            klora_schedule=args.klora_schedule)
     try:
-        lines = inspect(args.subject, args.style, steps=args.steps, list_layers=args.layers)
-    except LoraFileError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        lines = inspect(args.subject, args.style, steps=args.steps, summary=args.summary, options=options)
     except Exception as error:  # noqa: BLE001 - a tool for users: one line, never a traceback
-        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        message = str(error) if isinstance(error, LoraFileError) else f"{type(error).__name__}: {error}"
+        print(f"error: {message.strip().splitlines()[0]}", file=sys.stderr)
         return 2
     print("\n".join(lines))
     return 0

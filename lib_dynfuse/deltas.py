@@ -7,7 +7,6 @@ output and both LoRA contributions separately at every step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -116,13 +115,22 @@ class LowRankDelta:
 
 class DenseDelta:
     """A full ΔW for LoRA types without a low-rank form (LoHa, LoKr, DoRA-adjusted): the host's own scale is
-    already in ``weight``; ``strength`` multiplies on top."""
+    already in ``weight``; ``strength`` multiplies on top.
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None, strength: float = 1.0) -> None:
+    ``rank`` is the network's nominal rank (its dim, which the host knows), used for K-LoRA's K = r_c·r_s;
+    without it the rank is the bound of the matrix, min(out, in·k·k), and K-LoRA's top-K sum becomes nearly
+    the whole matrix.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, strength: float = 1.0,
+                 rank: int | None = None) -> None:
+        if rank is not None and rank < 1:
+            raise ValueError(f"a dense LoRA delta needs a rank of at least 1, not {rank}")
         self.weight = weight
         self.bias = bias
         self.strength = float(strength)
-        self.rank = min(weight.shape[0], weight[0].numel())
+        self.nominal_rank = rank
+        self.rank = int(rank) if rank is not None else min(weight.shape[0], weight[0].numel())
 
     def output(self, x: Tensor, geometry: LayerGeometry) -> Tensor:
         w = _as(self.weight, x).reshape(geometry.weight_shape) * self.strength
@@ -137,16 +145,16 @@ class DenseDelta:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DenseDelta:
         bias = None if self.bias is None else self.bias.to(device=device, dtype=dtype)
-        return DenseDelta(self.weight.to(device=device, dtype=dtype), bias, self.strength)
+        return DenseDelta(self.weight.to(device=device, dtype=dtype), bias, self.strength, self.nominal_rank)
 
     def with_strength(self, strength: float) -> DenseDelta:
-        return DenseDelta(self.weight, self.bias, strength)
+        return DenseDelta(self.weight, self.bias, strength, self.nominal_rank)
 
     def factor_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.bias) if t is not None)
 
 
-Delta = Union[LowRankDelta, DenseDelta]
+Delta = LowRankDelta | DenseDelta
 
 
 def _as(t: Tensor | None, like: Tensor) -> Tensor | None:

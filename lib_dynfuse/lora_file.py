@@ -47,11 +47,18 @@ class LoraFile:
 
     @property
     def rank(self) -> int:
-        return Counter(layer.rank for layer in self.layers.values()).most_common(1)[0][0]
+        """The most common rank of the UNet layers; 0 when there are none."""
+        ranks = Counter(layer.rank for layer in self.layers.values()).most_common(1)
+        return ranks[0][0] if ranks else 0
 
     @property
     def family(self) -> str:
         return guess_family(self)
+
+    def require_unet_layers(self) -> None:
+        if not self.layers:
+            raise LoraFileError(f"{os.path.basename(self.path)} has no UNet layers (text encoder only): "
+                                "there is nothing for DynFuse to fuse")
 
 
 _TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder", "te_", "te1_", "te2_")
@@ -70,7 +77,11 @@ _TENSOR_ROLES = (
 
 
 def read_lora(path: str | os.PathLike) -> LoraFile:
-    """Read a LoRA ``.safetensors`` file; every failure is a :class:`LoraFileError` with a one-line message."""
+    """Read a LoRA ``.safetensors`` file; every failure is a :class:`LoraFileError` with a one-line message.
+
+    Tensor names are matched first and only the factors of UNet layers are loaded, so a checkpoint or another
+    large file that is not a LoRA is turned away without reading its data.
+    """
     from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
@@ -80,36 +91,52 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     try:
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            layers, text_encoder = _group(name, list(f.keys()))
+            tensors = {t: f.get_tensor(t) for found in layers.values() for t in found.values()}
+    except LoraFileError:
+        raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise LoraFileError(f"cannot read {name}: damaged or not a .safetensors file ({reason})") from None
-    return parse_lora_tensors(tensors, path=path, metadata=metadata)
+    return _lora_file(path, layers, text_encoder, tensors, metadata)
 
 
 def parse_lora_tensors(tensors: dict[str, Tensor], *, path: str = "<memory>",
                        metadata: dict[str, str] | None = None) -> LoraFile:
-    name = os.path.basename(path)
-    parts: dict[str, dict[str, Tensor]] = {}
-    for tensor_name, tensor in tensors.items():
+    """:func:`read_lora` for tensors already in memory, keyed by their names in the file."""
+    layers, text_encoder = _group(os.path.basename(path), list(tensors))
+    return _lora_file(path, layers, text_encoder, tensors, dict(metadata or {}))
+
+
+def _group(name: str, tensor_names: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """The UNet layers' tensor names (layer name in the file → role → tensor name), and the text encoder's
+    layer keys; :class:`LoraFileError` when there are neither."""
+    layers: dict[str, dict[str, str]] = {}
+    text_encoder: set[str] = set()
+    for tensor_name in tensor_names:
         for role, pattern in _TENSOR_ROLES:
             match = pattern.match(tensor_name)
             if match:
-                parts.setdefault(match.group(1), {})[role] = tensor
+                key = _normalise_key(match.group(1))
+                if key.startswith(_TEXT_ENCODER_PREFIXES):
+                    text_encoder.add(key)
+                else:
+                    layers.setdefault(match.group(1), {})[role] = tensor_name
                 break
-    layers: dict[str, LoraLayer] = {}
-    text_encoder: list[str] = []
-    for raw_key, found in parts.items():
-        key = _normalise_key(raw_key)
-        if key.startswith(_TEXT_ENCODER_PREFIXES):
-            text_encoder.append(key)
-            continue
-        if "down" not in found or "up" not in found:
-            continue
-        layers[_strip_unet_prefix(key)] = _layer(name, _strip_unet_prefix(key), found)
+    layers = {raw: found for raw, found in layers.items() if "down" in found and "up" in found}
     if not layers and not text_encoder:
         raise LoraFileError(f"{name} is not a LoRA file: it has no lora_down/lora_up or lora_A/lora_B tensors")
-    return LoraFile(path, layers, sorted(text_encoder), dict(metadata or {}))
+    return layers, sorted(text_encoder)
+
+
+def _lora_file(path: str, layers: dict[str, dict[str, str]], text_encoder: list[str], tensors: dict[str, Tensor],
+               metadata: dict[str, str]) -> LoraFile:
+    name = os.path.basename(path)
+    parsed = {}
+    for raw, names in layers.items():
+        key = _strip_unet_prefix(_normalise_key(raw))
+        parsed[key] = _layer(name, raw, key, {role: tensors[t] for role, t in names.items()}, names)
+    return LoraFile(path, parsed, text_encoder, metadata)
 
 
 def _normalise_key(raw: str) -> str:
@@ -124,13 +151,21 @@ def _strip_unet_prefix(key: str) -> str:
     return key
 
 
-def _layer(name: str, key: str, found: dict[str, Tensor]) -> LoraLayer:
-    down, up, mid = found["down"], found["up"], found.get("mid")
-    rank = down.shape[0]
-    if up.dim() < 2 or up.shape[1] != rank or (mid is not None and tuple(mid.shape[:2]) != (rank, rank)):
-        raise LoraFileError(f"{name}: layer {key} has mismatched factors (down {list(down.shape)}, "
-                            f"up {list(up.shape)}); the file is damaged")
-    alpha = found.get("alpha")
+def _layer(name: str, raw: str, key: str, found: dict[str, Tensor], names: dict[str, str]) -> LoraLayer:
+    """One layer's factors, checked here so that a damaged file is named, not met as a shape error later."""
+    down, up, mid, alpha = found["down"], found["up"], found.get("mid"), found.get("alpha")
+    for role in ("down", "up", "mid"):
+        if role in found and not found[role].is_floating_point():
+            raise LoraFileError(f"{name}: {names[role]} holds {found[role].dtype} values, not floats; "
+                                "the file is damaged")
+    if alpha is not None and alpha.numel() != 1:
+        raise LoraFileError(f"{name}: {names['alpha']} holds {alpha.numel()} values instead of one; "
+                            "the file is damaged")
+    rank = down.shape[0] if down.dim() else 0
+    if (down.dim() not in (2, 4) or up.dim() not in (2, 4) or up.shape[1] != rank
+            or (mid is not None and (mid.dim() != 4 or tuple(mid.shape[:2]) != (rank, rank)))):
+        shapes = ", ".join(f"{role} {list(t.shape)}" for role, t in found.items() if role != "alpha")
+        raise LoraFileError(f"{name}: layer {raw} has mismatched factors ({shapes}); the file is damaged")
     return LoraLayer(key, down, up, mid, float(alpha) if alpha is not None else None)
 
 
@@ -208,6 +243,7 @@ def resolve_layers(lora: LoraFile, model: nn.Module) -> dict[str, LoraLayer]:
 def deltas_for_model(lora: LoraFile, model: nn.Module, strength: float = 1.0) -> dict[str, LowRankDelta]:
     """Low-rank deltas keyed by module name; :class:`LoraFileError` when the file does not fit ``model``."""
     name = os.path.basename(lora.path)
+    lora.require_unet_layers()
     layers = resolve_layers(lora, model)
     if not layers:
         raise LoraFileError(f"{name} does not fit this model: none of its {len(lora.layers)} UNet layers exist "
@@ -229,27 +265,31 @@ def deltas_for_model(lora: LoraFile, model: nn.Module, strength: float = 1.0) ->
 
 # ---- base-model family --------------------------------------------------------------------------------------
 
-_CONTEXT_DIMS = {768: "SD1.5", 2048: "SDXL"}
+# Substrings of kohya's ss_base_model_version (sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0) and of the model spec's
+# architecture (stable-diffusion-v1/lora, stable-diffusion-v2-768-v/lora, stable-diffusion-xl-v1-base/lora),
+# most specific first.
+_METADATA_FAMILIES = (("sdxl", "SDXL"), ("stable-diffusion-xl", "SDXL"), ("sd_v2", "SD2"),
+                      ("stable-diffusion-v2", "SD2"), ("sd_v1", "SD1.5"), ("stable-diffusion-v1", "SD1.5"))
+# Width of the text context the cross-attention keys and values read: CLIP ViT-L, OpenCLIP ViT-H, both of SDXL's.
+_CONTEXT_DIMS = {768: "SD1.5", 1024: "SD2", 2048: "SDXL"}
 
 
 def guess_family(lora: LoraFile) -> str:
-    """SD1.5, SDXL or unknown, from the trainer's metadata, else from the layers' names and shapes."""
-    hint = (lora.metadata.get("ss_base_model_version", "") + " " + lora.metadata.get("modelspec.architecture", "")).lower()
-    if "xl" in hint:
-        return "SDXL"
-    if "sd_v1" in hint or "stable-diffusion-v1" in hint:
-        return "SD1.5"
+    """SD1.5, SD2, SDXL or unknown: from the trainer's metadata, else from the layers' shapes and names."""
+    for entry in ("ss_base_model_version", "modelspec.architecture"):
+        value = lora.metadata.get(entry, "").lower()
+        for hint, family in _METADATA_FAMILIES:
+            if value.startswith(hint):
+                return family
     for key, layer in lora.layers.items():
         if key.endswith(("attn2_to_k", "attn2_to_v")):
-            family = _CONTEXT_DIMS.get(int(layer.down.shape[1]))
-            if family:
-                return family
+            return _CONTEXT_DIMS.get(int(layer.down.shape[1]), "unknown")
     keys = set(lora.layers)
-    if any(k.startswith(("label_emb", "add_embedding")) for k in keys):
+    if any(k.startswith(("label_emb", "add_embedding")) for k in keys) or any(
+            k.startswith(("lora_te2", "te2")) for k in lora.text_encoder_keys):
         return "SDXL"
     if any(k.startswith(("input_blocks_1_1_", "down_blocks_0_attentions")) for k in keys):
-        return "SD1.5"
-    if any(k.startswith("lora_te2") or k.startswith("te2") for k in lora.text_encoder_keys):
-        return "SDXL"
+        # Attention at the first level: SD1.5 or SD2, told apart by SD2's linear transformer projections.
+        linear = [layer.down.dim() == 2 for k, layer in lora.layers.items() if k.endswith(("proj_in", "proj_out"))]
+        return "SD2" if any(linear) else "SD1.5"
     return "unknown"
-

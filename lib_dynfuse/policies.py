@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lib_dynfuse.deltas import Delta, LayerGeometry
 from lib_dynfuse.divergence import MEASURES
+from lib_dynfuse.layout import StepClock
 
 METHODS = ("kl", "kl-soft", "k-lora", "switch", "static", "subject-only", "style-only")
 DIVERGENCE_METHODS = ("kl", "kl-soft")
@@ -128,7 +129,9 @@ class KLoraPolicy(Policy):
     """K-LoRA (Ouyang et al. 2025): top-K magnitude sums of ΔW, balanced by γ and scaled by a time schedule.
 
     Everything except the schedule is input-independent, so each layer's ratio R = (S_c / γ) / S_s is computed
-    once per generation; the subject wins while R >= S(t).
+    once per generation; the subject wins while R >= S(t). K = r_subject·r_style uses each delta's ``rank``:
+    the factors' rank for a low-rank delta, the nominal rank the host gives (or the matrix rank bound) for a
+    dense one.
     """
 
     def __init__(self, options: EngineOptions) -> None:
@@ -149,20 +152,26 @@ class KLoraPolicy(Policy):
         self.ratio = {name: (s_c / self.gamma) / max(s_s, 1e-30) for name, (s_c, s_s) in top_k.items()}
 
     def scale(self, progress: float) -> float:
+        """The time schedule at ``progress`` (0 at pure noise).
+
+        S(t) = α·t + β with the user's α and β. S*(t) = (α·t + 0.85·α) mod α is the reference code's
+        alternative (method.md 3.1): its offset is fixed at 0.85·α, so ``klora_beta`` does not apply to it.
+        """
         alpha = self.options.klora_alpha
         if self.options.klora_schedule == "S*":
-            # The reference code's S*(t): offset 0.85·α, wrapped modulo α, so style gets in early as well.
             return (alpha * progress + 0.85 * alpha) % alpha
         return alpha * progress + self.options.klora_beta
 
-    def switch_progress(self, layer: str) -> float:
-        """Progress at which the layer hands over from subject to style under S(t) (0: style throughout,
-        1: subject throughout)."""
-        r = self.ratio[layer]
-        return min(max((r - self.options.klora_beta) / self.options.klora_alpha, 0.0), 1.0)
+    def subject_wins(self, layer: str, progress: float) -> bool:
+        return self.ratio[layer] >= self.scale(progress)
+
+    def style_steps(self, layer: str, total: int) -> list[int]:
+        """The steps of a ``total``-step generation at which the style wins ``layer``, decided as the engine
+        decides them."""
+        return [i for i in range(total) if not self.subject_wins(layer, StepClock(i, total).progress)]
 
     def weights(self, layer, progress, step, d_subject, d_style, units, device):
-        subject = self.ratio[layer] >= self.scale(progress)
+        subject = self.subject_wins(layer, progress)
         return _constant(units, device, float(subject), float(not subject))
 
 

@@ -1,4 +1,5 @@
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -130,14 +131,116 @@ def test_a_lora_for_another_model_family_does_not_fit(tmp_path):
 
 @pytest.mark.parametrize("metadata,dims,family", [
     ({"ss_base_model_version": "sdxl_base_v1-0"}, 768, "SDXL"),
+    ({"ss_base_model_version": "sd_v2"}, 768, "SD2"),
+    ({"ss_base_model_version": "sd_v2_v"}, 2048, "SD2"),
+    ({"ss_base_model_version": "sd_v1"}, 1024, "SD1.5"),
     ({"modelspec.architecture": "stable-diffusion-v1/lora"}, 2048, "SD1.5"),
+    ({"modelspec.architecture": "stable-diffusion-v2-768-v/lora"}, 768, "SD2"),
+    ({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}, 768, "SDXL"),
+    ({"ss_base_model_version": "flux1"}, 2048, "SDXL"),  # not a UNet family: the shapes decide
     ({}, 768, "SD1.5"),
+    ({}, 1024, "SD2"),
     ({}, 2048, "SDXL"),
-    ({}, 1024, "unknown"),
+    ({}, 4096, "unknown"),
 ])
-def test_family_guess(tmp_path, metadata, dims, family):
+@pytest.mark.parametrize("block", ["input_blocks_1_1", "output_blocks_3_1"])
+def test_family_guess(tmp_path, metadata, dims, family, block):
     tensors = {
-        "lora_unet_output_blocks_3_1_transformer_blocks_0_attn2_to_v.lora_down.weight": torch.randn(2, dims),
-        "lora_unet_output_blocks_3_1_transformer_blocks_0_attn2_to_v.lora_up.weight": torch.randn(640, 2),
+        f"lora_unet_{block}_transformer_blocks_0_attn2_to_v.lora_down.weight": torch.randn(2, dims),
+        f"lora_unet_{block}_transformer_blocks_0_attn2_to_v.lora_up.weight": torch.randn(320, 2),
     }
     assert read_lora(write(tmp_path / "f.safetensors", tensors, metadata)).family == family
+
+
+@pytest.mark.parametrize("proj_down,family", [((2, 320, 1, 1), "SD1.5"), ((2, 320), "SD2")])
+def test_family_from_the_transformer_projection_when_no_context_layer_is_there(tmp_path, proj_down, family):
+    tensors = {
+        "lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.randn(proj_down),
+        "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.randn(320, 2, *proj_down[2:]),
+    }
+    assert read_lora(write(tmp_path / "f.safetensors", tensors)).family == family
+
+
+def test_a_text_encoder_only_lora_has_no_unet_layers(tmp_path):
+    lora = read_lora(write(tmp_path / "te.safetensors", {
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(3, 12),
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(12, 3)}))
+    assert lora.layers == {} and lora.rank == 0
+    assert lora.text_encoder_keys == ["lora_te_text_model_encoder_layers_0_mlp_fc1"]
+    message = "te.safetensors has no UNet layers (text encoder only): there is nothing for DynFuse to fuse"
+    with pytest.raises(LoraFileError, match=re.escape(message)):
+        deltas_for_model(lora, TinyUNet())
+
+
+KEY = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+
+
+@pytest.mark.parametrize("change,message", [
+    ({f"{KEY}.alpha": torch.tensor([4.0, 4.0])}, f"{KEY}.alpha holds 2 values instead of one"),
+    ({f"{KEY}.lora_up.weight": torch.randn(8, 5)}, f"layer {KEY} has mismatched factors (down [2, 8], up [8, 5])"),
+    ({f"{KEY}.lora_down.weight": torch.randn(8)}, f"layer {KEY} has mismatched factors (down [8], up [8, 2])"),
+    ({f"{KEY}.lora_down.weight": torch.ones(2, 8, dtype=torch.int64)},
+     f"{KEY}.lora_down.weight holds torch.int64 values, not floats"),
+])
+def test_damaged_factors_are_named(tmp_path, change, message):
+    model = TinyUNet()
+    tensors = lora_tensors(model, ["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"], seed=6)
+    tensors.update(change)
+    with pytest.raises(LoraFileError, match="^" + re.escape(f"bad.safetensors: {message}") + "; the file is damaged$"):
+        read_lora(write(tmp_path / "bad.safetensors", tensors))
+
+
+class SpyOpen:
+    """Wraps safetensors.safe_open and records every tensor whose data is read."""
+
+    def __init__(self, real):
+        self.real, self.loaded = real, []
+
+    def __call__(self, *args, **kwargs):
+        spy = self
+
+        class Handle:
+            def __enter__(self):
+                self.f = spy.real(*args, **kwargs).__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self.f.__exit__(*exc)
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def get_tensor(self, name):
+                spy.loaded.append(name)
+                return self.f.get_tensor(name)
+
+        return Handle()
+
+
+@pytest.fixture
+def spy_open(monkeypatch):
+    import safetensors
+
+    spy = SpyOpen(safetensors.safe_open)
+    monkeypatch.setattr(safetensors, "safe_open", spy)
+    return spy
+
+
+def test_a_file_without_lora_keys_is_turned_away_before_any_tensor_is_read(tmp_path, spy_open):
+    path = write(tmp_path / "model.safetensors", {f"model.diffusion_model.layer{i}.weight": torch.zeros(64, 64)
+                                                  for i in range(5)})
+    with pytest.raises(LoraFileError, match="model.safetensors is not a LoRA file"):
+        read_lora(path)
+    assert spy_open.loaded == []
+
+
+def test_only_the_unet_factors_are_read(tmp_path, spy_open):
+    model = TinyUNet()
+    tensors = lora_tensors(model, ALL[3:5], seed=7)
+    others = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 12),
+              "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(12, 2),
+              "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0),
+              "model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3)}
+    lora = read_lora(write(tmp_path / "mixed.safetensors", {**tensors, **others}))
+    assert sorted(spy_open.loaded) == sorted(tensors)
+    assert len(lora.layers) == 2 and lora.text_encoder_keys == ["lora_te_text_model_encoder_layers_0_mlp_fc1"]

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lib_dynfuse.deltas import LayerGeometry, LowRankDelta
+from lib_dynfuse.deltas import DenseDelta, LayerGeometry, LowRankDelta
 from lib_dynfuse.policies import METHODS, EngineOptions, KLoraPolicy, LayerPair, make_policy, robust_mean
 
 CPU = torch.device("cpu")
@@ -98,12 +98,59 @@ def test_klora_switch_matches_brute_force(seed, schedule, alpha, beta, steps):
         assert got == expected
 
 
-def test_klora_switch_progress_is_where_the_schedule_crosses_the_ratio():
+@pytest.mark.parametrize("ratio,total,style_steps", [
+    (1.25, 2, []),  # S = 0.5, 1.25: the subject keeps the layer at S(t) == R
+    (1.25, 4, [3]),  # S = 0.5, 0.875, 1.25, 1.625
+    (0.5, 3, [1, 2]),  # R == β: the subject still wins the first step
+    (0.2, 3, [0, 1, 2]),
+    (5.0, 3, []),
+])
+def test_klora_style_steps_are_where_the_schedule_passes_the_ratio(ratio, total, style_steps):
     policy = KLoraPolicy(EngineOptions(method="k-lora"))
-    policy.ratio = {"a": 1.25, "b": 0.2, "c": 5.0}
-    assert policy.switch_progress("a") == pytest.approx(0.5)  # 1.5 * 0.5 + 0.5 == 1.25
-    assert policy.switch_progress("b") == 0.0
-    assert policy.switch_progress("c") == 1.0
+    policy.ratio = {"l": ratio}
+    assert policy.style_steps("l", total) == style_steps
+    engine = [policy.weights("l", step / total, step, None, None, 1, CPU)[1].item() == 1.0 for step in range(total)]
+    assert [step for step, style in enumerate(engine) if style] == style_steps
+
+
+def test_klora_s_star_ignores_beta():
+    ratios = {"a": 0.3, "b": 1.0, "c": 1.4}
+    steps = []
+    for beta in (0.0, 0.5, 1.0):
+        policy = KLoraPolicy(EngineOptions(method="k-lora", klora_schedule="S*", klora_beta=beta))
+        policy.ratio = ratios
+        steps.append({name: policy.style_steps(name, 20) for name in ratios})
+    assert steps[0] == steps[1] == steps[2]
+    # S* = (1.5·t + 1.275) mod 1.5: above 1 until it wraps at t = 0.15, above 1 again after t = 0.82
+    assert steps[0]["b"] == [0, 1, 2, 17, 18, 19]
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 1000), rank_c=st.integers(1, 3), rank_s=st.integers(1, 3))
+def test_klora_top_k_of_dense_deltas_uses_the_nominal_rank(seed, rank_c, rank_s):
+    g = torch.Generator().manual_seed(seed)
+    geometry = LayerGeometry("conv2d", (6, 4, 3, 3))
+    pairs = {}
+    for i in range(3):
+        w_c, w_s = torch.randn(6, 4, 3, 3, generator=g), torch.randn(6, 4, 3, 3, generator=g) * (1 + i)
+        pairs[f"layer{i}"] = LayerPair(DenseDelta(w_c, rank=rank_c), DenseDelta(w_s, rank=rank_s), geometry)
+    policy = make_policy(EngineOptions(method="k-lora"))
+    policy.prepare(pairs)
+    ratios = [float(p.subject.weight.abs().sum() / p.style.weight.abs().sum()) for p in pairs.values()]
+    gamma = robust_mean(ratios)
+    for name, p in pairs.items():
+        k = rank_c * rank_s
+        s_c = p.subject.weight.abs().flatten().sort(descending=True).values[:k].sum()
+        s_s = p.style.weight.abs().flatten().sort(descending=True).values[:k].sum()
+        assert policy.ratio[name] == pytest.approx(float(s_c / gamma / s_s), rel=1e-5)
+
+
+def test_a_dense_delta_without_a_nominal_rank_uses_the_matrix_bound():
+    w = torch.randn(6, 4, 3, 3)
+    assert DenseDelta(w).rank == 6 and DenseDelta(w, rank=4).rank == 4
+    assert DenseDelta(w, rank=4).with_strength(0.5).rank == 4 and DenseDelta(w, rank=4).to(dtype=torch.float16).rank == 4
+    with pytest.raises(ValueError, match="rank of at least 1, not 0"):
+        DenseDelta(w, rank=0)
 
 
 def test_robust_mean_drops_outliers():
