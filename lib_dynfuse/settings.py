@@ -136,10 +136,18 @@ class DynFuseSettings:
         low_open=True,
     )
     klora_beta: float = _setting(
-        0.5, "float", "K-LoRA beta", "k-lora: offset β of the time schedule.", low=0.0
+        0.5,
+        "float",
+        "K-LoRA beta",
+        "k-lora: offset β of the time schedule S(t) = α·t/T + β (S only; S* keeps its fixed offset 0.85·α).",
+        low=0.0,
     )
     klora_schedule: str = _setting(
-        "S", "str", "K-LoRA schedule", "k-lora: step schedule S(t) or S*(t).", choices=KLORA_SCHEDULES
+        "S",
+        "str",
+        "K-LoRA schedule",
+        "k-lora: step schedule S(t) = α·t/T + β, or S*(t) = (α·t/T + 0.85·α) mod α, which lets the style in early.",
+        choices=KLORA_SCHEDULES,
     )
     show_map: bool = _setting(False, "bool", "show map", "Add the selection map image to the outputs.")
     guidance: bool = _setting(
