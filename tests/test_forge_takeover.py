@@ -315,6 +315,32 @@ def test_a_patch_dynfuse_cannot_fuse_stays_with_forge_under_its_own_key(host, tm
     assert "proj_in keeps the subject LoRA merged statically" in p.extra_generation_params[NOTE_KEY]
 
 
+def test_norm_layer_patches_stay_with_forge_and_the_rest_is_fused(host, tmp_path, capsys):
+    """LyCORIS w_norm / b_norm: 1-D diffs on GroupNorm and LayerNorm weights, which no hook can add in output
+    space. Those layers keep Forge's merge; every other layer of the LoRA is still fused."""
+    g = torch.Generator().manual_seed(5)
+    norms = {"lora_unet_input_blocks_1_1_norm.w_norm": torch.randn(8, generator=g) * 0.1,
+             "lora_unet_input_blocks_1_1_norm.b_norm": torch.randn(8, generator=g) * 0.1,
+             "lora_unet_input_blocks_1_1_transformer_blocks_0_norm1.w_norm": torch.randn(8, generator=g) * 0.1}
+    fh.write_lora(tmp_path / "subj.safetensors", host.sd_model, list(fh.kohya_keys())[fh.SUBJECT_KEYS], seed=1,
+                  extra=norms)
+    merged, _ = host.txt2img(fh.PROMPT, steps=2, enable_hr=True)
+    script, runner = dynfuse(host, method="static")
+    kept = {}
+    host.script_callbacks.on_cfg_denoiser(lambda params: kept.update(host.sd_model.forge_objects.unet.lora_patches))
+    fused, p = host.txt2img(fh.PROMPT, runner=runner, steps=2, enable_hr=True)
+    out = capsys.readouterr().out
+    assert "could not take over" not in out
+    assert out.count("input_blocks.1.1.norm keeps the subject LoRA merged statically") == 1  # not once per pass
+    static = next(patches for key, patches in kept.items() if key[0].endswith("subj.safetensors" + STATIC_SUFFIX))
+    assert sorted(static) == ["diffusion_model.input_blocks.1.1.norm.bias", "diffusion_model.input_blocks.1.1.norm.weight",
+                              "diffusion_model.input_blocks.1.1.transformer_blocks.0.norm1.weight"]
+    assert "input_blocks.1.1.norm keeps the subject LoRA merged statically" in p.extra_generation_params[NOTE_KEY]
+    assert len(script.job.last_log.layers) > 0
+    # Output-space deltas instead of merged weights, over two passes: equal up to fp32 rounding.
+    torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-3, atol=1e-3)
+
+
 def test_a_tag_forge_did_not_load_turns_dynfuse_off_with_a_message(host, capsys):
     clean, _ = host.txt2img("a dog <lora:subj:0.8> <lora:nothere:1> <lora:other:0.5>", steps=2)
     _script, runner = dynfuse(host)

@@ -115,8 +115,11 @@ class ForgeAdapter(HostAdapter):
                        "off: LoRA has no UNet weights")
                 return
             targets, leftovers, notes = self._targets(unet, job, taken)
+            said = job.host.setdefault("said", set())  # take_over runs for every batch and hires pass
             for note in notes:
-                say(note)
+                if note not in said:
+                    said.add(note)
+                    say(note)
                 add_note(p, note)
             for key, patches in leftovers.items():
                 unet.lora_patches[key] = patches
@@ -171,6 +174,7 @@ class ForgeAdapter(HostAdapter):
             for role, params in by_role.items():
                 try:
                     module = unet.model.get_submodule(path)
+                    _check_fusable(module)
                     base = unet.lora_loader.backup.get(f"{path}.weight", module.weight)
                     deltas[role] = _delta(params, base, overrides[role])
                 except (NotFusable, AttributeError) as e:
@@ -270,6 +274,17 @@ class ForgeAdapter(HostAdapter):
 
 
 # ---- patches -> deltas ------------------------------------------------------------------------------
+def _check_fusable(module: torch.nn.Module) -> None:
+    """Hooks add a delta to a Linear's or Conv2d's output; a norm layer's 1-D weight (LyCORIS w_norm / b_norm)
+    acts inside the normalisation, so only Forge's merge can apply it."""
+    from lib_dynfuse.deltas import LayerGeometry
+
+    try:
+        LayerGeometry.of(module)
+    except ValueError:
+        raise NotFusable(f"not a Linear or Conv2d layer: weight of shape {list(module.weight.shape)}") from None
+
+
 def _delta(params: dict[str, list], base_weight: torch.Tensor, override: float | None):
     """One LoRA's contribution to one layer from its Forge patch entries (weight and optional bias)."""
     from lib_dynfuse.deltas import DenseDelta, LowRankDelta
