@@ -287,23 +287,25 @@ def test_loha_and_bias_patches_become_dense_deltas_matching_forge(host, tmp_path
     torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
 
 
-def test_a_patch_dynfuse_cannot_fuse_stays_with_forge_under_its_own_key(host, tmp_path):
-    script, runner = dynfuse(host, method="static")
-    cached_store = {}
+class Rescaler:
+    """An extension (or a LoRA type) that rescales the base weight: strength_model != 1 on one subject layer,
+    which dynfuse cannot fuse."""
 
-    def rescale_one_entry(p, *args, **kwargs):
-        # An extension (or a LoRA type) that rescales the base weight: strength_model != 1 on one layer.
+    filename = "rescaler"
+    layer = "diffusion_model.input_blocks.1.1.proj_in.weight"
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
         unet = p.sd_model.forge_objects.unet.clone()
         key = next(k for k in unet.lora_patches if k[0].endswith("subj.safetensors"))
         patches = dict(unet.lora_patches[key])
-        name = "diffusion_model.input_blocks.1.1.proj_in.weight"
-        patches[name] = [[e[0], e[1], 0.5, e[3], e[4]] for e in patches[name]]
+        patches[self.layer] = [[e[0], e[1], 0.5, e[3], e[4]] for e in patches[self.layer]]
         unet.lora_patches[key] = patches
         p.sd_model.forge_objects.unet = unet
 
-    class Rescaler:
-        filename = "rescaler"
-        process_before_every_sampling = staticmethod(rescale_one_entry)
+
+def test_a_patch_dynfuse_cannot_fuse_stays_with_forge_under_its_own_key(host, tmp_path):
+    script, runner = dynfuse(host, method="static")
+    cached_store = {}
 
     def during(params):
         cached_store["keys"] = list(host.sd_model.forge_objects.unet.lora_patches)
@@ -313,6 +315,20 @@ def test_a_patch_dynfuse_cannot_fuse_stays_with_forge_under_its_own_key(host, tm
     _processed, p = host.txt2img(fh.PROMPT, runner=runner, steps=2)
     assert any(k[0].endswith("subj.safetensors" + STATIC_SUFFIX) for k in cached_store["keys"])
     assert "proj_in keeps the subject LoRA merged statically" in p.extra_generation_params[NOTE_KEY]
+
+
+def test_strength_override_reaches_the_layers_left_to_forge(host):
+    strengths = (0.3, 0.6)
+    expected = [host.txt2img(fh.PROMPT.replace("subj:0.8", f"subj:{strength}"),
+                             runner=host.scripts.ScriptRunner([Rescaler()]), steps=2)[0] for strength in strengths]
+    # One after the other: the second strength must be merged anew, not served from the first merge.
+    for strength, reference in zip(strengths, expected):
+        script, _ = dynfuse(host, method="static", subject_strength=strength)
+        fused, _ = host.txt2img(fh.PROMPT, runner=host.scripts.ScriptRunner([Rescaler(), script]), steps=2)
+        torch.testing.assert_close(fused.latents[0], reference.latents[0], rtol=1e-4, atol=1e-4)
+    cached = host.sd_model.forge_objects_after_applying_lora.unet
+    key = next(k for k in cached.lora_patches if k[0].endswith("subj.safetensors"))
+    assert {e[0] for entries in cached.lora_patches[key].values() for e in entries} == {0.8}  # Forge's own, as loaded
 
 
 def test_norm_layer_patches_stay_with_forge_and_the_rest_is_fused(host, tmp_path, capsys):

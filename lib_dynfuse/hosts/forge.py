@@ -105,6 +105,7 @@ class ForgeAdapter(HostAdapter):
             # The first hires call sees the clone made for the first pass; start again from what it replaced.
             source = job.host["source"] if current is job.host.get("clone") else current
             unet = source.clone()
+            order = list(unet.lora_patches)
             taken = self._pop_targets(unet, job)
             missing = [role for role in ROLES if not taken[role]]
             if missing:
@@ -121,8 +122,7 @@ class ForgeAdapter(HostAdapter):
                     said.add(note)
                     say(note)
                 add_note(p, note)
-            for key, patches in leftovers.items():
-                unet.lora_patches[key] = patches
+            unet.lora_patches = _in_order(order, unet.lora_patches, leftovers)
 
             from lib_dynfuse.session import FusionSession
 
@@ -168,7 +168,8 @@ class ForgeAdapter(HostAdapter):
         overrides = {"subject": job.settings.subject_strength, "style": job.settings.style_strength}
 
         targets, notes = [], []
-        leftovers: dict[tuple, dict[str, list]] = defaultdict(dict)
+        # the popped store key -> the key and entries Forge keeps merging
+        leftovers: dict[tuple, tuple[tuple, dict[str, list]]] = {}
         for path, by_role in layers.items():
             deltas: dict[str, Any] = {}
             for role, params in by_role.items():
@@ -179,16 +180,16 @@ class ForgeAdapter(HostAdapter):
                     deltas[role] = _delta(params, base, overrides[role])
                 except (NotFusable, AttributeError) as e:
                     key = origin[(role, path)]
-                    rest_key = (f"{key[0]}{STATIC_SUFFIX}",) + tuple(key[1:])
-                    for param, entries in params.items():
-                        leftovers[rest_key][f"{path}.{param}"] = entries
+                    rest_key, rest = _left_to_forge(key, params, overrides[role])
+                    leftovers.setdefault(key, (rest_key, {}))[1].update(
+                        {f"{path}.{param}": entries for param, entries in rest.items()})
                     notes.append(f"{path} keeps the {role} LoRA merged statically ({e})")
             if deltas:
                 targets.append(LayerTarget(path, unet.model.get_submodule(path), deltas.get("subject"),
                                            deltas.get("style")))
         if len(notes) > 3:
             notes = notes[:2] + [f"... and {len(notes) - 2} more layers kept static"]
-        return targets, dict(leftovers), notes
+        return targets, leftovers, notes
 
     # ---- CFG callbacks --------------------------------------------------------------------------
     def on_cfg_denoiser(self, params: Any) -> None:
@@ -271,6 +272,31 @@ class ForgeAdapter(HostAdapter):
                     say(f"removed {removed} hooks left by an interrupted generation")
         except Exception as e:  # noqa: BLE001
             say(f"could not check for leftover hooks: {e}")
+
+
+def _in_order(order: list[tuple], kept: dict[tuple, dict], leftovers: dict[tuple, tuple[tuple, dict]]) -> dict:
+    """The clone's store with each popped LoRA's leftovers where that LoRA was: Forge merges the store in order,
+    and a patch with strength_model != 1 scales everything merged into the weight before it."""
+    store = {}
+    for key in order:
+        if key in kept:
+            store[key] = kept[key]
+        elif key in leftovers:
+            rest_key, patches = leftovers[key]
+            store[rest_key] = patches
+    return store
+
+
+def _left_to_forge(key: tuple, params: dict[str, list], override: float | None) -> tuple[tuple, dict[str, list]]:
+    """The store key and entries under which a layer Forge keeps merging goes back into the clone's store.
+
+    A strength override rewrites the strength in new entries (Forge's own lists and entries are shared with its
+    cached patchers) and in the key: Forge re-merges only when the key list changes."""
+    strength = key[1] if override is None else override
+    rest_key = (f"{key[0]}{STATIC_SUFFIX}", strength, *key[2:])
+    if override is None:
+        return rest_key, params
+    return rest_key, {param: [[override, *entry[1:]] for entry in entries] for param, entries in params.items()}
 
 
 # ---- patches -> deltas ------------------------------------------------------------------------------
