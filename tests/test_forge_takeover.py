@@ -37,6 +37,14 @@ def hooks_on(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in model.modules())
 
 
+def hooks_in_unet_calls(host) -> list[int]:
+    """The number of forward hooks on the model while each UNet forward runs (inside Forge's UNet wrapper)."""
+    model = host.sd_model.forge_objects_original.unet.model
+    seen = []
+    model.diffusion_model.register_forward_pre_hook(lambda module, args: seen.append(hooks_on(model)))
+    return seen
+
+
 def store_snapshot(unet) -> dict:
     """The patch store as identities and values: which dicts, lists and tensors, holding what."""
     return {key: (id(patches), {k: (id(entries), [(e[0], id(e[1]), e[2:]) for e in entries])
@@ -134,37 +142,64 @@ def test_hires_fix_takes_over_again_for_the_second_pass(host):
     host.script_callbacks.on_cfg_denoiser(
         lambda params: steps_seen.append((tuple(params.x.shape), hooks_on(host.sd_model.forge_objects.unet.model),
                                           list(host.sd_model.forge_objects.unet.lora_patches))))
+    in_calls = hooks_in_unet_calls(host)
     processed, _ = host.txt2img(fh.PROMPT, runner=runner, steps=2, enable_hr=True, denoising_strength=0.6)
     assert script.takeovers == 3
     assert processed.images[0].shape == (3, 128, 128)
     first, hires = steps_seen[0], steps_seen[-1]
     assert first[0] == (1, 4, 8, 8) and hires[0] == (1, 4, 16, 16)
-    # the same hooks and the same store (only "other" left) in both passes
-    assert first[1] == hires[1] > 0
+    # hooks only inside the UNet calls, the same ones in both passes; the same store (only "other" left)
+    assert first[1] == hires[1] == 0
+    keys = list(fh.kohya_keys())
+    assert set(in_calls) == {len(set(keys[fh.SUBJECT_KEYS]) | set(keys[fh.STYLE_KEYS]))}
     assert first[2] == hires[2] and len(hires[2]) == 1
     assert hooks_on(host.sd_model.forge_objects.unet.model) == 0
 
 
-def test_an_exception_during_sampling_is_cleaned_up_by_the_next_job(host, monkeypatch):
-    clean, _ = host.txt2img(fh.PROMPT, steps=3)
+def crash_at_step_1(host, monkeypatch, inside_unet: bool) -> list[int]:
+    """Sampling raises at step 1: in the sampler between two UNet calls, or inside the UNet call (a layer's
+    forward, as an out-of-memory error would). Returns the number of hooks on the model when it raised."""
     model = host.sd_model.forge_objects_original.unet.model
     real = host.kdiffusion.sample_euler
+    hooks_at_error = []
+
+    def raise_now():
+        hooks_at_error.append(hooks_on(model))
+        raise RuntimeError("out of memory")
 
     def crashing(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        def boom(d):
+        def at_step(d):
             if d["i"] == 1:
-                raise RuntimeError("out of memory")
+                raise_now()
             callback(d)
-        return real(model, x, sigmas, extra_args=extra_args, callback=boom, disable=disable)
+        return real(model, x, sigmas, extra_args=extra_args, callback=at_step, disable=disable)
 
-    adapter = ForgeAdapter()
-    script = fh.AdapterScript(host, adapter, DynFuseSettings(enabled=True))
+    layer_calls = []
+
+    def crashing_layer(module, args):
+        layer_calls.append(1)
+        if len(layer_calls) == 2:
+            raise_now()
+
+    if inside_unet:
+        monkeypatch.setattr(model.get_submodule(CONTESTED), "_forward_pre_hooks", {0: crashing_layer})
+    else:
+        monkeypatch.setattr(host.kdiffusion, "sample_euler", crashing)
+    return hooks_at_error
+
+
+@pytest.mark.parametrize("inside_unet", [False, True], ids=["between-unet-calls", "inside-a-unet-call"])
+def test_an_exception_during_sampling_leaves_no_hook(host, monkeypatch, inside_unet):
+    clean, _ = host.txt2img(fh.PROMPT, steps=3)
+    model = host.sd_model.forge_objects_original.unet.model
+    script = fh.AdapterScript(host, ForgeAdapter(), DynFuseSettings(enabled=True))
     runner = host.scripts.ScriptRunner([script])
-    monkeypatch.setattr(host.kdiffusion, "sample_euler", crashing)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        host.txt2img(fh.PROMPT, runner=runner, steps=3)
-    assert hooks_on(model) > 0                        # postprocess never ran
-    monkeypatch.setattr(host.kdiffusion, "sample_euler", real)
+    with monkeypatch.context() as patch:
+        hooks_at_error = crash_at_step_1(host, patch, inside_unet)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            host.txt2img(fh.PROMPT, runner=runner, steps=3)
+    assert (hooks_at_error[0] > 0) == inside_unet
+    assert hooks_on(model) == 0                       # postprocess never ran: the wrapper's finally removed them
 
     script.settings = DynFuseSettings(enabled=False)
     after, _ = host.txt2img(fh.PROMPT, runner=runner, steps=3)
@@ -200,39 +235,55 @@ def test_sampling_runs_under_inference_mode_with_inference_weights(host):
     assert CONTESTED in log.layers and log.steps == [0, 1]
 
 
-def winners_per_call(host, script, batch_size, **generation):
-    """For every UNet call: the step and, per row, which LoRA's delta the fused output of a contested layer holds."""
-    module = host.sd_model.forge_objects_original.unet.model.get_submodule(CONTESTED)
-    calls = []
+class FusedOutputObserver:
+    """An extension whose UNet wrapper runs inside DynFuse's (it set the slot first, so DynFuse chains it): it
+    watches a contested layer after DynFuse's hook and records, for every UNet call, the step and which LoRA's
+    delta each row of the fused output holds."""
 
-    def observe(m, inputs, fused):
-        session = script.job.session
+    filename = "observer"
+
+    def __init__(self, host, script):
+        self.module = host.sd_model.forge_objects_original.unet.model.get_submodule(CONTESTED)
+        self.script = script
+        self.calls = []
+
+    def observe(self, m, inputs, fused):
+        session = self.script.job.session
         layer = next(layer for layer in session.layers if layer.name == CONTESTED)
         x = inputs[0]
         base = torch.nn.functional.linear(x, m.weight, m.bias)
         added = (fused - base).flatten(1)
         errors = torch.stack([(added - d.output(x, layer.geometry).flatten(1)).abs().amax(1)
                               for d in (layer.subject, layer.style)])
-        calls.append((session.clock.index, errors.argmin(0).tolist()))
+        self.calls.append((session.clock.index, errors.argmin(0).tolist()))
 
-    handle = None
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        unet = p.sd_model.forge_objects.unet.clone()
 
-    def attach(params):
-        nonlocal handle
-        if handle is None and script.job.session is not None:
-            handle = module.register_forward_hook(observe)   # after dynfuse's hook: sees the fused output
+        def wrapper(apply_model, args):
+            handle = self.module.register_forward_hook(self.observe)  # after DynFuse's: sees the fused output
+            try:
+                return apply_model(args["input"], args["timestep"], **args["c"])
+            finally:
+                handle.remove()
 
-    host.script_callbacks.on_cfg_denoiser(attach)
-    host.txt2img(fh.PROMPT, batch_size=batch_size, **generation)
-    handle.remove()
-    return calls
+        unet.set_model_unet_function_wrapper(wrapper)
+        p.sd_model.forge_objects.unet = unet
+
+
+def winners_per_call(host, batch_size, **settings):
+    """For every UNet call: the step and, per row, which LoRA's delta the fused output of a contested layer holds."""
+    script, _ = dynfuse(host, **settings)
+    observer = FusedOutputObserver(host, script)
+    host.txt2img(fh.PROMPT, batch_size=batch_size, runner=host.scripts.ScriptRunner([observer, script]), steps=6,
+                 cfg_scale=5.0)
+    return observer.calls
 
 
 def test_split_cond_and_uncond_calls_keep_each_images_decision_tied(host):
     one_chunk = host.sd_model.forge_objects.unet.model.memory_required([2, 4, 8, 8])
     host.memory_management.free_memory_bytes = one_chunk * 1.5      # Forge runs uncond and cond separately
-    script, runner = dynfuse(host, method="kl", temperature=0.5)
-    calls = winners_per_call(host, script, 2, runner=runner, steps=6, cfg_scale=5.0)
+    calls = winners_per_call(host, 2, method="kl", temperature=0.5)
     assert [len(rows) for _, rows in calls] == [2] * 12                 # 6 steps x (uncond call, cond call)
     by_step = {}
     for step, rows in calls:
@@ -241,8 +292,7 @@ def test_split_cond_and_uncond_calls_keep_each_images_decision_tied(host):
 
 
 def test_one_batched_call_ties_cond_and_uncond_rows(host):
-    script, runner = dynfuse(host, method="kl", temperature=0.5)
-    calls = winners_per_call(host, script, 2, runner=runner, steps=6, cfg_scale=5.0)
+    calls = winners_per_call(host, 2, method="kl", temperature=0.5)
     assert [len(rows) for _, rows in calls] == [4] * 6
     # rows are [uncond image 0, uncond image 1, cond image 0, cond image 1]
     assert all(rows[:2] == rows[2:] for _, rows in calls)
@@ -250,8 +300,7 @@ def test_one_batched_call_ties_cond_and_uncond_rows(host):
 
 def test_deciding_per_row_can_split_an_images_rows(host):
     """The two tie tests above can fail: with per-row decisions cond and uncond rows do disagree."""
-    script, runner = dynfuse(host, method="kl", temperature=0.5, decide_per="row")
-    calls = winners_per_call(host, script, 2, runner=runner, steps=6, cfg_scale=5.0)
+    calls = winners_per_call(host, 2, method="kl", temperature=0.5, decide_per="row")
     assert any(rows[:2] != rows[2:] for _, rows in calls)
 
 
@@ -438,13 +487,55 @@ def test_an_earlier_unet_wrapper_is_chained(host):
 
 
 def test_a_later_extension_replacing_the_wrapper_is_reported_once(host, capsys):
-    script, _ = dynfuse(host)
+    merged, _ = host.txt2img(fh.PROMPT, steps=3)
+    script, _ = dynfuse(host, method="static")
     later = WrapperScript()
     runner = host.scripts.ScriptRunner([script, later])
-    host.txt2img(fh.PROMPT, runner=runner, steps=3)
+    in_calls = hooks_in_unet_calls(host)
+    fused, _ = host.txt2img(fh.PROMPT, runner=runner, steps=3)
     out = capsys.readouterr().out
     assert later.calls == 3
     assert out.count("replaced Forge's UNet function wrapper") == 1
+    # The hooks went on for the whole pass instead, and came off at postprocess.
+    assert len(in_calls) == 3 and min(in_calls) > 0
+    torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
+    assert hooks_on(host.sd_model.forge_objects_original.unet.model) == 0
+
+
+def test_per_pass_hooks_left_by_an_exception_go_at_the_next_job(host, monkeypatch):
+    model = host.sd_model.forge_objects_original.unet.model
+    script, _ = dynfuse(host)
+    runner = host.scripts.ScriptRunner([script, WrapperScript()])
+    with monkeypatch.context() as patch:
+        crash_at_step_1(host, patch, inside_unet=True)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            host.txt2img(fh.PROMPT, runner=runner, steps=3)
+    assert hooks_on(model) > 0                        # no wrapper of ours around the call, postprocess never ran
+    script.settings = DynFuseSettings(enabled=False)
+    host.txt2img(fh.PROMPT, runner=runner, steps=1)
+    assert hooks_on(model) == 0
+
+
+def test_hooks_failing_to_go_on_in_a_unet_call_end_dynfuse_and_the_image_finishes(host, monkeypatch, capsys):
+    from lib_dynfuse import session
+
+    install = session.FusionSession.install
+    installs = []
+
+    def failing_from_step_1(self):
+        installs.append(1)
+        if len(installs) > 2:  # the takeover's try and step 0 pass
+            raise RuntimeError("no hooks today")
+        install(self)
+
+    monkeypatch.setattr(session.FusionSession, "install", failing_from_step_1)
+    _script, runner = dynfuse(host)
+    processed, p = host.txt2img(fh.PROMPT, runner=runner, steps=3)
+    out = capsys.readouterr().out
+    assert out.count("could not put the hooks on the UNet: RuntimeError: no hooks today") == 1
+    assert p.extra_generation_params[NOTE_KEY] == "off: could not put the hooks on the UNet (RuntimeError)"
+    assert len(processed.images) == 1 and len(installs) == 3
+    assert hooks_on(host.sd_model.forge_objects_original.unet.model) == 0
 
 
 def test_online_lora_mode_for_low_bit_unets(host):

@@ -12,10 +12,13 @@ sampling run (`process_before_every_sampling`, three times for txt2img with hire
 2. turn each popped patch into a delta (plain LoRA -> LowRankDelta; LoHa, LoKr, DoRA, diff -> DenseDelta
    computed with Forge's own merge function) on the module found by its path, `unet.model.get_submodule(path)`
    (Forge's Linear is not an nn.Linear);
-3. open a FusionSession whose hooks add the chosen delta to each layer's output, and tell it the row layout of
-   every UNet call from the `cond_or_uncond` list Forge hands to `model_function_wrapper`.
+3. open a FusionSession whose hooks add the chosen delta to each layer's output. DynFuse's
+   `model_function_wrapper` puts the hooks on the shared model around each UNet call and takes them off in its
+   `finally`, and tells the session the call's row layout from Forge's `cond_or_uncond` list. Should another
+   extension take the wrapper slot later, the hooks go on for the whole sampling run instead (on_cfg_denoiser)
+   and come off at the next takeover, at postprocess or at the start of the next job.
 
-Patches dynfuse cannot fuse (Flux slices, `strength_model` != 1) stay with Forge under a renamed key.
+Patches dynfuse cannot fuse (Flux slices, `strength_model` != 1, norm layers) stay with Forge under a renamed key.
 
 Guidance corrects the x0 estimate Forge hands to the after-CFG callback; the unconditional estimate that sizes
 the step comes from a `sampler_post_cfg_function` on the same clone. Forge samples under inference mode with
@@ -127,17 +130,17 @@ class ForgeAdapter(HostAdapter):
             from lib_dynfuse.session import FusionSession
 
             session = FusionSession(targets, job.settings.engine_options(), log_errors=say)
-            _install_layout_wrapper(unet, session, job)
+            # Tried once here, where a failure still gives Forge every LoRA back; from here on the hooks are on
+            # the shared model only inside each UNet call (the wrapper below), or for the pass as a fallback.
+            session.install()
+            session.remove()
+            _install_unet_wrapper(unet, session, job,
+                                  on_error=lambda e: self.fail(p, "could not put the hooks on the UNet", e))
             if job.guidance is not None:
                 _install_uncond_tap(unet, job)
             engine.forge_objects.unet = unet
-            job.host.update(clone=unet, source=source)
+            job.host.update(clone=unet, source=source, engine=engine)
             job.session = session
-            try:
-                session.install()
-            except BaseException:
-                session.remove()
-                raise
         except Exception as e:  # noqa: BLE001 - never stop the host's generation
             _restore_unet(p, job)
             self.fail(p, "could not take over the LoRAs", e)
@@ -214,6 +217,8 @@ class ForgeAdapter(HostAdapter):
                 tap[0] = None  # a step whose post-CFG functions do not run must not reuse the last estimate
             if session is not None:
                 session.set_step(clock)
+                if not session.installed and not _wrapper_in_place(job):
+                    session.install()  # until release(): at the next takeover, postprocess or the next job
         except Exception as e:  # noqa: BLE001
             self.fail(getattr(getattr(params, "denoiser", None), "p", None), "could not read the sampler step", e)
             return
@@ -242,8 +247,8 @@ class ForgeAdapter(HostAdapter):
     # ---- lifetime -------------------------------------------------------------------------------
     def release(self, job: Job, keep_job: bool = False) -> None:
         self._close_session(job)
-        job.host.pop("clone", None)
-        job.host.pop("source", None)
+        for key in ("clone", "source", "engine"):
+            job.host.pop(key, None)
         tap = job.host.pop("uncond_x0", None)
         if tap is not None:
             tap.clear()  # the tap in the clone's model_options keeps nothing from now on
@@ -386,36 +391,64 @@ def _weight_dependent(patch: tuple) -> bool:
 
 
 # ---- Forge objects -------------------------------------------------------------------------------------
-def _install_layout_wrapper(unet: Any, session: Any, job: Job) -> None:
-    """Tell the session the rows of every UNet call: Forge batches one chunk of B rows per cond/uncond entry
-    (`cond_or_uncond`, 0 = cond), uncond first, and splits them over several calls when memory is short.
+def _install_unet_wrapper(unet: Any, session: Any, job: Job, on_error: Callable[[Exception], None]) -> None:
+    """Put the session's hooks on the shared model for each UNet call only, removed in its `finally` (an exception
+    or interrupt leaves nothing on the model), and tell the session the call's rows: Forge batches one chunk of B
+    rows per cond/uncond entry (`cond_or_uncond`, 0 = cond), uncond first, split over several calls when memory is
+    short.
 
     A closure, not an object: Forge deep-copies model_options on every clone, and functions are copied by
-    reference. The slot holds one wrapper, so an earlier one is chained."""
-    from lib_dynfuse.layout import BatchLayout
-
+    reference. The slot holds one wrapper, so an earlier one is chained (inside the hooks); an extension that
+    replaces this one later leaves the hooks to the per-pass fallback in on_cfg_denoiser."""
     previous = unet.model_options.get("model_function_wrapper")
     holder = [session]
     calls = job.host["wrapper_calls"] = [0]
     job.host["wrapper_session"] = holder
 
-    def dynfuse_unet_wrapper(apply_model: Callable, args: dict) -> torch.Tensor:
-        active = holder[0]
-        if active is not None:
-            calls[0] += 1
-            chunks = list(args["cond_or_uncond"])
-            rows = int(args["input"].shape[0])
-            layout = None
-            if chunks and rows % len(chunks) == 0:
-                per_chunk = rows // len(chunks)
-                layout = BatchLayout.rows([i for _ in chunks for i in range(per_chunk)],
-                                          [kind == 0 for kind in chunks for _ in range(per_chunk)])
-            active.set_layout(layout)
+    def call(apply_model: Callable, args: dict) -> torch.Tensor:
         if previous is not None:
             return previous(apply_model, args)
         return apply_model(args["input"], args["timestep"], **args["c"])
 
+    def dynfuse_unet_wrapper(apply_model: Callable, args: dict) -> torch.Tensor:
+        active = holder[0]
+        if active is None:
+            return call(apply_model, args)
+        calls[0] += 1
+        active.set_layout(_layout(args))
+        if active.installed:  # the per-pass fallback put them on
+            return call(apply_model, args)
+        try:
+            active.install()
+        except Exception as e:  # noqa: BLE001 - never stop the host's generation
+            on_error(e)
+            return call(apply_model, args)
+        try:
+            return call(apply_model, args)
+        finally:
+            active.remove()
+
     unet.set_model_unet_function_wrapper(dynfuse_unet_wrapper)
+    job.host["wrapper"] = dynfuse_unet_wrapper
+
+
+def _layout(args: dict) -> Any:
+    from lib_dynfuse.layout import BatchLayout
+
+    chunks = list(args["cond_or_uncond"])
+    rows = int(args["input"].shape[0])
+    if not chunks or rows % len(chunks):
+        return None
+    per_chunk = rows // len(chunks)
+    return BatchLayout.rows([i for _ in chunks for i in range(per_chunk)],
+                            [kind == 0 for kind in chunks for _ in range(per_chunk)])
+
+
+def _wrapper_in_place(job: Job) -> bool:
+    """Whether the patcher Forge samples with still holds DynFuse's UNet wrapper (a later extension may have put
+    its own in the single slot)."""
+    unet = job.host["engine"].forge_objects.unet
+    return unet.model_options.get("model_function_wrapper") is job.host.get("wrapper")
 
 
 def _install_uncond_tap(unet: Any, job: Job) -> None:
