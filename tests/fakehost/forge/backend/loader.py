@@ -1,7 +1,8 @@
 # Fake of backend/loader.py forge_loader + backend/diffusion_engine/sd15.py (stable-diffusion-webui-forge
 # dfdcbab6). Kept: the model is built and its state dict loaded under torch.inference_mode(), so every
 # parameter is an inference tensor; forge_objects / forge_objects_original / forge_objects_after_applying_lora;
-# get_learned_conditioning and decode_first_stage under inference mode. Simplified: random weights from a seed.
+# get_learned_conditioning, encode_first_stage and decode_first_stage under inference mode. Simplified: random
+# weights from a seed.
 import torch
 
 from backend.diffusion_engine.base import ForgeDiffusionEngine, ForgeObjects
@@ -41,6 +42,12 @@ class StableDiffusion(ForgeDiffusionEngine):
     @torch.inference_mode()
     def get_learned_conditioning(self, prompt):
         return self.forge_objects.clip.cond_stage_model(list(prompt))
+
+    @torch.inference_mode()
+    def encode_first_stage(self, x):
+        sample = self.forge_objects.vae.encode(x.movedim(1, -1) * 0.5 + 0.5)
+        sample = self.forge_objects.vae.first_stage_model.process_in(sample)
+        return sample.to(x)
 
     @torch.inference_mode()
     def decode_first_stage(self, x):
