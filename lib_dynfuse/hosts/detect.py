@@ -54,7 +54,16 @@ def _spec_under_root(name: str, root: str | None) -> bool:
         return True
     locations = [spec.origin] if spec.origin and spec.origin != "namespace" else []
     locations += list(spec.submodule_search_locations or [])
-    return any(os.path.realpath(loc).startswith(root) for loc in locations if loc)
+    return any(_inside(loc, root) for loc in locations if loc)
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or below it (a sibling folder such as ``webui-x`` is not)."""
+    path, root = os.path.normcase(os.path.realpath(path)), os.path.normcase(root)
+    try:
+        return os.path.commonpath([path, root]) == root
+    except ValueError:  # another drive (Windows)
+        return False
 
 
 def detect_host() -> str:
