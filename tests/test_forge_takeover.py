@@ -311,6 +311,29 @@ def test_strength_override_and_tag_strength_scale_the_deltas(host):
     torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
 
 
+def test_forge_keeps_device_memory_free_for_the_hooks_factors(host, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    unet_model = host.sd_model.forge_objects_original.unet.model
+    real = host.memory_management.load_models_gpu
+    preserved = []
+
+    def recording(models, memory_required=0, hard_memory_preservation=0):
+        if models[0].model is unet_model:
+            preserved.append(hard_memory_preservation)
+        return real(models, memory_required=memory_required, hard_memory_preservation=hard_memory_preservation)
+
+    monkeypatch.setattr(host.memory_management, "load_models_gpu", recording)
+    host.txt2img(fh.PROMPT, steps=1)
+    _script, runner = dynfuse(host)
+    host.txt2img(fh.PROMPT, runner=runner, steps=1, enable_hr=True)
+    host.txt2img(fh.PROMPT, steps=1)
+    factors = [t for name in ("subj", "style") for key, t in load_file(tmp_path / f"{name}.safetensors").items()
+               if key.endswith(("lora_up.weight", "lora_down.weight"))]
+    fp32 = 4  # the fake UNet computes in float32
+    assert preserved == [0, fp32 * sum(t.numel() for t in factors), fp32 * sum(t.numel() for t in factors), 0]
+
+
 def test_loha_and_bias_patches_become_dense_deltas_matching_forge(host, tmp_path):
     keys = list(fh.kohya_keys())
     g = torch.Generator().manual_seed(7)

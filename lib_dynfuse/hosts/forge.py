@@ -130,6 +130,9 @@ class ForgeAdapter(HostAdapter):
             from lib_dynfuse.session import FusionSession
 
             session = FusionSession(targets, job.settings.engine_options(), log_errors=say)
+            # The factors go to the device at the first UNet call, after Forge has decided how much of the UNet
+            # fits: ask it to leave room for them (it offloads more weights when memory is short).
+            unet.add_extra_preserved_memory_during_sampling(_device_bytes(targets, unet.model.computation_dtype))
             # Tried once here, where a failure still gives Forge every LoRA back; from here on the hooks are on
             # the shared model only inside each UNet call (the wrapper below), or for the pass as a fallback.
             session.install()
@@ -277,6 +280,13 @@ class ForgeAdapter(HostAdapter):
                     say(f"removed {removed} hooks left by an interrupted generation")
         except Exception as e:  # noqa: BLE001
             say(f"could not check for leftover hooks: {e}")
+
+
+def _device_bytes(targets: list, dtype: torch.dtype) -> int:
+    """What the hooks' deltas take once cast to the UNet's computation dtype (the hooks cache them per device)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    deltas = [d for t in targets for d in (t.subject, t.style) if d is not None]
+    return size * sum(v.numel() for d in deltas for v in vars(d).values() if isinstance(v, torch.Tensor))
 
 
 def _in_order(order: list[tuple], kept: dict[tuple, dict], leftovers: dict[tuple, tuple[tuple, dict]]) -> dict:
