@@ -27,17 +27,9 @@ GUIDED = {"guidance": True, "guidance_strength": 0.5, "guidance_start": 0.0, "gu
 
 @pytest.fixture
 def host(tmp_path, monkeypatch):
-    from conftest_guidance import TINY
-
-    from lib_dynfuse.guidance import scorers
-    from lib_dynfuse.hosts.forge import ForgeAdapter
-
-    with fh.forge_host(tmp_path) as host:
+    with fh.forge_host(tmp_path) as host, fh.tiny_guidance_models(host, monkeypatch):
         fh.write_test_loras(tmp_path, host.sd_model)
-        host.shared.opts.data.update(dynfuse_device="cpu", dynfuse_precision="fp32")
-        monkeypatch.setattr(ForgeAdapter, "guidance_factories", dict(TINY))
         yield host
-    scorers.unload()
 
 
 def forbid_forge_models_while_sampling(host, monkeypatch) -> list[str]:

@@ -115,21 +115,13 @@ def test_img2img_is_taken_over_once_and_starts_from_the_init_image(host):
 def test_sdxl_guidance_corrects_each_step(sdxl, monkeypatch):
     pytest.importorskip("open_clip")
     pytest.importorskip("timm")
-    from conftest_guidance import TINY
-
-    from lib_dynfuse.guidance import scorers
-
-    sdxl.shared.opts.data.update(dynfuse_device="cpu", dynfuse_precision="fp32")
-    monkeypatch.setattr(ForgeAdapter, "guidance_factories", dict(TINY))
     refs = {"subject_refs": (Image.new("RGB", (32, 32), (250, 10, 10)),),
             "style_ref": Image.new("RGB", (32, 32), (10, 10, 250))}
-    try:
+    with fh.tiny_guidance_models(sdxl, monkeypatch):
         plain, _ = sdxl.txt2img(PROMPT, steps=3, cfg_scale=5.0)
         script, runner = dynfuse(sdxl, guidance=True, guidance_strength=0.5, guidance_start=0.0, guidance_end=1.0,
                                  guidance_decoder="approx", **refs)
         guided, p = sdxl.txt2img(PROMPT, runner=runner, steps=3, cfg_scale=5.0)
-    finally:
-        scorers.unload()
     guidance = script.job.guidance
     assert guidance is not None and [step for step, _ in guidance.losses] == [0, 1, 2]
     assert script.adapter.model_family(p) == "SDXL"  # the SDXL latent decoder and scale

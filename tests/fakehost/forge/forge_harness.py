@@ -55,6 +55,23 @@ def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15"):
         torch.set_num_threads(old_threads)
 
 
+@contextlib.contextmanager
+def tiny_guidance_models(host: Host, monkeypatch):
+    """Guidance and scores on the CPU with conftest_guidance's tiny random-weight CLIP and DINO, unloaded after.
+    ForgeAdapter is looked up when called: other fixtures re-import lib_dynfuse.hosts."""
+    from conftest_guidance import TINY
+
+    from lib_dynfuse.guidance import scorers
+    from lib_dynfuse.hosts.forge import ForgeAdapter
+
+    host.shared.opts.data.update(dynfuse_device="cpu", dynfuse_precision="fp32")
+    monkeypatch.setattr(ForgeAdapter, "guidance_factories", dict(TINY))
+    try:
+        yield
+    finally:
+        scorers.unload()
+
+
 class Host:
     """Handles to the fake host's modules, imported from sys.path, so they are the ones Forge code sees."""
 
