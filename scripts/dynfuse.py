@@ -46,7 +46,8 @@ class Script(scripts.Script):
         from lib_dynfuse.hosts import ui
         from modules.ui_components import InputAccordion
 
-        built = ui.build_ui(is_img2img=is_img2img, input_accordion=InputAccordion, lora_names=_lora_names)
+        built = ui.build_ui(is_img2img=is_img2img, input_accordion=InputAccordion, lora_names=_lora_names,
+                            notice=detect.unsupported_notice())
         self.infotext_fields = built.infotext_fields
         self.paste_field_names = built.paste_field_names
         return built.components

@@ -68,9 +68,9 @@ def test_call_order_inference_mode_and_three_sampling_hooks_with_hires(host):
     assert rec.events == [("process", False), ("before_sampling", True), ("before_sampling", True),
                           ("before_sampling", True), ("postprocess", False)]
     assert processed.images[0].shape == (3, 128, 128)
-    # first pass 3 steps, hires img2img at denoising 0.5: t_enc + 1 = 2 calls
-    assert [d[3] for d in rec.denoiser] == [0, 1, 2, 0, 1]
-    assert [d[2] for d in rec.denoiser] == [0, 0, 1, 0, 0]          # shared.state.sampling_step lags by one
+    # first pass 3 steps; hires asks img2img for 3 steps, which it runs as the last 3 of a 6-step schedule
+    assert [d[3] for d in rec.denoiser] == [0, 1, 2, 0, 1, 2]
+    assert [d[2] for d in rec.denoiser] == [0, 0, 1, 0, 0, 1]       # shared.state.sampling_step lags by one
     assert rec.denoiser[0][:2] == ((2, 4, 8, 8), (2,))                # [B], not the cond+uncond batch
 
 

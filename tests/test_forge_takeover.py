@@ -37,6 +37,14 @@ def hooks_on(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in model.modules())
 
 
+def hooks_in_unet_calls(host) -> list[int]:
+    """The number of forward hooks on the model while each UNet forward runs (inside Forge's UNet wrapper)."""
+    model = host.sd_model.forge_objects_original.unet.model
+    seen = []
+    model.diffusion_model.register_forward_pre_hook(lambda module, args: seen.append(hooks_on(model)))
+    return seen
+
+
 def store_snapshot(unet) -> dict:
     """The patch store as identities and values: which dicts, lists and tensors, holding what."""
     return {key: (id(patches), {k: (id(entries), [(e[0], id(e[1]), e[2:]) for e in entries])
@@ -134,37 +142,64 @@ def test_hires_fix_takes_over_again_for_the_second_pass(host):
     host.script_callbacks.on_cfg_denoiser(
         lambda params: steps_seen.append((tuple(params.x.shape), hooks_on(host.sd_model.forge_objects.unet.model),
                                           list(host.sd_model.forge_objects.unet.lora_patches))))
+    in_calls = hooks_in_unet_calls(host)
     processed, _ = host.txt2img(fh.PROMPT, runner=runner, steps=2, enable_hr=True, denoising_strength=0.6)
     assert script.takeovers == 3
     assert processed.images[0].shape == (3, 128, 128)
     first, hires = steps_seen[0], steps_seen[-1]
     assert first[0] == (1, 4, 8, 8) and hires[0] == (1, 4, 16, 16)
-    # the same hooks and the same store (only "other" left) in both passes
-    assert first[1] == hires[1] > 0
+    # hooks only inside the UNet calls, the same ones in both passes; the same store (only "other" left)
+    assert first[1] == hires[1] == 0
+    keys = list(fh.kohya_keys())
+    assert set(in_calls) == {len(set(keys[fh.SUBJECT_KEYS]) | set(keys[fh.STYLE_KEYS]))}
     assert first[2] == hires[2] and len(hires[2]) == 1
     assert hooks_on(host.sd_model.forge_objects.unet.model) == 0
 
 
-def test_an_exception_during_sampling_is_cleaned_up_by_the_next_job(host, monkeypatch):
-    clean, _ = host.txt2img(fh.PROMPT, steps=3)
+def crash_at_step_1(host, monkeypatch, inside_unet: bool) -> list[int]:
+    """Sampling raises at step 1: in the sampler between two UNet calls, or inside the UNet call (a layer's
+    forward, as an out-of-memory error would). Returns the number of hooks on the model when it raised."""
     model = host.sd_model.forge_objects_original.unet.model
     real = host.kdiffusion.sample_euler
+    hooks_at_error = []
+
+    def raise_now():
+        hooks_at_error.append(hooks_on(model))
+        raise RuntimeError("out of memory")
 
     def crashing(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        def boom(d):
+        def at_step(d):
             if d["i"] == 1:
-                raise RuntimeError("out of memory")
+                raise_now()
             callback(d)
-        return real(model, x, sigmas, extra_args=extra_args, callback=boom, disable=disable)
+        return real(model, x, sigmas, extra_args=extra_args, callback=at_step, disable=disable)
 
-    adapter = ForgeAdapter()
-    script = fh.AdapterScript(host, adapter, DynFuseSettings(enabled=True))
+    layer_calls = []
+
+    def crashing_layer(module, args):
+        layer_calls.append(1)
+        if len(layer_calls) == 2:
+            raise_now()
+
+    if inside_unet:
+        monkeypatch.setattr(model.get_submodule(CONTESTED), "_forward_pre_hooks", {0: crashing_layer})
+    else:
+        monkeypatch.setattr(host.kdiffusion, "sample_euler", crashing)
+    return hooks_at_error
+
+
+@pytest.mark.parametrize("inside_unet", [False, True], ids=["between-unet-calls", "inside-a-unet-call"])
+def test_an_exception_during_sampling_leaves_no_hook(host, monkeypatch, inside_unet):
+    clean, _ = host.txt2img(fh.PROMPT, steps=3)
+    model = host.sd_model.forge_objects_original.unet.model
+    script = fh.AdapterScript(host, ForgeAdapter(), DynFuseSettings(enabled=True))
     runner = host.scripts.ScriptRunner([script])
-    monkeypatch.setattr(host.kdiffusion, "sample_euler", crashing)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        host.txt2img(fh.PROMPT, runner=runner, steps=3)
-    assert hooks_on(model) > 0                        # postprocess never ran
-    monkeypatch.setattr(host.kdiffusion, "sample_euler", real)
+    with monkeypatch.context() as patch:
+        hooks_at_error = crash_at_step_1(host, patch, inside_unet)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            host.txt2img(fh.PROMPT, runner=runner, steps=3)
+    assert (hooks_at_error[0] > 0) == inside_unet
+    assert hooks_on(model) == 0                       # postprocess never ran: the wrapper's finally removed them
 
     script.settings = DynFuseSettings(enabled=False)
     after, _ = host.txt2img(fh.PROMPT, runner=runner, steps=3)
@@ -200,39 +235,55 @@ def test_sampling_runs_under_inference_mode_with_inference_weights(host):
     assert CONTESTED in log.layers and log.steps == [0, 1]
 
 
-def winners_per_call(host, script, batch_size, **generation):
-    """For every UNet call: the step and, per row, which LoRA's delta the fused output of a contested layer holds."""
-    module = host.sd_model.forge_objects_original.unet.model.get_submodule(CONTESTED)
-    calls = []
+class FusedOutputObserver:
+    """An extension whose UNet wrapper runs inside DynFuse's (it set the slot first, so DynFuse chains it): it
+    watches a contested layer after DynFuse's hook and records, for every UNet call, the step and which LoRA's
+    delta each row of the fused output holds."""
 
-    def observe(m, inputs, fused):
-        session = script.job.session
+    filename = "observer"
+
+    def __init__(self, host, script):
+        self.module = host.sd_model.forge_objects_original.unet.model.get_submodule(CONTESTED)
+        self.script = script
+        self.calls = []
+
+    def observe(self, m, inputs, fused):
+        session = self.script.job.session
         layer = next(layer for layer in session.layers if layer.name == CONTESTED)
         x = inputs[0]
         base = torch.nn.functional.linear(x, m.weight, m.bias)
         added = (fused - base).flatten(1)
         errors = torch.stack([(added - d.output(x, layer.geometry).flatten(1)).abs().amax(1)
                               for d in (layer.subject, layer.style)])
-        calls.append((session.clock.index, errors.argmin(0).tolist()))
+        self.calls.append((session.clock.index, errors.argmin(0).tolist()))
 
-    handle = None
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        unet = p.sd_model.forge_objects.unet.clone()
 
-    def attach(params):
-        nonlocal handle
-        if handle is None and script.job.session is not None:
-            handle = module.register_forward_hook(observe)   # after dynfuse's hook: sees the fused output
+        def wrapper(apply_model, args):
+            handle = self.module.register_forward_hook(self.observe)  # after DynFuse's: sees the fused output
+            try:
+                return apply_model(args["input"], args["timestep"], **args["c"])
+            finally:
+                handle.remove()
 
-    host.script_callbacks.on_cfg_denoiser(attach)
-    host.txt2img(fh.PROMPT, batch_size=batch_size, **generation)
-    handle.remove()
-    return calls
+        unet.set_model_unet_function_wrapper(wrapper)
+        p.sd_model.forge_objects.unet = unet
+
+
+def winners_per_call(host, batch_size, **settings):
+    """For every UNet call: the step and, per row, which LoRA's delta the fused output of a contested layer holds."""
+    script, _ = dynfuse(host, **settings)
+    observer = FusedOutputObserver(host, script)
+    host.txt2img(fh.PROMPT, batch_size=batch_size, runner=host.scripts.ScriptRunner([observer, script]), steps=6,
+                 cfg_scale=5.0)
+    return observer.calls
 
 
 def test_split_cond_and_uncond_calls_keep_each_images_decision_tied(host):
     one_chunk = host.sd_model.forge_objects.unet.model.memory_required([2, 4, 8, 8])
     host.memory_management.free_memory_bytes = one_chunk * 1.5      # Forge runs uncond and cond separately
-    script, runner = dynfuse(host, method="kl", temperature=0.5)
-    calls = winners_per_call(host, script, 2, runner=runner, steps=6, cfg_scale=5.0)
+    calls = winners_per_call(host, 2, method="kl", temperature=0.5)
     assert [len(rows) for _, rows in calls] == [2] * 12                 # 6 steps x (uncond call, cond call)
     by_step = {}
     for step, rows in calls:
@@ -241,8 +292,7 @@ def test_split_cond_and_uncond_calls_keep_each_images_decision_tied(host):
 
 
 def test_one_batched_call_ties_cond_and_uncond_rows(host):
-    script, runner = dynfuse(host, method="kl", temperature=0.5)
-    calls = winners_per_call(host, script, 2, runner=runner, steps=6, cfg_scale=5.0)
+    calls = winners_per_call(host, 2, method="kl", temperature=0.5)
     assert [len(rows) for _, rows in calls] == [4] * 6
     # rows are [uncond image 0, uncond image 1, cond image 0, cond image 1]
     assert all(rows[:2] == rows[2:] for _, rows in calls)
@@ -250,8 +300,7 @@ def test_one_batched_call_ties_cond_and_uncond_rows(host):
 
 def test_deciding_per_row_can_split_an_images_rows(host):
     """The two tie tests above can fail: with per-row decisions cond and uncond rows do disagree."""
-    script, runner = dynfuse(host, method="kl", temperature=0.5, decide_per="row")
-    calls = winners_per_call(host, script, 2, runner=runner, steps=6, cfg_scale=5.0)
+    calls = winners_per_call(host, 2, method="kl", temperature=0.5, decide_per="row")
     assert any(rows[:2] != rows[2:] for _, rows in calls)
 
 
@@ -260,6 +309,29 @@ def test_strength_override_and_tag_strength_scale_the_deltas(host):
     fused, _ = host.txt2img(fh.PROMPT, runner=runner, steps=2)
     merged, _ = host.txt2img(fh.PROMPT.replace("subj:0.8", "subj:0.3"), steps=2)
     torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
+
+
+def test_forge_keeps_device_memory_free_for_the_hooks_factors(host, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    unet_model = host.sd_model.forge_objects_original.unet.model
+    real = host.memory_management.load_models_gpu
+    preserved = []
+
+    def recording(models, memory_required=0, hard_memory_preservation=0):
+        if models[0].model is unet_model:
+            preserved.append(hard_memory_preservation)
+        return real(models, memory_required=memory_required, hard_memory_preservation=hard_memory_preservation)
+
+    monkeypatch.setattr(host.memory_management, "load_models_gpu", recording)
+    host.txt2img(fh.PROMPT, steps=1)
+    _script, runner = dynfuse(host)
+    host.txt2img(fh.PROMPT, runner=runner, steps=1, enable_hr=True)
+    host.txt2img(fh.PROMPT, steps=1)
+    factors = [t for name in ("subj", "style") for key, t in load_file(tmp_path / f"{name}.safetensors").items()
+               if key.endswith(("lora_up.weight", "lora_down.weight"))]
+    fp32 = 4  # the fake UNet computes in float32
+    assert preserved == [0, fp32 * sum(t.numel() for t in factors), fp32 * sum(t.numel() for t in factors), 0]
 
 
 def test_loha_and_bias_patches_become_dense_deltas_matching_forge(host, tmp_path):
@@ -287,23 +359,25 @@ def test_loha_and_bias_patches_become_dense_deltas_matching_forge(host, tmp_path
     torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
 
 
-def test_a_patch_dynfuse_cannot_fuse_stays_with_forge_under_its_own_key(host, tmp_path):
-    script, runner = dynfuse(host, method="static")
-    cached_store = {}
+class Rescaler:
+    """An extension (or a LoRA type) that rescales the base weight: strength_model != 1 on one subject layer,
+    which dynfuse cannot fuse."""
 
-    def rescale_one_entry(p, *args, **kwargs):
-        # An extension (or a LoRA type) that rescales the base weight: strength_model != 1 on one layer.
+    filename = "rescaler"
+    layer = "diffusion_model.input_blocks.1.1.proj_in.weight"
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
         unet = p.sd_model.forge_objects.unet.clone()
         key = next(k for k in unet.lora_patches if k[0].endswith("subj.safetensors"))
         patches = dict(unet.lora_patches[key])
-        name = "diffusion_model.input_blocks.1.1.proj_in.weight"
-        patches[name] = [[e[0], e[1], 0.5, e[3], e[4]] for e in patches[name]]
+        patches[self.layer] = [[e[0], e[1], 0.5, e[3], e[4]] for e in patches[self.layer]]
         unet.lora_patches[key] = patches
         p.sd_model.forge_objects.unet = unet
 
-    class Rescaler:
-        filename = "rescaler"
-        process_before_every_sampling = staticmethod(rescale_one_entry)
+
+def test_a_patch_dynfuse_cannot_fuse_stays_with_forge_under_its_own_key(host, tmp_path):
+    script, runner = dynfuse(host, method="static")
+    cached_store = {}
 
     def during(params):
         cached_store["keys"] = list(host.sd_model.forge_objects.unet.lora_patches)
@@ -313,6 +387,46 @@ def test_a_patch_dynfuse_cannot_fuse_stays_with_forge_under_its_own_key(host, tm
     _processed, p = host.txt2img(fh.PROMPT, runner=runner, steps=2)
     assert any(k[0].endswith("subj.safetensors" + STATIC_SUFFIX) for k in cached_store["keys"])
     assert "proj_in keeps the subject LoRA merged statically" in p.extra_generation_params[NOTE_KEY]
+
+
+def test_strength_override_reaches_the_layers_left_to_forge(host):
+    strengths = (0.3, 0.6)
+    expected = [host.txt2img(fh.PROMPT.replace("subj:0.8", f"subj:{strength}"),
+                             runner=host.scripts.ScriptRunner([Rescaler()]), steps=2)[0] for strength in strengths]
+    # One after the other: the second strength must be merged anew, not served from the first merge.
+    for strength, reference in zip(strengths, expected):
+        script, _ = dynfuse(host, method="static", subject_strength=strength)
+        fused, _ = host.txt2img(fh.PROMPT, runner=host.scripts.ScriptRunner([Rescaler(), script]), steps=2)
+        torch.testing.assert_close(fused.latents[0], reference.latents[0], rtol=1e-4, atol=1e-4)
+    cached = host.sd_model.forge_objects_after_applying_lora.unet
+    key = next(k for k in cached.lora_patches if k[0].endswith("subj.safetensors"))
+    assert {e[0] for entries in cached.lora_patches[key].values() for e in entries} == {0.8}  # Forge's own, as loaded
+
+
+def test_norm_layer_patches_stay_with_forge_and_the_rest_is_fused(host, tmp_path, capsys):
+    """LyCORIS w_norm / b_norm: 1-D diffs on GroupNorm and LayerNorm weights, which no hook can add in output
+    space. Those layers keep Forge's merge; every other layer of the LoRA is still fused."""
+    g = torch.Generator().manual_seed(5)
+    norms = {"lora_unet_input_blocks_1_1_norm.w_norm": torch.randn(8, generator=g) * 0.1,
+             "lora_unet_input_blocks_1_1_norm.b_norm": torch.randn(8, generator=g) * 0.1,
+             "lora_unet_input_blocks_1_1_transformer_blocks_0_norm1.w_norm": torch.randn(8, generator=g) * 0.1}
+    fh.write_lora(tmp_path / "subj.safetensors", host.sd_model, list(fh.kohya_keys())[fh.SUBJECT_KEYS], seed=1,
+                  extra=norms)
+    merged, _ = host.txt2img(fh.PROMPT, steps=2, enable_hr=True)
+    script, runner = dynfuse(host, method="static")
+    kept = {}
+    host.script_callbacks.on_cfg_denoiser(lambda params: kept.update(host.sd_model.forge_objects.unet.lora_patches))
+    fused, p = host.txt2img(fh.PROMPT, runner=runner, steps=2, enable_hr=True)
+    out = capsys.readouterr().out
+    assert "could not take over" not in out
+    assert out.count("input_blocks.1.1.norm keeps the subject LoRA merged statically") == 1  # not once per pass
+    static = next(patches for key, patches in kept.items() if key[0].endswith("subj.safetensors" + STATIC_SUFFIX))
+    assert sorted(static) == ["diffusion_model.input_blocks.1.1.norm.bias", "diffusion_model.input_blocks.1.1.norm.weight",
+                              "diffusion_model.input_blocks.1.1.transformer_blocks.0.norm1.weight"]
+    assert "input_blocks.1.1.norm keeps the subject LoRA merged statically" in p.extra_generation_params[NOTE_KEY]
+    assert len(script.job.last_log.layers) > 0
+    # Output-space deltas instead of merged weights, over two passes: equal up to fp32 rounding.
+    torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-3, atol=1e-3)
 
 
 def test_a_tag_forge_did_not_load_turns_dynfuse_off_with_a_message(host, capsys):
@@ -396,13 +510,55 @@ def test_an_earlier_unet_wrapper_is_chained(host):
 
 
 def test_a_later_extension_replacing_the_wrapper_is_reported_once(host, capsys):
-    script, _ = dynfuse(host)
+    merged, _ = host.txt2img(fh.PROMPT, steps=3)
+    script, _ = dynfuse(host, method="static")
     later = WrapperScript()
     runner = host.scripts.ScriptRunner([script, later])
-    host.txt2img(fh.PROMPT, runner=runner, steps=3)
+    in_calls = hooks_in_unet_calls(host)
+    fused, _ = host.txt2img(fh.PROMPT, runner=runner, steps=3)
     out = capsys.readouterr().out
     assert later.calls == 3
     assert out.count("replaced Forge's UNet function wrapper") == 1
+    # The hooks went on for the whole pass instead, and came off at postprocess.
+    assert len(in_calls) == 3 and min(in_calls) > 0
+    torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
+    assert hooks_on(host.sd_model.forge_objects_original.unet.model) == 0
+
+
+def test_per_pass_hooks_left_by_an_exception_go_at_the_next_job(host, monkeypatch):
+    model = host.sd_model.forge_objects_original.unet.model
+    script, _ = dynfuse(host)
+    runner = host.scripts.ScriptRunner([script, WrapperScript()])
+    with monkeypatch.context() as patch:
+        crash_at_step_1(host, patch, inside_unet=True)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            host.txt2img(fh.PROMPT, runner=runner, steps=3)
+    assert hooks_on(model) > 0                        # no wrapper of ours around the call, postprocess never ran
+    script.settings = DynFuseSettings(enabled=False)
+    host.txt2img(fh.PROMPT, runner=runner, steps=1)
+    assert hooks_on(model) == 0
+
+
+def test_hooks_failing_to_go_on_in_a_unet_call_end_dynfuse_and_the_image_finishes(host, monkeypatch, capsys):
+    from lib_dynfuse import session
+
+    install = session.FusionSession.install
+    installs = []
+
+    def failing_from_step_1(self):
+        installs.append(1)
+        if len(installs) > 2:  # the takeover's try and step 0 pass
+            raise RuntimeError("no hooks today")
+        install(self)
+
+    monkeypatch.setattr(session.FusionSession, "install", failing_from_step_1)
+    _script, runner = dynfuse(host)
+    processed, p = host.txt2img(fh.PROMPT, runner=runner, steps=3)
+    out = capsys.readouterr().out
+    assert out.count("could not put the hooks on the UNet: RuntimeError: no hooks today") == 1
+    assert p.extra_generation_params[NOTE_KEY] == "off: could not put the hooks on the UNet (RuntimeError)"
+    assert len(processed.images) == 1 and len(installs) == 3
+    assert hooks_on(host.sd_model.forge_objects_original.unet.model) == 0
 
 
 def test_online_lora_mode_for_low_bit_unets(host):

@@ -14,7 +14,7 @@ import importlib.util
 import os
 from typing import Any
 
-from lib_dynfuse.hosts.base import HostAdapter, Job, refuse
+from lib_dynfuse.hosts.base import HostAdapter, Job, refuse, say
 
 A1111 = "a1111"
 FORGE = "forge"
@@ -30,6 +30,7 @@ OLD_FORGE_MESSAGE = (
     "this WebUI is old Forge, reForge or Forge Classic (it has ldm_patched and no backend package); DynFuse "
     "supports AUTOMATIC1111 1.9-1.10.1 and current Forge only."
 )
+STAYS_OFF = "It stays off; the WebUI works as usual."
 
 
 def _root() -> str | None:
@@ -53,7 +54,16 @@ def _spec_under_root(name: str, root: str | None) -> bool:
         return True
     locations = [spec.origin] if spec.origin and spec.origin != "namespace" else []
     locations += list(spec.submodule_search_locations or [])
-    return any(os.path.realpath(loc).startswith(root) for loc in locations if loc)
+    return any(_inside(loc, root) for loc in locations if loc)
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or below it (a sibling folder such as ``webui-x`` is not)."""
+    path, root = os.path.normcase(os.path.realpath(path)), os.path.normcase(root)
+    try:
+        return os.path.commonpath([path, root]) == root
+    except ValueError:  # another drive (Windows)
+        return False
 
 
 def detect_host() -> str:
@@ -66,13 +76,18 @@ def detect_host() -> str:
 
 
 class UnsupportedHost(HostAdapter):
-    """Keeps dynfuse off with one clear message; the WebUI runs as usual."""
+    """Keeps dynfuse off with one clear message, in the console at load and atop the accordion (`notice`); the
+    WebUI runs as usual. A generation that turns DynFuse on anyway (API, pasted infotext) gets a note."""
 
     name = OLD_FORGE
 
     def __init__(self, message: str) -> None:
         super().__init__()
         self.message = message
+
+    @property
+    def notice(self) -> str:
+        return f"{self.message[:1].upper()}{self.message[1:]} {STAYS_OFF}"
 
     def begin_job(self, p: Any, settings: Any) -> Job | None:
         if settings is not None and getattr(settings, "enabled", False):
@@ -96,10 +111,17 @@ def get_adapter() -> HostAdapter:
         host = detect_host()
         if host == OLD_FORGE:
             _adapter = UnsupportedHost(OLD_FORGE_MESSAGE)
+            say(f"{OLD_FORGE_MESSAGE} {STAYS_OFF}")
         else:
             module_name, class_name = ADAPTERS[host].split(":")
             _adapter = getattr(importlib.import_module(module_name), class_name)()
     return _adapter
+
+
+def unsupported_notice() -> str | None:
+    """The message the accordion shows when DynFuse cannot run on this WebUI, else None."""
+    adapter = get_adapter()
+    return adapter.notice if isinstance(adapter, UnsupportedHost) else None
 
 
 def reset_adapter() -> None:

@@ -12,10 +12,13 @@ sampling run (`process_before_every_sampling`, three times for txt2img with hire
 2. turn each popped patch into a delta (plain LoRA -> LowRankDelta; LoHa, LoKr, DoRA, diff -> DenseDelta
    computed with Forge's own merge function) on the module found by its path, `unet.model.get_submodule(path)`
    (Forge's Linear is not an nn.Linear);
-3. open a FusionSession whose hooks add the chosen delta to each layer's output, and tell it the row layout of
-   every UNet call from the `cond_or_uncond` list Forge hands to `model_function_wrapper`.
+3. open a FusionSession whose hooks add the chosen delta to each layer's output. DynFuse's
+   `model_function_wrapper` puts the hooks on the shared model around each UNet call and takes them off in its
+   `finally`, and tells the session the call's row layout from Forge's `cond_or_uncond` list. Should another
+   extension take the wrapper slot later, the hooks go on for the whole sampling run instead (on_cfg_denoiser)
+   and come off at the next takeover, at postprocess or at the start of the next job.
 
-Patches dynfuse cannot fuse (Flux slices, `strength_model` != 1) stay with Forge under a renamed key.
+Patches dynfuse cannot fuse (Flux slices, `strength_model` != 1, norm layers) stay with Forge under a renamed key.
 
 Guidance corrects the x0 estimate Forge hands to the after-CFG callback; the unconditional estimate that sizes
 the step comes from a `sampler_post_cfg_function` on the same clone. Forge samples under inference mode with
@@ -105,6 +108,7 @@ class ForgeAdapter(HostAdapter):
             # The first hires call sees the clone made for the first pass; start again from what it replaced.
             source = job.host["source"] if current is job.host.get("clone") else current
             unet = source.clone()
+            order = list(unet.lora_patches)
             taken = self._pop_targets(unet, job)
             missing = [role for role in ROLES if not taken[role]]
             if missing:
@@ -115,26 +119,31 @@ class ForgeAdapter(HostAdapter):
                        "off: LoRA has no UNet weights")
                 return
             targets, leftovers, notes = self._targets(unet, job, taken)
+            said = job.host.setdefault("said", set())  # take_over runs for every batch and hires pass
             for note in notes:
-                say(note)
+                if note not in said:
+                    said.add(note)
+                    say(note)
                 add_note(p, note)
-            for key, patches in leftovers.items():
-                unet.lora_patches[key] = patches
+            unet.lora_patches = _in_order(order, unet.lora_patches, leftovers)
 
             from lib_dynfuse.session import FusionSession
 
             session = FusionSession(targets, job.settings.engine_options(), log_errors=say)
-            _install_layout_wrapper(unet, session, job)
+            # The factors go to the device at the first UNet call, after Forge has decided how much of the UNet
+            # fits: ask it to leave room for them (it offloads more weights when memory is short).
+            unet.add_extra_preserved_memory_during_sampling(_device_bytes(targets, unet.model.computation_dtype))
+            # Tried once here, where a failure still gives Forge every LoRA back; from here on the hooks are on
+            # the shared model only inside each UNet call (the wrapper below), or for the pass as a fallback.
+            session.install()
+            session.remove()
+            _install_unet_wrapper(unet, session, job,
+                                  on_error=lambda e: self.fail(p, "could not put the hooks on the UNet", e))
             if job.guidance is not None:
                 _install_uncond_tap(unet, job)
             engine.forge_objects.unet = unet
-            job.host.update(clone=unet, source=source)
+            job.host.update(clone=unet, source=source, engine=engine)
             job.session = session
-            try:
-                session.install()
-            except BaseException:
-                session.remove()
-                raise
         except Exception as e:  # noqa: BLE001 - never stop the host's generation
             _restore_unet(p, job)
             self.fail(p, "could not take over the LoRAs", e)
@@ -165,26 +174,28 @@ class ForgeAdapter(HostAdapter):
         overrides = {"subject": job.settings.subject_strength, "style": job.settings.style_strength}
 
         targets, notes = [], []
-        leftovers: dict[tuple, dict[str, list]] = defaultdict(dict)
+        # the popped store key -> the key and entries Forge keeps merging
+        leftovers: dict[tuple, tuple[tuple, dict[str, list]]] = {}
         for path, by_role in layers.items():
             deltas: dict[str, Any] = {}
             for role, params in by_role.items():
                 try:
                     module = unet.model.get_submodule(path)
+                    _check_fusable(module)
                     base = unet.lora_loader.backup.get(f"{path}.weight", module.weight)
                     deltas[role] = _delta(params, base, overrides[role])
                 except (NotFusable, AttributeError) as e:
                     key = origin[(role, path)]
-                    rest_key = (f"{key[0]}{STATIC_SUFFIX}",) + tuple(key[1:])
-                    for param, entries in params.items():
-                        leftovers[rest_key][f"{path}.{param}"] = entries
+                    rest_key, rest = _left_to_forge(key, params, overrides[role])
+                    leftovers.setdefault(key, (rest_key, {}))[1].update(
+                        {f"{path}.{param}": entries for param, entries in rest.items()})
                     notes.append(f"{path} keeps the {role} LoRA merged statically ({e})")
             if deltas:
                 targets.append(LayerTarget(path, unet.model.get_submodule(path), deltas.get("subject"),
                                            deltas.get("style")))
         if len(notes) > 3:
             notes = notes[:2] + [f"... and {len(notes) - 2} more layers kept static"]
-        return targets, dict(leftovers), notes
+        return targets, leftovers, notes
 
     # ---- CFG callbacks --------------------------------------------------------------------------
     def on_cfg_denoiser(self, params: Any) -> None:
@@ -209,6 +220,8 @@ class ForgeAdapter(HostAdapter):
                 tap[0] = None  # a step whose post-CFG functions do not run must not reuse the last estimate
             if session is not None:
                 session.set_step(clock)
+                if not session.installed and not _wrapper_in_place(job):
+                    session.install()  # until release(): at the next takeover, postprocess or the next job
         except Exception as e:  # noqa: BLE001
             self.fail(getattr(getattr(params, "denoiser", None), "p", None), "could not read the sampler step", e)
             return
@@ -237,8 +250,8 @@ class ForgeAdapter(HostAdapter):
     # ---- lifetime -------------------------------------------------------------------------------
     def release(self, job: Job, keep_job: bool = False) -> None:
         self._close_session(job)
-        job.host.pop("clone", None)
-        job.host.pop("source", None)
+        for key in ("clone", "source", "engine"):
+            job.host.pop(key, None)
         tap = job.host.pop("uncond_x0", None)
         if tap is not None:
             tap.clear()  # the tap in the clone's model_options keeps nothing from now on
@@ -269,7 +282,50 @@ class ForgeAdapter(HostAdapter):
             say(f"could not check for leftover hooks: {e}")
 
 
+def _device_bytes(targets: list, dtype: torch.dtype) -> int:
+    """What the hooks' deltas take once cast to the UNet's computation dtype (the hooks cache them per device)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    deltas = [d for t in targets for d in (t.subject, t.style) if d is not None]
+    return size * sum(v.numel() for d in deltas for v in vars(d).values() if isinstance(v, torch.Tensor))
+
+
+def _in_order(order: list[tuple], kept: dict[tuple, dict], leftovers: dict[tuple, tuple[tuple, dict]]) -> dict:
+    """The clone's store with each popped LoRA's leftovers where that LoRA was: Forge merges the store in order,
+    and a patch with strength_model != 1 scales everything merged into the weight before it."""
+    store = {}
+    for key in order:
+        if key in kept:
+            store[key] = kept[key]
+        elif key in leftovers:
+            rest_key, patches = leftovers[key]
+            store[rest_key] = patches
+    return store
+
+
+def _left_to_forge(key: tuple, params: dict[str, list], override: float | None) -> tuple[tuple, dict[str, list]]:
+    """The store key and entries under which a layer Forge keeps merging goes back into the clone's store.
+
+    A strength override rewrites the strength in new entries (Forge's own lists and entries are shared with its
+    cached patchers) and in the key: Forge re-merges only when the key list changes."""
+    strength = key[1] if override is None else override
+    rest_key = (f"{key[0]}{STATIC_SUFFIX}", strength, *key[2:])
+    if override is None:
+        return rest_key, params
+    return rest_key, {param: [[override, *entry[1:]] for entry in entries] for param, entries in params.items()}
+
+
 # ---- patches -> deltas ------------------------------------------------------------------------------
+def _check_fusable(module: torch.nn.Module) -> None:
+    """Hooks add a delta to a Linear's or Conv2d's output; a norm layer's 1-D weight (LyCORIS w_norm / b_norm)
+    acts inside the normalisation, so only Forge's merge can apply it."""
+    from lib_dynfuse.deltas import LayerGeometry
+
+    try:
+        LayerGeometry.of(module)
+    except ValueError:
+        raise NotFusable(f"not a Linear or Conv2d layer: weight of shape {list(module.weight.shape)}") from None
+
+
 def _delta(params: dict[str, list], base_weight: torch.Tensor, override: float | None):
     """One LoRA's contribution to one layer from its Forge patch entries (weight and optional bias)."""
     from lib_dynfuse.deltas import DenseDelta, LowRankDelta
@@ -345,36 +401,64 @@ def _weight_dependent(patch: tuple) -> bool:
 
 
 # ---- Forge objects -------------------------------------------------------------------------------------
-def _install_layout_wrapper(unet: Any, session: Any, job: Job) -> None:
-    """Tell the session the rows of every UNet call: Forge batches one chunk of B rows per cond/uncond entry
-    (`cond_or_uncond`, 0 = cond), uncond first, and splits them over several calls when memory is short.
+def _install_unet_wrapper(unet: Any, session: Any, job: Job, on_error: Callable[[Exception], None]) -> None:
+    """Put the session's hooks on the shared model for each UNet call only, removed in its `finally` (an exception
+    or interrupt leaves nothing on the model), and tell the session the call's rows: Forge batches one chunk of B
+    rows per cond/uncond entry (`cond_or_uncond`, 0 = cond), uncond first, split over several calls when memory is
+    short.
 
     A closure, not an object: Forge deep-copies model_options on every clone, and functions are copied by
-    reference. The slot holds one wrapper, so an earlier one is chained."""
-    from lib_dynfuse.layout import BatchLayout
-
+    reference. The slot holds one wrapper, so an earlier one is chained (inside the hooks); an extension that
+    replaces this one later leaves the hooks to the per-pass fallback in on_cfg_denoiser."""
     previous = unet.model_options.get("model_function_wrapper")
     holder = [session]
     calls = job.host["wrapper_calls"] = [0]
     job.host["wrapper_session"] = holder
 
-    def dynfuse_unet_wrapper(apply_model: Callable, args: dict) -> torch.Tensor:
-        active = holder[0]
-        if active is not None:
-            calls[0] += 1
-            chunks = list(args["cond_or_uncond"])
-            rows = int(args["input"].shape[0])
-            layout = None
-            if chunks and rows % len(chunks) == 0:
-                per_chunk = rows // len(chunks)
-                layout = BatchLayout.rows([i for _ in chunks for i in range(per_chunk)],
-                                          [kind == 0 for kind in chunks for _ in range(per_chunk)])
-            active.set_layout(layout)
+    def call(apply_model: Callable, args: dict) -> torch.Tensor:
         if previous is not None:
             return previous(apply_model, args)
         return apply_model(args["input"], args["timestep"], **args["c"])
 
+    def dynfuse_unet_wrapper(apply_model: Callable, args: dict) -> torch.Tensor:
+        active = holder[0]
+        if active is None:
+            return call(apply_model, args)
+        calls[0] += 1
+        active.set_layout(_layout(args))
+        if active.installed:  # the per-pass fallback put them on
+            return call(apply_model, args)
+        try:
+            active.install()
+        except Exception as e:  # noqa: BLE001 - never stop the host's generation
+            on_error(e)
+            return call(apply_model, args)
+        try:
+            return call(apply_model, args)
+        finally:
+            active.remove()
+
     unet.set_model_unet_function_wrapper(dynfuse_unet_wrapper)
+    job.host["wrapper"] = dynfuse_unet_wrapper
+
+
+def _layout(args: dict) -> Any:
+    from lib_dynfuse.layout import BatchLayout
+
+    chunks = list(args["cond_or_uncond"])
+    rows = int(args["input"].shape[0])
+    if not chunks or rows % len(chunks):
+        return None
+    per_chunk = rows // len(chunks)
+    return BatchLayout.rows([i for _ in chunks for i in range(per_chunk)],
+                            [kind == 0 for kind in chunks for _ in range(per_chunk)])
+
+
+def _wrapper_in_place(job: Job) -> bool:
+    """Whether the patcher Forge samples with still holds DynFuse's UNet wrapper (a later extension may have put
+    its own in the single slot)."""
+    unet = job.host["engine"].forge_objects.unet
+    return unet.model_options.get("model_function_wrapper") is job.host.get("wrapper")
 
 
 def _install_uncond_tap(unet: Any, job: Job) -> None:

@@ -158,8 +158,10 @@ def _quiet(message: str) -> None:
 
 
 def build_ui(*, is_img2img: bool, input_accordion: type,
-             lora_names: Callable[[], list[str]] | None = None) -> UiBuild:
-    """Create the DynFuse accordion inside the current Blocks context (see the module docstring)."""
+             lora_names: Callable[[], list[str]] | None = None, notice: str | None = None) -> UiBuild:
+    """Create the DynFuse accordion inside the current Blocks context (see the module docstring).
+
+    `notice`: a message shown atop the accordion's content, e.g. why DynFuse cannot run on this WebUI."""
     tab = "img2img" if is_img2img else "txt2img"
 
     def eid(item: str) -> str:
@@ -169,6 +171,8 @@ def build_ui(*, is_img2img: bool, input_accordion: type,
     with input_accordion(DEFAULTS.enabled, label="DynFuse", elem_id=f"dynfuse_{tab}") as accordion:
         with accordion.extra():
             gr.HTML(f'<span class="dynfuse-version">v{__version__}</span>', elem_id=eid("version"))
+        if notice:
+            gr.HTML(f"<p><strong>{_escape(notice)}</strong></p>", elem_id=eid("notice"))
         tags = gr.Textbox(value="[]", label="LoRA tags in the prompt", elem_id=eid("tags"),
                           **gradio_compat.HIDDEN_BY_CSS)
         for role, which in (("subject", "first"), ("style", "second")):

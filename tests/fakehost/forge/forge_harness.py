@@ -27,8 +27,8 @@ def _is_host_module(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def forge_host(lora_dir: Path, seed: int = 0):
-    """The fake Forge with a loaded model; yields a namespace of its modules."""
+def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15"):
+    """The fake Forge with a loaded model ("sd15" or "sdxl"); yields a namespace of its modules."""
     saved = {k: v for k, v in sys.modules.items() if _is_host_module(k)}
     for k in saved:
         del sys.modules[k]
@@ -42,7 +42,7 @@ def forge_host(lora_dir: Path, seed: int = 0):
         shared.cmd_opts.lora_dir = str(lora_dir)
         shared.state.begin()
         loader = importlib.import_module("backend.loader")
-        shared.sd_model = loader.forge_loader(seed)
+        shared.sd_model = loader.forge_loader(seed, family)
         extra_networks = importlib.import_module("modules.extra_networks")
         extra_networks_lora = importlib.import_module("extra_networks_lora")
         extra_networks.register_extra_network(extra_networks_lora.ExtraNetworkLora())
@@ -53,6 +53,23 @@ def forge_host(lora_dir: Path, seed: int = 0):
         sys.modules.update(saved)
         sys.path[:] = old_path
         torch.set_num_threads(old_threads)
+
+
+@contextlib.contextmanager
+def tiny_guidance_models(host: Host, monkeypatch):
+    """Guidance and scores on the CPU with conftest_guidance's tiny random-weight CLIP and DINO, unloaded after.
+    ForgeAdapter is looked up when called: other fixtures re-import lib_dynfuse.hosts."""
+    from conftest_guidance import TINY
+
+    from lib_dynfuse.guidance import scorers
+    from lib_dynfuse.hosts.forge import ForgeAdapter
+
+    host.shared.opts.data.update(dynfuse_device="cpu", dynfuse_precision="fp32")
+    monkeypatch.setattr(ForgeAdapter, "guidance_factories", dict(TINY))
+    try:
+        yield
+    finally:
+        scorers.unload()
 
 
 class Host:
@@ -78,6 +95,13 @@ class Host:
                                                               script_args=script_args, **kwargs)
         return self.processing.process_images(p), p
 
+    def img2img(self, prompt: str, init_images, runner=None, script_args=(), **kwargs):
+        self.shared.state.begin()
+        p = self.processing.StableDiffusionProcessingImg2Img(prompt=prompt, init_images=init_images,
+                                                              script_runner=runner, script_args=script_args,
+                                                              **kwargs)
+        return self.processing.process_images(p), p
+
 
 def kohya_keys() -> dict[str, str]:
     """forge weight key -> kohya (diffusers-named, as SD 1.5 LoRAs are) key prefix."""
@@ -86,11 +110,24 @@ def kohya_keys() -> dict[str, str]:
         return {row["forge_weight_key"]: row["kohya_key"] for row in rows}
 
 
+def sdxl_kohya_keys(sd_model) -> dict[str, str]:
+    """forge weight key -> kohya key prefix for every Linear and Conv2d of the (SDXL) UNet: kohya names SDXL
+    layers by their ldm path (`lora_unet_input_blocks_4_1_proj_in`)."""
+    model = sd_model.forge_objects_original.unet.model
+    return {f"{name}.weight": "lora_unet_" + name[len("diffusion_model."):].replace(".", "_")
+            for name, module in model.named_modules()
+            if name.startswith("diffusion_model.") and type(module).__name__ in ("Linear", "Conv2d")}
+
+
+def lora_keys(sd_model) -> dict[str, str]:
+    return sdxl_kohya_keys(sd_model) if sd_model.is_sdxl else kohya_keys()
+
+
 def write_lora(path: Path, sd_model, weight_keys, rank: int = 2, alpha: float | None = 1.0, seed: int = 0,
                scale: float = 0.5, extra: dict | None = None) -> Path:
     """A kohya-format LoRA for the fake UNet touching `weight_keys` (Forge model keys)."""
     g = torch.Generator().manual_seed(seed)
-    names = kohya_keys()
+    names = lora_keys(sd_model)
     model = sd_model.forge_objects_original.unet.model
     tensors = {}
     for key in weight_keys:

@@ -1,19 +1,23 @@
 # Fake of modules/processing.py (stable-diffusion-webui-forge dfdcbab6): process_images_inner (l.852-1157),
-# create_infotext (l.668-797), StableDiffusionProcessingTxt2Img.sample (l.1342) and sample_hr_pass (l.1430-1539).
-# Kept, in the real order: scripts.process OUTSIDE torch.inference_mode(); inside it per batch: forge_objects
+# create_infotext (l.668-797), StableDiffusionProcessingTxt2Img.sample (l.1342) and sample_hr_pass (l.1430-1539),
+# StableDiffusionProcessingImg2Img.init and .sample (l.1637-1850).
+# Kept, in the real order: scripts.process OUTSIDE torch.inference_mode(); inside it p.init (img2img: the init
+# images resized, stacked to the batch and encoded by the VAE into init_latent), then per batch: forge_objects
 # reset from forge_objects_original, before_process_batch, parse_extra_network_prompts, extra_networks.activate,
 # forge_objects reset from forge_objects_after_applying_lora, process_batch, setup_conds, sample (sampler
-# created, forge_objects reset again, process_before_every_sampling, sampler.sample), post_sample, decode,
-# postprocess_batch, then each image's infotext (list values indexed, callables called with create_infotext's
-# locals; inside the batch loop it gets the batch's own lists and an index within the batch); hires: activate
-# hr networks, hr conds, before_hr, process_before_every_sampling, reset, process_before_every_sampling again,
-# sample_img2img; after the loop deactivate and postprocess (skipped when sampling raises). Simplified:
-# txt2img only, latent upscale (nearest) for hires, no cond cache, no saving, the infotext is only the
-# "key: value" list (no prompt, no quoting).
+# created, forge_objects reset again, process_before_every_sampling -- img2img with x=init_latent and the noise
+# --, sampler.sample or sample_img2img), post_sample, decode, postprocess_batch, then each image's infotext (list
+# values indexed, callables called with create_infotext's locals; inside the batch loop it gets the batch's own
+# lists and an index within the batch); hires: activate hr networks, hr conds, before_hr,
+# process_before_every_sampling, reset, process_before_every_sampling again, sample_img2img; after the loop
+# deactivate and postprocess (skipped when sampling raises). Simplified: latent upscale (nearest) for hires; no
+# inpainting masks, color correction or image conditioning (the real one is zeros for non-inpainting models); no
+# cond cache, no saving, the infotext is only the "key: value" list (no prompt, no quoting).
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modules import extra_networks, scripts, sd_samplers_kdiffusion, shared
+from modules import extra_networks, scripts, sd_samplers_common, sd_samplers_kdiffusion, shared
 from modules.shared import state
 
 
@@ -117,6 +121,57 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         self.sampler = None
         self.is_hr_pass = False
         return samples
+
+
+class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
+    def __init__(self, init_images=None, resize_mode=0, denoising_strength=0.75, initial_noise_multiplier=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.init_images = init_images
+        self.resize_mode = resize_mode
+        self.denoising_strength = denoising_strength
+        self.initial_noise_multiplier = (shared.opts.initial_noise_multiplier if initial_noise_multiplier is None
+                                         else initial_noise_multiplier)
+        self.init_latent = None
+        self.image_conditioning = None
+
+    def init(self, all_prompts, all_seeds, all_subseeds):
+        self.extra_generation_params["Denoising strength"] = self.denoising_strength
+        self.sampler = sd_samplers_kdiffusion.KDiffusionSampler("sample_euler", self.sd_model)
+        imgs = []
+        for img in self.init_images:
+            image = img.convert("RGB")
+            if self.resize_mode != 3:
+                image = image.resize((self.width, self.height))
+            image = np.moveaxis(np.array(image).astype(np.float32) / 255.0, 2, 0)
+            imgs.append(image)
+        if len(imgs) == 1:
+            batch_images = np.expand_dims(imgs[0], axis=0).repeat(self.batch_size, axis=0)
+        elif len(imgs) <= self.batch_size:
+            self.batch_size = len(imgs)
+            batch_images = np.array(imgs)
+        else:
+            raise RuntimeError(f"bad number of images passed: {len(imgs)}; expecting {self.batch_size} or less")
+        image = torch.from_numpy(batch_images).to(shared.device, dtype=torch.float32)
+        self.init_latent = sd_samplers_common.images_tensor_to_samples(image, 0, self.sd_model)
+        self.image_conditioning = self.init_latent.new_zeros(self.init_latent.shape[0], 5, 1, 1)
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        x = self.noise(tuple(self.init_latent.shape[2:]))
+        if self.initial_noise_multiplier != 1.0:
+            self.extra_generation_params["Noise multiplier"] = self.initial_noise_multiplier
+            x *= self.initial_noise_multiplier
+
+        self.sd_model.forge_objects = self.sd_model.forge_objects_after_applying_lora.shallow_copy()
+        if self.scripts is not None:
+            self.scripts.process_before_every_sampling(self, x=self.init_latent, noise=x, c=conditioning,
+                                                       uc=unconditional_conditioning)
+        if self.modified_noise is not None:
+            x = self.modified_noise
+            self.modified_noise = None
+
+        return self.sampler.sample_img2img(self, self.init_latent, x, conditioning, unconditional_conditioning,
+                                           image_conditioning=self.image_conditioning)
 
 
 class Processed:

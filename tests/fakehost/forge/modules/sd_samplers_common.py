@@ -1,11 +1,39 @@
 # Fake of modules/sd_samplers_common.py (stable-diffusion-webui-forge dfdcbab6): InterruptedException,
-# Sampler.initialize / callback_state / launch_sampling. Kept: state.sampling_step is updated AFTER each model
-# call (so CFG callbacks see it lag by one), an interrupt returns the last latent.
+# setup_img2img_steps, images_tensor_to_samples, Sampler.initialize / callback_state / launch_sampling. Kept:
+# state.sampling_step is updated AFTER each model call (so CFG callbacks see it lag by one), an interrupt returns
+# the last latent, img2img steps as the real rule (fixed steps for hires), init images encoded one by one by the
+# full VAE through sd_model.encode_first_stage. Simplified: no TAESD or approximate encoders.
+import torch
+
 from modules import shared
+from modules.shared import opts
 
 
 class InterruptedException(BaseException):
     pass
+
+
+def setup_img2img_steps(p, steps=None):
+    if opts.img2img_fix_steps or steps is not None:
+        requested_steps = (steps or p.steps)
+        steps = int(requested_steps / min(p.denoising_strength, 0.999)) if p.denoising_strength > 0 else 0
+        t_enc = requested_steps - 1
+    else:
+        steps = p.steps
+        t_enc = int(min(p.denoising_strength, 0.999) * steps)
+    return steps, t_enc
+
+
+def images_tensor_to_samples(image, approximation=None, model=None):
+    '''image[0, 1] -> latent'''
+    if model is None:
+        model = shared.sd_model
+    image = image.to(shared.device, dtype=torch.float32)
+    image = image * 2 - 1
+    if len(image) > 1:
+        return torch.stack([model.get_first_stage_encoding(model.encode_first_stage(torch.unsqueeze(img, 0)))[0]
+                            for img in image])
+    return model.get_first_stage_encoding(model.encode_first_stage(image))
 
 
 def apply_refiner(cfg_denoiser, x):

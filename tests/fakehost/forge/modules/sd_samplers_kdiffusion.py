@@ -1,6 +1,7 @@
 # Fake of modules/sd_samplers_kdiffusion.py (stable-diffusion-webui-forge dfdcbab6) with k-diffusion's
 # sample_euler. Kept: sample/sample_img2img call sampling_prepare (the LoRA merge happens there) on the
-# CURRENT forge_objects.unet, sigma_sched = sigmas[steps - t_enc - 1:] for img2img, launch_sampling,
+# CURRENT forge_objects.unet, img2img steps from setup_img2img_steps and sigma_sched = sigmas[steps - t_enc - 1:],
+# the init latent noised to the first sigma and kept as the denoiser's init_latent, launch_sampling,
 # sampling_cleanup only after a normal return. Simplified: Euler only, "Automatic" = evenly spaced timesteps.
 import torch
 
@@ -59,10 +60,10 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
     def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         unet_patcher = self.model_wrap.inner_model.forge_objects.unet
         sampling_prepare(self.model_wrap.inner_model.forge_objects.unet, x=x)
-        steps = steps or p.steps
-        t_enc = int(min(p.denoising_strength, 0.999) * steps)
+        steps, t_enc = sd_samplers_common.setup_img2img_steps(p, steps)
         sigmas = self.get_sigmas(p, steps).to(x.device)
         sigma_sched = sigmas[steps - t_enc - 1:]
+        x = x.to(noise)
         xi = self.model_wrap.predictor.noise_scaling(sigma_sched[0], noise, x, max_denoise=False)
         self.initialize(p)
         self.model_wrap_cfg.init_latent = x

@@ -20,3 +20,6 @@ class ForgeDiffusionEngine:
         self.cond_stage_model = None
         self.use_distilled_cfg_scale = False
         self.is_sd1 = self.is_sd2 = self.is_sdxl = self.is_sd3 = False
+
+    def get_first_stage_encoding(self, x):
+        return x  # legacy code, do not change

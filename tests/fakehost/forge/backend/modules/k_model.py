@@ -1,7 +1,7 @@
 # Fake of backend/modules/k_model.py and backend/modules/k_prediction.py (stable-diffusion-webui-forge dfdcbab6).
-# Kept: KModel.apply_model's signature and order (calculate_input, timestep, diffusion_model(..., 
-# transformer_options=...), calculate_denoised) and the EPS predictor of SD 1.5 (scaled-linear betas,
-# k-diffusion sigma space: x = x0 + sigma * eps). Simplified: EPS only.
+# Kept: KModel.apply_model's signature and order (calculate_input, timestep, diffusion_model(...,
+# transformer_options=..., **extra conds such as SDXL's y), calculate_denoised) and the EPS predictor of SD 1.5
+# and SDXL (scaled-linear betas, k-diffusion sigma space: x = x0 + sigma * eps). Simplified: EPS only.
 import torch
 
 
@@ -73,8 +73,14 @@ class KModel(torch.nn.Module):
         xc = xc.to(dtype)
         t = self.predictor.timestep(t).float()
         context = context.to(dtype)
+        extra_conds = {}
+        for o in kwargs:
+            extra = kwargs[o]
+            if hasattr(extra, "dtype") and extra.dtype not in (torch.int, torch.long):
+                extra = extra.to(dtype)
+            extra_conds[o] = extra
         model_output = self.diffusion_model(xc, t, context=context, control=control,
-                                            transformer_options=transformer_options).float()
+                                            transformer_options=transformer_options, **extra_conds).float()
         return self.predictor.calculate_denoised(sigma, model_output, x)
 
     def memory_required(self, input_shape):

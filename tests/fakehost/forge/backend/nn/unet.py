@@ -1,9 +1,14 @@
 # Fake of backend/nn/unet.py (stable-diffusion-webui-forge dfdcbab6): IntegratedUNet2DConditionModel.
-# Kept: the ldm module tree and names of SD 1.5 (time_embed, input_blocks.N.M, ResBlock in_layers/emb_layers/
-# out_layers/skip_connection, SpatialTransformer proj_in/transformer_blocks/proj_out with attn1/attn2 to_q/k/v/
-# to_out.0 and ff.net.0.proj/ff.net.2, middle_block, output_blocks, out), Forge operation classes for every
-# Linear and Conv2d, transformer_options passed down and block_modifiers fired around every block.
-# Simplified: 8 model channels, one level, two input and two output blocks, no attention patches.
+# Kept: the constructor's layout rules (input blocks per level and res block, Downsample between levels, a
+# SpatialTransformer of the given depth wherever transformer_depth says, middle block, output blocks with
+# Upsample, label_emb for "sequential" ADM models such as SDXL, proj_in/proj_out Linear with
+# use_linear_in_transformer), hence the real ldm module names (time_embed, label_emb.0.N, input_blocks.N.M,
+# ResBlock in_layers/emb_layers/out_layers/skip_connection, Downsample op, Upsample conv, SpatialTransformer
+# proj_in/transformer_blocks.K/proj_out with attn1/attn2 to_q/k/v/to_out.0 and ff.net.0.proj/ff.net.2,
+# middle_block, output_blocks, out); Forge operation classes for every Linear and Conv2d; transformer_options
+# passed down and block_modifiers fired around every block. Simplified: tiny channel counts and depths (the
+# defaults build a one-level SD 1.5-style UNet; tests/fakehost/forge/backend/loader.py holds the SDXL-style
+# configuration), GroupNorm with 4 groups, no attention patches, controls or checkpointing.
 import math
 
 import torch
@@ -11,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from backend.operations import ForgeOperations as ops
+
+GROUPS = 4  # GroupNorm groups (32 in the real UNet, whose channel counts are larger)
 
 
 def timestep_embedding(timesteps, dim, max_period=10000):
@@ -31,9 +38,33 @@ class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
                 x = layer(x, emb, transformer_options)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context, transformer_options)
+                if "transformer_index" in transformer_options:
+                    transformer_options["transformer_index"] += 1
+            elif isinstance(layer, Upsample):
+                x = layer(x, output_shape=output_shape)
             else:
                 x = layer(x)
         return x
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels, out_channels=None):
+        super().__init__()
+        self.channels = channels
+        self.conv = ops.Conv2d(channels, out_channels or channels, 3, padding=1)
+
+    def forward(self, x, output_shape=None):
+        shape = [x.shape[2] * 2, x.shape[3] * 2] if output_shape is None else list(output_shape[2:4])
+        return self.conv(F.interpolate(x, size=shape, mode="nearest"))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels, out_channels=None):
+        super().__init__()
+        self.op = ops.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
 
 
 class GEGLU(nn.Module):
@@ -96,33 +127,44 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, in_channels, n_heads, d_head, context_dim):
+    def __init__(self, in_channels, n_heads, d_head, depth=1, context_dim=None, use_linear=False):
         super().__init__()
         inner_dim = n_heads * d_head
-        self.norm = nn.GroupNorm(4, in_channels, eps=1e-6)
-        self.proj_in = ops.Conv2d(in_channels, inner_dim, kernel_size=1)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner_dim, n_heads, d_head, context_dim)])
-        self.proj_out = ops.Conv2d(inner_dim, in_channels, kernel_size=1)
+        self.norm = nn.GroupNorm(GROUPS, in_channels, eps=1e-6)
+        self.proj_in = ops.Linear(in_channels, inner_dim) if use_linear else ops.Conv2d(in_channels, inner_dim, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner_dim, n_heads, d_head, context_dim)
+                                                 for _ in range(depth)])
+        self.proj_out = ops.Linear(in_channels, inner_dim) if use_linear else ops.Conv2d(inner_dim, in_channels, 1)
+        self.use_linear = use_linear
 
     def forward(self, x, context=None, transformer_options={}):
         b, c, h, w = x.shape
         x_in = x
-        x = self.proj_in(self.norm(x))
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
         x = x.flatten(2).transpose(1, 2)
+        if self.use_linear:
+            x = self.proj_in(x)
         for i, block in enumerate(self.transformer_blocks):
             transformer_options["block_index"] = i
             x = block(x, context=context, transformer_options=transformer_options)
+        if self.use_linear:
+            x = self.proj_out(x)
         x = x.transpose(1, 2).reshape(b, -1, h, w)
-        return self.proj_out(x) + x_in
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in
 
 
 class ResBlock(TimestepBlock):
-    def __init__(self, channels, emb_channels, out_channels):
+    def __init__(self, channels, emb_channels, out_channels=None):
         super().__init__()
-        self.in_layers = nn.Sequential(nn.GroupNorm(4, channels), nn.SiLU(),
+        out_channels = out_channels or channels
+        self.in_layers = nn.Sequential(nn.GroupNorm(GROUPS, channels), nn.SiLU(),
                                        ops.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), ops.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(nn.GroupNorm(4, out_channels), nn.SiLU(), nn.Dropout(0.0),
+        self.out_layers = nn.Sequential(nn.GroupNorm(GROUPS, out_channels), nn.SiLU(), nn.Dropout(0.0),
                                         ops.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Identity() if out_channels == channels else ops.Conv2d(channels, out_channels, 1)
 
@@ -133,25 +175,65 @@ class ResBlock(TimestepBlock):
 
 
 class IntegratedUNet2DConditionModel(nn.Module):
-    def __init__(self, in_channels=4, model_channels=8, out_channels=4, context_dim=16, num_heads=2):
+    def __init__(self, in_channels=4, model_channels=8, out_channels=4, num_res_blocks=1, channel_mult=(1,),
+                 num_classes=None, num_heads=2, num_head_channels=-1, transformer_depth=(1,), context_dim=16,
+                 use_linear_in_transformer=False, adm_in_channels=None, transformer_depth_middle=1,
+                 transformer_depth_output=(0, 0)):
         super().__init__()
-        ch, emb = model_channels, model_channels * 4
-        d_head = ch // num_heads
-        self.config = dict(model_channels=model_channels, in_channels=in_channels, context_dim=context_dim)
+        num_res_blocks = [num_res_blocks] * len(channel_mult) if isinstance(num_res_blocks, int) else num_res_blocks
+        transformer_depth, transformer_depth_output = list(transformer_depth), list(transformer_depth_output)
+        self.config = dict(model_channels=model_channels, in_channels=in_channels, context_dim=context_dim,
+                           adm_in_channels=adm_in_channels)
         self.model_channels = model_channels
-        self.time_embed = nn.Sequential(ops.Linear(ch, emb), nn.SiLU(), ops.Linear(emb, emb))
-        self.input_blocks = nn.ModuleList([
-            TimestepEmbedSequential(ops.Conv2d(in_channels, ch, 3, padding=1)),
-            TimestepEmbedSequential(ResBlock(ch, emb, ch), SpatialTransformer(ch, num_heads, d_head, context_dim)),
-        ])
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb, ch),
-                                                    SpatialTransformer(ch, num_heads, d_head, context_dim),
-                                                    ResBlock(ch, emb, ch))
-        self.output_blocks = nn.ModuleList([
-            TimestepEmbedSequential(ResBlock(2 * ch, emb, ch)),
-            TimestepEmbedSequential(ResBlock(2 * ch, emb, ch)),
-        ])
-        self.out = nn.Sequential(nn.GroupNorm(4, ch), nn.SiLU(), ops.Conv2d(ch, out_channels, 3, padding=1))
+        self.num_classes = num_classes
+        emb = model_channels * 4
+
+        def heads(ch):
+            return (num_heads, ch // num_heads) if num_head_channels == -1 else (ch // num_head_channels,
+                                                                                num_head_channels)
+
+        def transformer(ch, depth):
+            n_heads, d_head = heads(ch)
+            return SpatialTransformer(ch, n_heads, d_head, depth=depth, context_dim=context_dim,
+                                      use_linear=use_linear_in_transformer)
+
+        self.time_embed = nn.Sequential(ops.Linear(model_channels, emb), nn.SiLU(), ops.Linear(emb, emb))
+        if num_classes == "sequential":
+            self.label_emb = nn.Sequential(nn.Sequential(ops.Linear(adm_in_channels, emb), nn.SiLU(),
+                                                         ops.Linear(emb, emb)))
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(ops.Conv2d(in_channels, model_channels, 3,
+                                                                              padding=1))])
+        input_block_chans = [model_channels]
+        ch = model_channels
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks[level]):
+                layers = [ResBlock(ch, emb, mult * model_channels)]
+                ch = mult * model_channels
+                depth = transformer_depth.pop(0)
+                if depth > 0:
+                    layers.append(transformer(ch, depth))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                input_block_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, ch)))
+                input_block_chans.append(ch)
+        middle = [ResBlock(ch, emb)]
+        if transformer_depth_middle >= 0:
+            middle += [transformer(ch, transformer_depth_middle), ResBlock(ch, emb)]
+        self.middle_block = TimestepEmbedSequential(*middle)
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks[level] + 1):
+                layers = [ResBlock(ch + input_block_chans.pop(), emb, model_channels * mult)]
+                ch = model_channels * mult
+                depth = transformer_depth_output.pop()
+                if depth > 0:
+                    layers.append(transformer(ch, depth))
+                if level and i == num_res_blocks[level]:
+                    layers.append(Upsample(ch, ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(nn.GroupNorm(GROUPS, ch), nn.SiLU(), ops.Conv2d(model_channels, out_channels, 3,
+                                                                                 padding=1))
         self.load_device = self.offload_device = self.initial_device = torch.device("cpu")
         self.storage_dtype = self.computation_dtype = torch.float32
 
@@ -159,15 +241,18 @@ class IntegratedUNet2DConditionModel(nn.Module):
         transformer_options["original_shape"] = list(x.shape)
         transformer_options["transformer_index"] = 0
         block_modifiers = transformer_options.get("block_modifiers", [])
+        assert (y is not None) == (self.num_classes is not None)
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(y)
         hs = []
         h = x
 
-        def run(block_id, module, h):
+        def run(block_id, module, h, output_shape=None):
             transformer_options["block"] = block_id
             for modifier in block_modifiers:
                 h = modifier(h, 'before', transformer_options)
-            h = module(h, emb, context, transformer_options)
+            h = module(h, emb, context, transformer_options, output_shape)
             for modifier in block_modifiers:
                 h = modifier(h, 'after', transformer_options)
             return h
@@ -177,5 +262,6 @@ class IntegratedUNet2DConditionModel(nn.Module):
             hs.append(h)
         h = run(("middle", 0), self.middle_block, h)
         for i, module in enumerate(self.output_blocks):
-            h = run(("output", i), module, torch.cat([h, hs.pop()], dim=1))
+            h = torch.cat([h, hs.pop()], dim=1)
+            h = run(("output", i), module, h, hs[-1].shape if hs else None)
         return self.out(h)

@@ -1,11 +1,12 @@
 # Fake of backend/patcher/lora.py + packages_3rdparty/comfyui_lora_collection/lora.py
 # (stable-diffusion-webui-forge dfdcbab6).
 # Kept: the patch tuples load_lora produces ("lora", (up, down, alpha, mid, dora_scale)), ("loha", ...),
-# ("lokr", ...), ("diff", (w,)); merge_lora_to_weight's maths (fp32 on a copy, strength * alpha / rank,
-# Tucker mid folded into down, DoRA through weight_decompose); LoraLoader.refresh comparing only the key list,
-# restoring the backed-up Parameters and writing merged weights as NEW Parameters; the mutable default
-# key_map={} of the key-map functions. Simplified: no glora/set/offset patch types in load_lora, no bnb/gguf,
-# SD 1.5 diffusers names come from tests/data/forge_sd15_unet_layers.tsv instead of unet_to_diffusers.
+# ("lokr", ...), ("diff", (w,)) for diff and LyCORIS w_norm (b_norm / diff_b on the bias); merge_lora_to_weight's
+# maths (fp32 on a copy, strength * alpha / rank, Tucker mid folded into down, DoRA through weight_decompose);
+# LoraLoader.refresh comparing only the key list, restoring the backed-up Parameters and writing merged weights
+# as NEW Parameters; the mutable default key_map={} of the key-map functions. Simplified: no glora/set/offset
+# patch types in load_lora, no bnb/gguf, SD 1.5 diffusers names come from tests/data/forge_sd15_unet_layers.tsv
+# instead of unet_to_diffusers.
 import csv
 from pathlib import Path
 
@@ -83,6 +84,17 @@ def load_lora(lora, to_load):
             w2 = lora["{}.lokr_w2".format(x)]
             loaded_keys.update((lokr_w1_name, "{}.lokr_w2".format(x)))
             patch_dict[to_load[x]] = ("lokr", (w1, w2, alpha, None, None, None, None, None, dora_scale))
+
+        w_norm_name = "{}.w_norm".format(x)
+        b_norm_name = "{}.b_norm".format(x)
+        w_norm = lora.get(w_norm_name, None)
+        b_norm = lora.get(b_norm_name, None)
+        if w_norm is not None:
+            loaded_keys.add(w_norm_name)
+            patch_dict[to_load[x]] = ("diff", (w_norm,))
+            if b_norm is not None:
+                loaded_keys.add(b_norm_name)
+                patch_dict["{}.bias".format(to_load[x][:-len(".weight")])] = ("diff", (b_norm,))
 
         diff_name = "{}.diff".format(x)
         if diff_name in lora.keys():

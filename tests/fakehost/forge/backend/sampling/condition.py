@@ -1,6 +1,7 @@
 # Fake of backend/sampling/condition.py (stable-diffusion-webui-forge dfdcbab6).
 # Kept: Condition/ConditionCrossAttn (process_cond, can_concat, concat), compile_conditions,
-# compile_weighted_conditions (one cond entry per AND sub-prompt). Simplified: SD 1.5 tensors only (no 'vector').
+# compile_weighted_conditions (one cond entry per AND sub-prompt), SDXL's dict conds ('crossattn' and 'vector',
+# the latter becoming the UNet's y). Simplified: no 'guidance' (Flux) cond.
 import math
 
 import torch
@@ -38,7 +39,11 @@ class ConditionCrossAttn(Condition):
 def compile_conditions(cond):
     if cond is None:
         return None
-    return [dict(cross_attn=cond, model_conds=dict(c_crossattn=ConditionCrossAttn(cond)))]
+    if isinstance(cond, torch.Tensor):
+        return [dict(cross_attn=cond, model_conds=dict(c_crossattn=ConditionCrossAttn(cond)))]
+    cross_attn, pooled_output = cond['crossattn'], cond['vector']
+    return [dict(cross_attn=cross_attn, pooled_output=pooled_output,
+                 model_conds=dict(c_crossattn=ConditionCrossAttn(cross_attn), y=Condition(pooled_output)))]
 
 
 def compile_weighted_conditions(cond, weights):
@@ -50,7 +55,8 @@ def compile_weighted_conditions(cond, weights):
         for i, w in cond_pre:
             current_indices.append(i)
             current_weight = w
-        h = compile_conditions(cond[current_indices])
+        feed = cond.advanced_indexing(current_indices) if hasattr(cond, 'advanced_indexing') else cond[current_indices]
+        h = compile_conditions(feed)
         h[0]['strength'] = current_weight
         results += h
     return results
