@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.guidance:
         from lib_dynfuse.guidance import bench as guidance_bench
 
-        result = guidance_bench.run(size=args.size or 512, device=args.device)
+        result = guidance_bench.run(size=args.size or 512, device=args.device, repeats=args.repeats, dtype=dtype)
         print(json.dumps(result))
         return 0
     size = args.size or DEFAULT_SIZE[args.model]

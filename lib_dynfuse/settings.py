@@ -34,6 +34,17 @@ class SettingsError(ValueError):
     """A setting the user must change; the message names it and says what to use instead."""
 
 
+@dataclass(frozen=True)
+class UnreadableImage:
+    """Stands in for a reference image that could not be read; ``reason`` says which and why. Guidance then turns
+    off only the side of that reference and says so, instead of DynFuse refusing the whole generation."""
+
+    reason: str
+
+
+_IMAGE_TYPES = (Image.Image, UnreadableImage)
+
+
 def _setting(
     default: object,
     kind: str,
@@ -233,7 +244,7 @@ def _check(f: Field, value: object) -> None:
         return
     if not _is_kind(kind, value):
         raise SettingsError(f"DynFuse: {name} must be {_KIND_TEXT[kind]}, not {type(value).__name__}")
-    if kind == "images" and not all(isinstance(image, Image.Image) for image in value):
+    if kind == "images" and not all(isinstance(image, _IMAGE_TYPES) for image in value):
         raise SettingsError(f"DynFuse: {name} must hold images only")
     if kind == "str" and not value.strip():
         raise SettingsError(f"DynFuse: {name} is empty; use Auto or a LoRA name")
@@ -251,7 +262,7 @@ def _is_kind(kind: str, value: object) -> bool:
     if kind in ("float", "optfloat", "int"):
         number_types = (int,) if kind == "int" else (int, float)
         return isinstance(value, number_types) and not isinstance(value, bool)
-    return isinstance(value, {"bool": bool, "str": str, "images": (tuple, list), "image": Image.Image}[kind])
+    return isinstance(value, {"bool": bool, "str": str, "images": (tuple, list), "image": _IMAGE_TYPES}[kind])
 
 
 _KIND_TEXT = {
@@ -267,15 +278,20 @@ _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
 
-def _decode_image(value: object, where: str) -> Image.Image:
-    """A base64 string (data: URL allowed) or an image, as an RGB image."""
+def _decode_image(value: object, where: str) -> Image.Image | UnreadableImage:
+    """A base64 string (data: URL allowed) or an image, as an RGB image; text that is not an image (a file path,
+    damaged data) as an UnreadableImage."""
+    if isinstance(value, UnreadableImage):
+        return value
     if isinstance(value, str):
         data = re.sub(r"\s+", "", re.sub(r"^\s*data:[^,]*;base64,", "", value))
         try:
             image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
             image.load()
-        except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as e:
-            raise SettingsError(f"DynFuse: {where} is not a base64-encoded image ({e})") from None
+        except UnidentifiedImageError:
+            return UnreadableImage(f"{where} is not a base64-encoded image (the data is no image format)")
+        except (binascii.Error, ValueError, OSError) as e:
+            return UnreadableImage(f"{where} is not a base64-encoded image ({e})")
     elif isinstance(value, Image.Image):
         image = value
     else:

@@ -4,8 +4,10 @@ for decoder "vae", TAESD from Forge's models folder, and every failure leaving a
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import re
+import weakref
 from pathlib import Path
 
 import pytest
@@ -62,24 +64,49 @@ def dynfuse_lines(capsys) -> list[str]:
 def test_guidance_moves_the_image_and_writes_scores(host, decoder):
     _, plain, _ = run(host)
     script, guided, _ = run(host, guidance_decoder=decoder, **GUIDED)
-    guidance = script.job.guidance
-    assert guidance is not None and guidance.decoder_kind == decoder
-    assert [step for step, _ in guidance.losses] == [0, 1, 2]
+    record = script.job.guided
+    assert script.job.guidance is None and record.decoder_kind == decoder
+    assert [step for step, _ in record.losses] == [0, 1, 2]
     assert torch.isfinite(guided.latents[0]).all()
     assert not torch.allclose(plain.latents[0], guided.latents[0], atol=1e-4)
     assert SCORES.search(plain.infotexts[0]) and SCORES.search(guided.infotexts[0])
     assert "DynFuse note" not in guided.infotexts[0]
 
 
-def test_the_vae_decoder_is_a_private_copy_of_forges_inference_tensor_vae(host):
+def spy_private_vae(monkeypatch, keep=lambda vae: vae) -> list:
+    """Every VAE module the adapter hands guidance for decoder "vae", as ``keep`` holds it."""
+    made = []
+    original = adapter_class().guidance_vae
+
+    def spy(self, p):
+        vae = original(self, p)
+        made.append(keep(vae))
+        return vae
+
+    monkeypatch.setattr(adapter_class(), "guidance_vae", spy)
+    return made
+
+
+def test_the_vae_decoder_is_a_private_copy_of_forges_inference_tensor_vae(host, monkeypatch):
     vae = host.sd_model.forge_objects.vae.first_stage_model
     before = {k: v.clone() for k, v in vae.state_dict().items()}
-    script, _, _ = run(host, guidance_decoder="vae", **GUIDED)
-    private = script.job.guidance.decoder.vae
+    made = spy_private_vae(monkeypatch)
+    run(host, guidance_decoder="vae", **GUIDED)
+    (private,) = made
     assert private is not vae and not any(t.is_inference() for t in private.state_dict().values())
     assert all(t.is_inference() for t in vae.state_dict().values())
     assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())
     torch.testing.assert_close(private.state_dict(), before)
+
+
+def test_the_private_vae_copy_is_freed_when_the_job_ends(host, monkeypatch):
+    made = spy_private_vae(monkeypatch, keep=weakref.ref)
+    script, processed, _ = run(host, guidance_decoder="vae", show_loss_plot=True, **GUIDED)
+    gc.collect()
+    assert len(made) == 1 and made[0]() is None  # nothing of the job holds the copy any more
+    assert script.job.guidance is None and [step for step, _ in script.job.guided.losses] == [0, 1, 2]
+    assert len(processed.images) == 2  # the loss plot was drawn before the decoder went
+    assert not {"denoiser", "x_t", "t", "uncond_out"} & set(script.job.host)
 
 
 def test_guidance_leaves_weights_and_forges_structures_as_a_run_without_the_extension(host):
@@ -89,7 +116,7 @@ def test_guidance_leaves_weights_and_forges_structures_as_a_run_without_the_exte
     options = repr(cached.model_options)
     vae = {k: v.clone() for k, v in host.sd_model.forge_objects.vae.first_stage_model.state_dict().items()}
     script, _, _ = run(host, guidance_decoder="vae", **GUIDED)
-    assert script.job.guidance.losses
+    assert script.job.guided.losses
     after, _ = host.txt2img(fh.PROMPT, steps=3, cfg_scale=5.0)
     assert torch.equal(clean.images[0], after.images[0])
     assert all(torch.equal(merged[k], v) for k, v in fh.unet_weights(host.sd_model).items())
@@ -135,11 +162,11 @@ def test_taesd_weights_come_from_forges_models_folder(host, tmp_path, monkeypatc
     torch.save(TaesdDecoder().state_dict(), folder / "taesd_decoder.pth")
     monkeypatch.setattr(paths_internal, "models_path", str(tmp_path / "models"))
     script, processed, _ = run(host, guidance_decoder="auto", **GUIDED)
-    assert script.job.guidance.decoder_kind == "taesd" and script.job.guidance.losses
+    assert script.job.guided.decoder_kind == "taesd" and script.job.guided.losses
     assert torch.isfinite(processed.latents[0]).all()
 
 
-def test_a_non_finite_gradient_turns_guidance_off_once_and_the_image_is_finished(host, monkeypatch, capsys):
+def test_a_non_finite_gradient_turns_guidance_off_once_and_the_image_says_so(host, monkeypatch, capsys):
     from lib_dynfuse.guidance import Guidance
 
     def nan_gradient(self, x0):
@@ -148,13 +175,16 @@ def test_a_non_finite_gradient_turns_guidance_off_once_and_the_image_is_finished
     _, plain, _ = run(host)
     monkeypatch.setattr(Guidance, "_gradient", nan_gradient)
     capsys.readouterr()
-    script, processed, _ = run(host, **GUIDED)
+    script, processed, _ = run(host, show_loss_plot=True, **GUIDED)
     assert dynfuse_lines(capsys) == [
-        ("DynFuse guidance: the gradient was not finite at step 0; guidance is off for this image. Lower Guidance "
-         "strength or use decoder 'approx'.")]
-    assert not script.job.guidance.active
+        ("DynFuse guidance: the gradient was not finite at step 0; guidance is off for the rest of this generation. "
+         "Lower Guidance strength or choose Decoder 'approx'.")]
+    assert script.job.guided.off_reason == "the gradient was not finite at step 0"
     assert torch.equal(processed.latents[0], plain.latents[0])
     assert SCORES.search(processed.infotexts[0])
+    assert "DynFuse note: " in processed.infotexts[0]
+    assert "guidance off: the gradient was not finite at step 0" in processed.infotexts[0]
+    assert len(processed.images) == 1  # no empty loss plot
 
 
 def test_an_error_in_the_guidance_step_turns_it_off_with_a_note(host, monkeypatch, capsys):
@@ -169,7 +199,7 @@ def test_an_error_in_the_guidance_step_turns_it_off_with_a_note(host, monkeypatc
     script, processed, _ = run(host, **GUIDED)
     assert dynfuse_lines(capsys) == [
         "DynFuse: guidance failed (RuntimeError: decoder exploded); it is off for the rest of this generation."]
-    assert script.job.guidance is None and "DynFuse note: guidance off" in processed.infotexts[0]
+    assert script.job.guidance is None and "DynFuse note: guidance off: failed (RuntimeError)" in processed.infotexts[0]
     assert torch.equal(processed.latents[0], plain.latents[0])
 
 
@@ -183,8 +213,9 @@ def test_unloadable_models_turn_guidance_and_scores_off_with_one_message(host, m
     script, processed, _ = run(host, **GUIDED)
     assert dynfuse_lines(capsys) == [
         ("DynFuse guidance: could not load the DINO model 'vit_small_patch16_224.dino' (file not found: "
-         "/models/clip.pt). Set a local weights file in Settings > DynFuse > DINO weights path, or turn guidance "
-         "off. Guidance is off for this generation and no CLIP/DINO scores are written; the fusion still runs.")]
+         "/models/clip.pt). Set a local weights file in Settings > DynFuse > DINO weights path (a local file; "
+         "overrides the timm download), or turn guidance off. Guidance is off for this generation and no CLIP/DINO "
+         "scores are written; the fusion still runs.")]
     assert script.job.guidance is None and "DynFuse scores" not in processed.infotexts[0]
     assert "DynFuse note: guidance off" in processed.infotexts[0]
     assert torch.equal(processed.latents[0], plain.latents[0])

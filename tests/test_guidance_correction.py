@@ -18,11 +18,13 @@ from lib_dynfuse.guidance import (
     x0_from_eps,
 )
 from lib_dynfuse.guidance.decoders import TaesdDecoder
+from lib_dynfuse.guidance.plot import CURVE
+from lib_dynfuse.settings import UnreadableImage
 
 SUBJECT = Image.new("RGB", (40, 40), (220, 40, 30))
 STYLE = Image.new("RGB", (48, 32), (20, 60, 210))
-NOT_FINITE = ("DynFuse guidance: the gradient was not finite at step 7; guidance is off for this image. "
-              "Lower Guidance strength or use decoder 'approx'.")
+NOT_FINITE = ("DynFuse guidance: the gradient was not finite at step 7; guidance is off for the rest of this "
+              "generation. Lower Guidance strength or choose Decoder 'approx'.")
 
 
 def guidance(params=None, decoder="approx", factories=TINY, **kwargs) -> Guidance:
@@ -140,9 +142,25 @@ def test_the_host_module_itself_cannot_be_differentiated_and_guidance_stops_clea
     with torch.inference_mode():
         x0 = x0.clone()
         assert g.correct(x0, uncond, progress=0.5, step=2) is x0
-    assert not g.active and len(g.messages) == 1
-    assert g.messages[0].startswith("DynFuse guidance failed at step 2 (")
-    assert g.messages[0].endswith("guidance is off for this image.")
+    assert not g.active and len(g.messages) == 1 and g.off_reason == "failed at step 2 (RuntimeError)"
+    assert g.messages[0].startswith("DynFuse guidance: failed at step 2 (RuntimeError: Inference tensors ")
+    assert g.messages[0].endswith("); guidance is off for the rest of this generation. If it happens again, choose "
+                                  "Decoder 'approx'.")
+
+
+def test_running_out_of_memory_in_a_step_names_the_device_setting(monkeypatch):
+    g = guidance()
+
+    def too_big(images):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(g.scorers, "dino_image", too_big)
+    x0, uncond = latents()
+    assert g.correct(x0, uncond, progress=0.5, step=3) is x0
+    assert g.messages == [
+        ("DynFuse guidance: out of memory at step 3; guidance is off for the rest of this generation. Choose Decoder "
+         "'approx', or set Settings > DynFuse > CLIP/DINO device (auto, cpu, cuda:0, ...) to cpu.")]
+    assert not g.active and g.off_reason == "out of memory at step 3"
 
 
 def test_taesd_decoder_guides_under_inference_mode(tmp_path):
@@ -185,24 +203,35 @@ def test_non_finite_gradient_switches_guidance_off_with_one_message():
     assert g.correct(x0, uncond, progress=0.5, step=8) is x0
     assert messages == [NOT_FINITE] and g.messages == [NOT_FINITE] and not g.active
     assert not g.due(0.5, 9) and g.losses == []
+    assert g.off_reason == "the gradient was not finite at step 7"
 
 
-def test_missing_references_switch_their_side_off_with_a_message(tmp_path):
+def test_missing_references_switch_their_side_off_with_one_message(tmp_path):
     lora = tmp_path / "dog.safetensors"
     lora.write_bytes(b"")
     g = guidance(subject_refs=[], subject_lora=str(lora), style_ref="not-an-image")
     assert g.messages == [
-        ("DynFuse guidance: no subject reference (dog.safetensors has no preview image); the subject side is "
-         "off. Add a subject reference image to guide it."),
-        "DynFuse guidance: style reference skipped: 'not-an-image' is neither an image file nor base64 image data.",
-        ("DynFuse guidance: no style reference (the given image could not be read); the style side is off. "
-         "Add a style reference image to guide it."),
-    ]
-    assert g.sides == {"subject": "off (dog.safetensors has no preview image)",
-                       "style": "off (the given image could not be read)"}
+        ("DynFuse guidance: the subject side is off (no image under Subject references, and dog.safetensors has no "
+         "preview image); the style side is off (Style reference: 'not-an-image' is neither an image file nor "
+         "base64 image data). Add an image under Subject references / Style reference in the DynFuse panel, or put "
+         "a preview image beside the LoRA file.")]
+    assert g.reference_notes() == ["guidance subject side off: no reference image",
+                                   "guidance style side off: unreadable reference"]
     x0, uncond = latents()
     assert not g.due(0.5, 0) and g.correct(x0, uncond, progress=0.5, step=0) is x0
     assert g.scores(x0) == [{}, {}]
+
+
+def test_only_sides_that_count_are_reported_and_skipped_references_are_named():
+    g = guidance(subject_refs=[SUBJECT, UnreadableImage("subject_refs[1] is not a base64-encoded image")],
+                 style_ref=None, params=GuidanceParams(balance=1.0))
+    # balance 1 gives the style no weight: its missing reference is no loss
+    assert g.messages == [("DynFuse guidance: Subject references: subject_refs[1] is not a base64-encoded image; "
+                           "skipped.")]
+    assert g.reference_notes() == ["guidance: 1 unreadable subject reference(s) skipped"]
+    assert g.subject_embedding is not None and g.due(0.5, 0)
+    assert g.sides == {"subject": "2 image(s) given", "style": "off (no image under Style reference, and the LoRA's "
+                                                                "file is not known)"}
 
 
 def test_a_preview_beside_the_lora_becomes_the_reference(tmp_path):
@@ -247,19 +276,55 @@ def test_epsilon_conversions_round_trip_and_match_x0_guidance():
     assert g.correct_eps(eps, x_t, abar, progress=0.9, step=0) is eps
 
 
+def curve_columns(image) -> list[int]:
+    """Per image column, how many pixels the loss curve paints there."""
+    pixels = image.load()
+    return [sum(pixels[x, y] == CURVE for y in range(image.size[1])) for x in range(image.size[0])]
+
+
 def test_loss_plot_draws_one_point_per_guided_step():
-    curve_colour = (200, 60, 40)
     g = guidance()
     empty = g.loss_plot()
-    assert empty.size == (512, 256) and curve_colour not in set(empty.getdata())
+    assert empty.size == (512, 256) and CURVE not in set(empty.getdata())
     x0, uncond = latents()
     for step in range(3):
         x0 = g.correct(x0, uncond, progress=0.5, step=step)
     image = g.loss_plot()
-    assert len(g.losses) == 3 and curve_colour in set(image.getdata())
+    assert len(g.losses) == 3 and CURVE in set(image.getdata())
     # the curve spans the frame: first step at its left edge, last at its right
-    columns = {x for x in range(512) for y in range(256) if image.getpixel((x, y)) == curve_colour}
+    columns = [x for x, n in enumerate(curve_columns(image)) if n]
     assert min(columns) <= 50 and max(columns) >= 498
+
+
+def test_loss_plot_draws_one_line_per_sampling_run():
+    """Batches and hires passes start their steps over: each is its own line, none joins the end of one run to the
+    start of the next across the plot."""
+    g = guidance(GuidanceParams(start=0.0, end=1.0))
+    x0, uncond = latents()
+    for step in (0, 1, 2, 0, 1, 2):  # two batches of three guided steps
+        g.correct(x0, uncond, progress=step / 3, step=step)
+    assert g.runs == [0, 3] and len(g.losses) == 6
+    counts = curve_columns(g.loss_plot())
+    # one line per run: a column between two steps holds two line pieces at most (a third would be the
+    # zigzag back from step 2 to step 0 crossing them)
+    middle = counts[150:200] + counts[300:350]
+    assert max(middle) <= 2 * 3 and min(middle) > 0
+    single = g.loss_plot()
+    g.runs = [0]  # as if it were one run: the line back from the last step crosses the middle again
+    assert max(curve_columns(g.loss_plot())[150:200]) > max(curve_columns(single)[150:200])
+
+
+def test_clip_t_compares_each_image_with_its_own_prompt():
+    g = guidance(prompt="a red dog <lora:dog:0.8>")
+    images = [SUBJECT, SUBJECT]
+    own = g.scores(images, prompts=["a red dog <lora:dog:1>", "a blue boat"])
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(g.scorers.clip_image(
+            torch.tensor([220, 40, 30]).view(1, 3, 1, 1).expand(1, 3, 40, 40) / 255.0), dim=-1)[0]
+        texts = torch.nn.functional.normalize(g.scorers.clip_text(["a red dog", "a blue boat"]), dim=-1)
+    assert [row["clip-T"] for row in own] == pytest.approx((texts @ image).tolist(), abs=1e-5)
+    assert own[0]["clip-T"] != pytest.approx(own[1]["clip-T"], abs=1e-4)
+    assert [row["clip-T"] for row in g.scores(images)] == pytest.approx([own[0]["clip-T"]] * 2, abs=1e-5)
 
 
 @pytest.mark.slow

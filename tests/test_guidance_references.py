@@ -17,6 +17,7 @@ from lib_dynfuse.guidance import (
     preview_candidates,
 )
 from lib_dynfuse.guidance.references import embedded_preview
+from lib_dynfuse.settings import UnreadableImage
 
 
 def png_bytes(color=(10, 200, 30), size=(8, 6)) -> bytes:
@@ -66,6 +67,8 @@ def test_unreadable_sources_name_themselves(tmp_path):
         load_image("aGVsbG8=")  # valid base64, not an image
     with pytest.raises(ReferenceImageError, match="a int value is not an image"):
         load_image(3)
+    with pytest.raises(ReferenceImageError, match="^style_ref is not a base64-encoded image$"):
+        load_image(UnreadableImage("style_ref is not a base64-encoded image"))
 
 
 def test_lora_reference_uses_preview_then_embedded_cover_then_says_why_not(tmp_path):
@@ -84,4 +87,4 @@ def test_lora_reference_uses_preview_then_embedded_cover_then_says_why_not(tmp_p
     save_file({"w": torch.zeros(1)}, str(plain))
     assert embedded_preview(plain) is None
     assert lora_reference(plain) == (None, "plain.safetensors has no preview image")
-    assert lora_reference(None) == (None, "no LoRA file")
+    assert lora_reference(None) == (None, "the LoRA's file is not known")

@@ -9,7 +9,11 @@ import torch
 from conftest_guidance import CPU, FULL, TINY, guidance_release_models  # noqa: F401
 
 from lib_dynfuse.guidance import ScorerConfig, ScorerLoadError, Scorers, loaded_models, unload
-from lib_dynfuse.guidance.scorers import CLIP_MEAN, CLIP_STD, preprocess
+from lib_dynfuse.guidance.scorers import CLIP_MEAN, CLIP_STD, open_clip_arguments, preprocess
+
+DEVICE = "Settings > DynFuse > CLIP/DINO device (auto, cpu, cuda:0, ...)"
+CLIP_WEIGHTS = "Settings > DynFuse > CLIP weights path (a local file; overrides the pretrained tag)"
+DINO_WEIGHTS = "Settings > DynFuse > DINO weights path (a local file; overrides the timm download)"
 
 
 def test_importing_the_package_loads_neither_open_clip_nor_timm():
@@ -37,11 +41,90 @@ def test_preprocess_resizes_to_224_and_normalises_with_the_given_statistics():
     torch.testing.assert_close(x[0, :, 100, 100], expected)
 
 
+def test_preprocess_keeps_the_aspect_ratio_and_crops_the_center_differentiably():
+    """As CLIP's and DINO's own preprocessing: the shorter side fits, the middle is cut out, nothing squashed."""
+    image = torch.zeros(1, 3, 64, 128)
+    image[..., 32:96] = 1.0  # a white middle square between black side bands
+    image.requires_grad_(True)
+    x = preprocess(image, (224, 224), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), torch.float32)
+    assert x.shape == (1, 3, 224, 224)
+    # Squashing would show the black bands in the outer quarters; the crop leaves only the middle square
+    # (bicubic blends a few pixels at the cut).
+    torch.testing.assert_close(x[..., 8:-8], torch.ones_like(x[..., 8:-8]), atol=1e-5, rtol=0)
+    (grad,) = torch.autograd.grad(x.sum(), image)
+    assert grad[..., 36:92].abs().min() > 0 and grad[..., :28].abs().max() == 0 and grad[..., 100:].abs().max() == 0
+
+
 def test_precision_and_device_resolution():
     assert ScorerConfig(device="cpu").torch_dtype() == torch.float32
     assert ScorerConfig(device="cpu", precision="bf16").torch_dtype() == torch.bfloat16
-    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+    with pytest.raises(ScorerLoadError) as info:
         ScorerConfig(precision="fp8").torch_dtype()
+    assert str(info.value) == ("DynFuse guidance: unknown CLIP/DINO precision 'fp8'. Set Settings > DynFuse > "
+                               "CLIP/DINO precision to one of auto, fp32, fp16, bf16, or turn guidance off.")
+    assert info.value.setting == "precision"
+
+
+def test_a_device_that_is_no_device_name_names_the_device_setting():
+    with pytest.raises(ScorerLoadError) as info:
+        Scorers(ScorerConfig(device="gpu"), **TINY)
+    assert str(info.value) == (f"DynFuse guidance: the CLIP/DINO device 'gpu' is not a device name. Set {DEVICE} "
+                               "to auto, cpu or cuda:0, or turn guidance off.")
+    assert info.value.setting == "device" and loaded_models() == []
+
+
+def test_a_device_this_machine_lacks_names_the_device_setting():
+    # No machine has a hundredth GPU; on a CPU-only one "cuda" itself would fail the same way.
+    with pytest.raises(ScorerLoadError) as info:
+        Scorers(ScorerConfig(device="cuda:99"), **TINY)
+    text = str(info.value)
+    assert text.startswith("DynFuse guidance: the CLIP/DINO device 'cuda:99' cannot be used on this machine (")
+    assert text.endswith(f"). Set {DEVICE} to auto or cpu, or turn guidance off.")
+    assert info.value.setting == "device"
+
+
+def test_running_out_of_memory_while_loading_names_the_device_setting():
+    def too_big(config):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(ScorerLoadError) as info:
+        Scorers(CPU, clip_factory=too_big).clip_model()
+    assert str(info.value) == ("DynFuse guidance: could not load the CLIP model 'ViT-B-32': not enough memory on "
+                               f"cpu. Set {DEVICE} to cpu, or turn guidance off.")
+    assert info.value.setting == "device" and loaded_models() == []
+
+
+def test_a_failed_download_asks_for_a_local_weights_file():
+    def offline(config):
+        raise RuntimeError("Failed to download weights for tag 'openai': connection refused")
+
+    with pytest.raises(ScorerLoadError) as info:
+        Scorers(CPU, clip_factory=offline).clip_model()
+    assert str(info.value) == ("DynFuse guidance: could not load the CLIP model 'ViT-B-32' (Failed to download "
+                               "weights for tag 'openai': connection refused). Set a local weights file in "
+                               f"{CLIP_WEIGHTS}, or turn guidance off.")
+    assert info.value.setting == "clip_weights"
+
+
+def test_openai_clip_weights_are_built_with_quick_gelu():
+    """open_clip 3 builds ViT-B-32 with GELU and only warns; OpenAI's weights were trained with QuickGELU, also when
+    they come from a local file. Checked on the architecture the default factory's arguments build (no download)."""
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    def activations(config):
+        arguments = {**open_clip_arguments(config), "pretrained": None, "require_pretrained": False}
+        model = open_clip.create_model(config.clip_model, **arguments, **TINY_CLIP)
+        return {type(block.mlp.gelu) for block in model.visual.transformer.resblocks}
+
+    assert open_clip_arguments(ScorerConfig())["pretrained"] == "openai"
+    assert activations(ScorerConfig()) == {QuickGELU}
+    assert activations(ScorerConfig(clip_weights=__file__)) == {QuickGELU}  # a local copy of the OpenAI weights
+    assert activations(ScorerConfig(clip_pretrained="laion2b_s34b_b79k")) == {torch.nn.GELU}
+    assert open_clip_arguments(ScorerConfig(clip_model="ViT-B/32"))["force_quick_gelu"]  # open_clip's old spelling
+    # a hub model's own config says which activation it has; the default tag must not override it
+    assert not open_clip_arguments(ScorerConfig(clip_model="hf-hub:timm/vit_base_patch32_clip_224.laion2b"))[
+        "force_quick_gelu"]
 
 
 def test_models_are_cached_replaced_on_change_and_released():
@@ -76,17 +159,25 @@ def test_embedding_shapes_and_text():
     assert scorers.clip_text(["a dog", "a cat"]).shape == (2, 32)
 
 
-def message(label: str, name: str, reason: str, setting: str) -> str:
-    return (f"DynFuse guidance: could not load the {label} model '{name}' ({reason}). Set a local weights "
-            f"file in Settings > DynFuse > {setting}, or turn guidance off.")
+def message(label: str, name: str, reason: str, advice: str) -> str:
+    return f"DynFuse guidance: could not load the {label} model '{name}' ({reason}). {advice}, or turn guidance off."
 
 
-def test_unknown_clip_name_gives_the_settings_hint():
-    scorers = Scorers(ScorerConfig(clip_model="ViT-Nope", clip_pretrained="", device="cpu"))
+@pytest.mark.parametrize(("config", "label", "name", "reason", "setting"), [
+    (ScorerConfig(clip_model="ViT-Nope", device="cpu"), "CLIP", "ViT-Nope", "open_clip has no model of that name",
+     "CLIP model name (open_clip)"),
+    (ScorerConfig(clip_pretrained="openia", device="cpu"), "CLIP", "ViT-B-32",
+     "open_clip has no pretrained tag 'openia' for it", "CLIP pretrained tag (open_clip)"),
+    (ScorerConfig(dino_model="vit_nope", device="cpu"), "DINO", "vit_nope", "timm has no model of that name",
+     "DINO model name (timm)"),
+    (ScorerConfig(dino_model="vit_small_patch16_224.dinov9", device="cpu"), "DINO",
+     "vit_small_patch16_224.dinov9", "timm has no model of that name", "DINO model name (timm)"),
+])
+def test_unknown_names_name_their_own_setting(config, label, name, reason, setting):
+    scorers = Scorers(config)
     with pytest.raises(ScorerLoadError) as info:
-        scorers.clip_model()
-    assert str(info.value) == message("CLIP", "ViT-Nope", "Model config for 'ViT-Nope' not found in built-ins",
-                                      "CLIP weights path")
+        scorers.clip_model() if label == "CLIP" else scorers.dino_model()
+    assert str(info.value) == message(label, name, reason, f"Check Settings > DynFuse > {setting}")
     assert loaded_models() == []
 
 
@@ -94,17 +185,13 @@ def test_missing_local_weights_files_are_named(tmp_path):
     missing = str(tmp_path / "clip.safetensors")
     with pytest.raises(ScorerLoadError) as info:
         Scorers(ScorerConfig(clip_weights=missing, device="cpu")).clip_model()
-    assert str(info.value) == message("CLIP", "ViT-B-32", f"file not found: {missing}", "CLIP weights path")
+    assert str(info.value) == message("CLIP", "ViT-B-32", f"file not found: {missing}",
+                                      f"Check the file in {CLIP_WEIGHTS}")
     with pytest.raises(ScorerLoadError) as info:
         Scorers(ScorerConfig(dino_weights=missing, device="cpu")).dino_model()
     assert str(info.value) == message("DINO", "vit_small_patch16_224.dino", f"file not found: {missing}",
-                                      "DINO weights path")
-
-
-def test_unknown_dino_name():
-    with pytest.raises(ScorerLoadError) as info:
-        Scorers(ScorerConfig(dino_model="vit_nope", device="cpu")).dino_model()
-    assert str(info.value) == message("DINO", "vit_nope", "Unknown model (vit_nope)", "DINO weights path")
+                                      f"Check the file in {DINO_WEIGHTS}")
+    assert info.value.setting == "dino_weights"
 
 
 TINY_CLIP = {"embed_dim": 32,

@@ -80,7 +80,7 @@ def test_every_image_gets_the_scores_of_its_own_decoded_image(webui, monkeypatch
     from lib_dynfuse.hosts import detect
 
     job = detect.get_adapter().last_job
-    assert (job.guidance is not None) == guidance and job.scorer is None  # the scorer is dropped at the end
+    assert (job.guided is not None) == guidance and job.scorer is None  # the scorer is dropped at the end
 
 
 def test_scores_parse_back_and_pasting_ignores_them(webui):
@@ -178,7 +178,82 @@ def test_models_that_cannot_load_give_one_line_naming_the_setting(webui, capsys)
     assert dynfuse_lines(capsys) == [
         ("DynFuse: no CLIP/DINO scores for this generation: could not load the DINO model "
          "'vit_small_patch16_224.dino' (no such file). Set a local weights file in Settings > DynFuse > DINO "
-         f"weights path. {SKIP}")]
+         f"weights path (a local file; overrides the timm download). {SKIP}")]
+
+
+def test_a_device_torch_does_not_know_names_the_device_setting(webui, capsys):
+    import checks
+
+    from modules import shared
+
+    shared.opts.set("dynfuse_device", "gpu")
+    capsys.readouterr()
+    _, res = webui.txt2img(PROMPT, steps=2, seed=5, dynfuse=checks.dynfuse_args(guidance=True, **REFS))
+    assert dynfuse_lines(capsys) == [
+        ("DynFuse guidance: the CLIP/DINO device 'gpu' is not a device name. Set Settings > DynFuse > CLIP/DINO device "
+         "(auto, cpu, cuda:0, ...) to auto, cpu or cuda:0, or turn guidance off. Guidance is off for this generation "
+         "and no CLIP/DINO scores are written; the fusion still runs.")]
+    assert "DynFuse selection: subject " in res.infotexts[0] and "DynFuse scores" not in res.infotexts[0]
+
+
+def test_clip_t_scores_each_image_against_its_own_prompt(webui, monkeypatch):
+    import checks
+
+    seen = spy_batches(monkeypatch)
+    prompts = [PROMPT, "a watercolor boat <lora:subj:1> <lora:sty:0.8>"]
+    _, res = webui.txt2img(prompts, steps=2, seed=5, batch_size=2, dynfuse=checks.dynfuse_args(**REFS))
+    ((_, images, scorer),) = seen
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(scorer.scorers.clip_image(images), dim=-1)
+        text = torch.nn.functional.normalize(scorer.scorers.clip_text(["a dog", "a watercolor boat"]), dim=-1)
+    expected = [f"{value:.3f}" for value in (image * text).sum(-1).tolist()]
+    assert [SCORES.search(infotext)[3] for infotext in res.infotexts] == expected
+    assert expected[0] != expected[1]
+
+
+def test_a_preview_in_the_hosts_image_format_is_a_reference(webui):
+    """As the host's LoRA browser, which also shows previews saved in its samples_format."""
+    import os
+
+    import checks
+    import networks
+
+    from modules import shared
+
+    Image.new("RGB", (24, 24), (0, 200, 0)).save(os.path.join(webui.lora_dir, "subj.bmp"))
+    networks.list_available_networks()
+    _, res = webui.txt2img(PROMPT, steps=2, seed=5, dynfuse=checks.dynfuse_args())
+    assert "DynFuse scores" not in res.infotexts[0]
+    shared.opts.set("samples_format", "bmp")
+    _, res = webui.txt2img(PROMPT, steps=2, seed=5, dynfuse=checks.dynfuse_args())
+    assert re.search(r'DynFuse scores: "subject-DINO -?\d\.\d{3}, clip-T -?\d\.\d{3}"', res.infotexts[0])
+
+
+def test_turning_the_unload_option_on_frees_the_models_at_once(webui):
+    import checks
+
+    from lib_dynfuse.guidance import loaded_models
+    from modules import shared
+
+    webui.txt2img(PROMPT, steps=2, seed=5, dynfuse=checks.dynfuse_args(**REFS))
+    assert loaded_models() == ["clip", "dino"]  # kept between generations
+    shared.opts.set("dynfuse_unload_after", True)  # the Settings tab's Apply
+    assert loaded_models() == []
+
+
+@pytest.mark.parametrize("dynfuse", [False, True])
+def test_with_the_unload_option_on_any_job_frees_the_models(webui, dynfuse):
+    import checks
+
+    from lib_dynfuse.guidance import loaded_models
+    from modules import shared
+
+    webui.txt2img(PROMPT, steps=2, seed=5, dynfuse=checks.dynfuse_args(**REFS))
+    shared.opts.data["dynfuse_unload_after"] = True  # saved without its callback (a settings file, another script)
+    assert loaded_models() == ["clip", "dino"]
+    shared.opts.set("dynfuse_scores", False)
+    webui.txt2img(PROMPT, steps=2, seed=5, dynfuse=checks.dynfuse_args(dynfuse))  # a job that loads no model
+    assert loaded_models() == []
 
 
 def test_xyz_over_methods_writes_one_scores_line_per_cell_image(webui):
@@ -238,7 +313,7 @@ def test_forge_writes_each_images_scores(forge, guidance):
                                  n_iter=2)
     found = [FORGE_SCORES.search(text) for text in processed.infotexts]
     assert all(found) and len({m[0] for m in found}) == 4
-    assert (script.job.guidance is not None) == guidance
+    assert (script.job.guided is not None) == guidance
 
 
 def test_forge_without_references_writes_no_scores(forge, capsys):

@@ -22,6 +22,7 @@ from lib_dynfuse.settings import (
     STRENGTH_RANGE,
     DynFuseSettings,
     SettingsError,
+    UnreadableImage,
     coerce,
     describe,
     from_api,
@@ -216,11 +217,6 @@ def test_api_coerces_sensible_types():
         ({"temperature": True}, "DynFuse: temperature must be a number, not True"),
         ({"switch_every": 2.5}, "DynFuse: switch_every must be a whole number, not 2.5"),
         ({"subject": 3}, "DynFuse: subject must be a string, not 3"),
-        ({"subject_refs": "not base64!"}, "DynFuse: subject_refs[0] is not a base64-encoded image"),
-        (
-            {"subject_refs": [png_base64(), "aGVsbG8="]},
-            "DynFuse: subject_refs[1] is not a base64-encoded image",
-        ),
         ({"style_ref": 12}, "DynFuse: style_ref must be a base64 string, not int"),
         ({"method": "KL"}, "DynFuse: method 'KL' is unknown; use one of kl, "),
         ({"guidance_start": "0.9"}, "DynFuse: guidance_start (0.9) must be before guidance_end (0.7)"),
@@ -235,6 +231,16 @@ def test_api_rejects_bad_values_with_the_key(payload, message):
 def test_api_rejects_a_payload_that_is_not_an_object():
     with pytest.raises(SettingsError, match="^DynFuse: the settings must be a JSON object, not list$"):
         from_api([True, "dog"])
+
+
+def test_api_keeps_unreadable_references_for_guidance_to_report():
+    """A reference that is no image turns off only its guidance side (said by guidance), not all of DynFuse."""
+    s = from_api({"subject_refs": [png_base64(), "aGVsbG8="], "style_ref": "/home/me/style.png"})
+    assert isinstance(s.subject_refs[0], Image.Image)
+    assert s.subject_refs[1] == UnreadableImage(
+        "subject_refs[1] is not a base64-encoded image (the data is no image format)")
+    assert isinstance(s.style_ref, UnreadableImage)
+    assert s.style_ref.reason.startswith("style_ref is not a base64-encoded image (")
 
 
 def test_api_decodes_images_with_or_without_data_url():

@@ -81,9 +81,13 @@ def _median_seconds(calls: dict[str, Callable[[], object]], device: str, repeats
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+_PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
 def run(decoders: tuple[str, ...] = ("approx", "taesd", "vae"), size: int = 512, device: str | None = None,
-        repeats: int = 3) -> dict:
-    """Times one guided step per decoder and one SD1.5 UNet step (batch 2: one image with CFG).
+        repeats: int = 3, dtype: torch.dtype | None = None) -> dict:
+    """Times one guided step per decoder and one SD1.5 UNet step (batch 2: one image with CFG), the encoders and
+    the UNet in ``dtype`` (default: fp16 on CUDA, fp32 elsewhere).
 
     Returns ``{"guided_step_over_unet_step": {decoder: ratio}, "guided_step_s": {...}, "unet_step_s": s,
     "decode_size": {decoder: its decode_size}, "decoded_image": {decoder: [h, w]}, "device": ...,
@@ -93,7 +97,7 @@ def run(decoders: tuple[str, ...] = ("approx", "taesd", "vae"), size: int = 512,
     from lib_dynfuse import bench as unet_bench
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    config = ScorerConfig(device=device)
+    config = ScorerConfig(device=device, precision=_PRECISIONS[dtype] if dtype is not None else "auto")
     dtype = config.torch_dtype()
     scorers = Scorers(config, clip_factory=_random_clip, dino_factory=_random_dino)
     generator = torch.Generator().manual_seed(0)

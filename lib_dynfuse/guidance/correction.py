@@ -19,12 +19,15 @@ from PIL import Image
 from torch import nn
 
 from .decoders import VaeDecoder, make_decoder
+from .errors import out_of_memory, short
 from .plot import loss_curve
 from .references import ReferenceImageError, load_image, lora_reference
-from .scorers import ScorerConfig, Scorers
+from .scorers import ScorerConfig, Scorers, where
 from .spaces import shift_eps, x0_from_eps
 
 SCORE_KEYS = ("subject-DINO", "style-CLIP", "clip-T")
+# The DynFuse panel's controls for each side's references, as messages name them.
+REFERENCE_CONTROLS = {"subject": "Subject references", "style": "Style reference"}
 
 
 @dataclass(frozen=True)
@@ -65,21 +68,31 @@ def _grad_enabled(device: torch.device) -> Iterator[None]:
         yield
 
 
+@dataclass(frozen=True)
+class GuidanceRecord:
+    """What a finished job keeps of its guidance: its decoder and encoders are released with it."""
+    decoder_kind: str
+    losses: tuple[tuple[int, float], ...]
+    off_reason: str | None  # why guidance turned itself off during sampling, if it did
+
+
 class Guidance:
     """Guides the x0 estimate toward the subject references (DINO) and the style reference (CLIP).
 
     Build with ``Guidance.prepare(...)`` outside the sampling loop (in the script's ``process``); raises
     GuidanceError (DecoderError, ScorerLoadError) with a user-facing message when it cannot run. A
-    missing or unreadable reference only switches its side off, with a message in ``messages``.
+    missing or unreadable reference only switches its side off: one message for all of them, and
+    ``reference_notes`` for the infotext.
     """
 
     def __init__(self, decoder: nn.Module, scorers: Scorers, params: GuidanceParams = GuidanceParams(), *,
                  subject_refs: Sequence[object] = (), style_ref: object | None = None,
                  prompt: str | None = None, decoder_kind: str = "", log: Callable[[str], None] = print,
                  notes: dict[str, str] | None = None) -> None:
-        """``subject_refs``/``style_ref``: PIL images, paths or base64 strings. ``notes``: where each side's
-        references came from (shown by ``sides``). Embeds the references once, loading the encoders on first
-        use (later jobs reuse the cached models). Raises ScorerLoadError when an encoder cannot be loaded."""
+        """``subject_refs``/``style_ref``: PIL images, paths, base64 strings or UnreadableImage. ``notes``: where
+        each side's references came from (shown by ``sides``). Embeds the references once, loading the encoders
+        on first use (later jobs reuse the cached models). Raises ScorerLoadError when an encoder cannot be
+        loaded."""
         self.decoder = decoder
         self.decoder_kind = decoder_kind
         self.scorers = scorers
@@ -88,13 +101,21 @@ class Guidance:
         self.log = log
         self.messages: list[str] = []
         self.losses: list[tuple[int, float]] = []
+        self.runs: list[int] = []  # where in ``losses`` each sampling run (batch, hires pass) starts
         self.sides: dict[str, str] = dict(notes or {})
+        self.off_sides: dict[str, str] = {}  # side -> why it has no reference
+        self.unreadable: dict[str, list[str]] = {}  # side -> what was wrong with each unreadable reference
         self.active = True
-        self._text_embedding: torch.Tensor | None = None
+        self.off_reason: str | None = None  # why guidance turned itself off during sampling
+        self._last_progress = -1.0
+        self._texts: dict[str, torch.Tensor] = {}
         self._place_decoder()
         self.subject_embedding = self._reference("subject", subject_refs, scorers.dino_image)
         self.style_embedding = self._reference("style", [style_ref] if style_ref is not None else [],
                                                scorers.clip_image)
+        problems = self._reference_problems()
+        if problems:
+            self._say(problems)
 
     @classmethod
     def prepare(cls, *, family: str, params: GuidanceParams = GuidanceParams(), decoder: str = "auto",
@@ -140,31 +161,66 @@ class Guidance:
 
     def _reference(self, side: str, sources: Sequence[object],
                    embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
-        """Mean unit embedding of a side's readable references, or None (side off, with a message)."""
-        weight = self.params.balance if side == "subject" else 1.0 - self.params.balance
+        """Mean unit embedding of a side's readable references, or None (the side is off)."""
         images = []
         for source in sources:
             try:
                 images.append(load_image(source))
             except ReferenceImageError as error:
-                self._say(f"DynFuse guidance: {side} reference skipped: {error}.")
+                self.unreadable.setdefault(side, []).append(str(error))
         if not images:
-            why = "the given image could not be read" if sources else self.sides.get(side, "no image given")
+            control = REFERENCE_CONTROLS[side]
+            if side in self.unreadable:
+                why = f"{control}: {'; '.join(self.unreadable[side])}"
+            else:
+                found = self.sides.get(side)
+                why = f"no image under {control}" + (f", and {found}" if found else "")
+            self.off_sides[side] = why
             self.sides[side] = f"off ({why})"
-            if weight > 0:
-                self._say(f"DynFuse guidance: no {side} reference ({why}); the {side} side is off. "
-                          f"Add a {side} reference image to guide it.")
             return None
         # Outside inference mode: the embeddings enter the loss, whose backward must be able to save them.
         with torch.inference_mode(False), torch.no_grad():
             embeddings = torch.cat([_unit(embed(_pixels(image))) for image in images])
         return _unit(embeddings.mean(0))
 
+    def _weight(self, side: str) -> float:
+        return self.params.balance if side == "subject" else 1.0 - self.params.balance
+
+    def _weighted_sides(self) -> list[str]:
+        # A side the balance gives no weight is not missed when its reference is.
+        return [side for side in REFERENCE_CONTROLS if self._weight(side) > 0]
+
+    def _reference_problems(self) -> str | None:
+        """One line on every missing or unreadable reference of the sides that count, or None."""
+        parts, off = [], []
+        for side in self._weighted_sides():
+            if side in self.off_sides:
+                parts.append(f"the {side} side is off ({self.off_sides[side]})")
+                off.append(REFERENCE_CONTROLS[side])
+            elif side in self.unreadable:
+                parts.append(f"{REFERENCE_CONTROLS[side]}: {'; '.join(self.unreadable[side])}; skipped")
+        if not parts:
+            return None
+        advice = (f" Add an image under {' / '.join(off)} in the DynFuse panel, or put a preview image beside the "
+                  "LoRA file." if off else "")
+        return f"DynFuse guidance: {'; '.join(parts)}.{advice}"
+
+    def reference_notes(self) -> list[str]:
+        """Infotext notes: which side is off for want of a reference, and references that were skipped."""
+        notes = []
+        for side in self._weighted_sides():
+            if side in self.off_sides:
+                why = "unreadable reference" if side in self.unreadable else "no reference image"
+                notes.append(f"guidance {side} side off: {why}")
+            elif side in self.unreadable:
+                notes.append(f"guidance: {len(self.unreadable[side])} unreadable {side} reference(s) skipped")
+        return notes
+
     # ---- the correction ----------------------------------------------------------------------------
 
     def _weights(self) -> tuple[float, float]:
-        subject = self.params.balance if self.subject_embedding is not None else 0.0
-        style = 1.0 - self.params.balance if self.style_embedding is not None else 0.0
+        subject = self._weight("subject") if self.subject_embedding is not None else 0.0
+        style = self._weight("style") if self.style_embedding is not None else 0.0
         return subject, style
 
     def due(self, progress: float, step: int) -> bool:
@@ -219,13 +275,16 @@ class Guidance:
         try:
             grad, loss = self._gradient(picked)
         except Exception as error:  # noqa: BLE001 -- e.g. out of memory: the image is still worth finishing
-            return self._switch_off(denoised, f"DynFuse guidance failed at step {step} ({error}); "
-                                              "guidance is off for this image.")
+            if out_of_memory(error):
+                return self._switch_off(denoised, f"out of memory at step {step}",
+                                        f"Choose Decoder 'approx', or set {where('device')} to cpu.")
+            failed = f"failed at step {step} ({type(error).__name__}"
+            return self._switch_off(denoised, f"{failed})", "If it happens again, choose Decoder 'approx'.",
+                                    said=f"{failed}: {short(error)})")
         if not (torch.isfinite(grad).all() and np.isfinite(loss)):
-            return self._switch_off(denoised, f"DynFuse guidance: the gradient was not finite at step {step}; "
-                                              "guidance is off for this image. Lower Guidance strength or use "
-                                              "decoder 'approx'.")
-        self.losses.append((step, loss))
+            return self._switch_off(denoised, f"the gradient was not finite at step {step}",
+                                    "Lower Guidance strength or choose Decoder 'approx'.")
+        self._record_loss(step, progress, loss)
         grad = grad.to(denoised.device)
         x0 = picked.float()
         # FreeDoM: the step is a fixed fraction of the CFG update. Without an unconditional estimate
@@ -249,51 +308,71 @@ class Guidance:
         guided = self.correct(x0, x0_uncond, progress=progress, step=step, rows=rows)
         return eps if guided is x0 else shift_eps(eps, guided - x0, alpha_bar)
 
-    def _switch_off(self, denoised: torch.Tensor, message: str) -> torch.Tensor:
+    def _record_loss(self, step: int, progress: float, loss: float) -> None:
+        # Steps and progress only grow within one sampling run; a new batch or hires pass starts over.
+        if not self.losses or step <= self.losses[-1][0] or progress < self._last_progress:
+            self.runs.append(len(self.losses))
+        self.losses.append((step, loss))
+        self._last_progress = progress
+
+    def _switch_off(self, denoised: torch.Tensor, reason: str, advice: str, said: str | None = None) -> torch.Tensor:
+        """Guidance stays off for the rest of the generation, later batches included. ``reason``: why, short,
+        kept in ``off_reason`` for the infotext; ``said``: the console's fuller version; ``advice``: what to change."""
         self.active = False
-        self._say(message)
+        self.off_reason = reason
+        self._say(f"DynFuse guidance: {said or reason}; guidance is off for the rest of this generation. {advice}")
         return denoised
 
     def loss_plot(self) -> Image.Image:
-        """The per-step loss curve of this generation."""
-        return loss_curve(self.losses)
+        """The per-step loss curves of this generation, one line per sampling run."""
+        ends = self.runs[1:] + [len(self.losses)]
+        return loss_curve([self.losses[start:end] for start, end in zip(self.runs, ends)])
+
+    def record(self) -> GuidanceRecord:
+        return GuidanceRecord(self.decoder_kind, tuple(self.losses), self.off_reason)
 
     # ---- scores ------------------------------------------------------------------------------------
 
-    def scores(self, images: torch.Tensor | Sequence[Image.Image]) -> list[dict[str, float]]:
+    def scores(self, images: torch.Tensor | Sequence[Image.Image],
+               prompts: Sequence[str] | None = None) -> list[dict[str, float]]:
         """Per image: "subject-DINO" (cosine to the mean subject reference), "style-CLIP" (to the style
-        reference) and "clip-T" (to the prompt), each only when its reference / the prompt exists.
+        reference) and "clip-T" (to the image's prompt), each only when its reference / the prompt exists.
 
         images: PIL images, an RGB tensor ``[B, 3, H, W]`` in [0, 1], or latents ``[B, C, h, w]`` (C ≠ 3,
         decoded with this job's decoder). Final images are best scored as the PIL images the host saved.
+        prompts: each image's own prompt (extra-network tags are dropped); default the job's prompt for all.
         """
         with torch.inference_mode(False), torch.no_grad():
             if isinstance(images, torch.Tensor):
                 batches = [images.clone().float() if images.shape[1] == 3 else self._decode(images.clone())]
             else:  # PIL images may differ in size: one batch each
                 batches = [_pixels(image) for image in images]
-            return [row for batch in batches for row in self._score_batch(batch.clamp(0, 1))]
+            texts = [_clean_prompt(p) for p in prompts] if prompts is not None else None
+            result: list[dict[str, float]] = []
+            for batch in batches:
+                n = batch.shape[0]
+                batch_texts = texts[len(result):len(result) + n] if texts is not None else [self.prompt] * n
+                result += self._score_batch(batch.clamp(0, 1), batch_texts)
+            return result
 
-    def _score_batch(self, pixels: torch.Tensor) -> list[dict[str, float]]:
+    def _score_batch(self, pixels: torch.Tensor, texts: list[str]) -> list[dict[str, float]]:
         result: list[dict[str, float]] = [{} for _ in range(pixels.shape[0])]
-        columns = []
         if self.subject_embedding is not None:
-            columns.append(("subject-DINO", _unit(self.scorers.dino_image(pixels)) @ self.subject_embedding))
-        if self.style_embedding is not None or self.prompt:
+            for row, value in zip(result, (_unit(self.scorers.dino_image(pixels)) @ self.subject_embedding).tolist()):
+                row["subject-DINO"] = value
+        if self.style_embedding is not None or any(texts):
             clip = _unit(self.scorers.clip_image(pixels))
-            if self.style_embedding is not None:
-                columns.append(("style-CLIP", clip @ self.style_embedding))
-            if self.prompt:
-                columns.append(("clip-T", clip @ self._text()))
-        for key, values in columns:
-            for row, value in zip(result, values.tolist()):
-                row[key] = value
+            for row, image, text in zip(result, clip, texts):
+                if self.style_embedding is not None:
+                    row["style-CLIP"] = float(image @ self.style_embedding)
+                if text:
+                    row["clip-T"] = float(image @ self._text(text))
         return result
 
-    def _text(self) -> torch.Tensor:
-        if self._text_embedding is None:
-            self._text_embedding = _unit(self.scorers.clip_text([self.prompt])[0])
-        return self._text_embedding
+    def _text(self, prompt: str) -> torch.Tensor:
+        if prompt not in self._texts:
+            self._texts[prompt] = _unit(self.scorers.clip_text([prompt])[0])
+        return self._texts[prompt]
 
 
 def format_scores(scores: dict[str, float]) -> str:
@@ -301,4 +380,4 @@ def format_scores(scores: dict[str, float]) -> str:
     return ", ".join(f"{key} {scores[key]:.3f}" for key in SCORE_KEYS if key in scores)
 
 
-__all__ = ["SCORE_KEYS", "Guidance", "GuidanceParams", "format_scores"]
+__all__ = ["REFERENCE_CONTROLS", "SCORE_KEYS", "Guidance", "GuidanceParams", "GuidanceRecord", "format_scores"]

@@ -9,6 +9,8 @@ import os
 
 from PIL import Image, UnidentifiedImageError
 
+from lib_dynfuse.settings import UnreadableImage
+
 # The hosts' LoRA browser (ui_extra_networks.find_preview) accepts these, plus the host's own
 # samples_format, as "<stem>.<ext>" or "<stem>.preview.<ext>". It iterates a set, so its order is not
 # defined; ours is fixed: extension by extension, plain name before ".preview".
@@ -51,9 +53,11 @@ def embedded_preview(lora_path: str | os.PathLike) -> Image.Image | None:
 
 def load_image(source: object) -> Image.Image:
     """An RGB PIL image from a PIL image, a file path, bytes, or base64 text (with or without a
-    ``data:image/...;base64,`` prefix). Raises ReferenceImageError."""
+    ``data:image/...;base64,`` prefix). Raises ReferenceImageError, also for an UnreadableImage (with its reason)."""
     if isinstance(source, Image.Image):
         return source.convert("RGB")
+    if isinstance(source, UnreadableImage):
+        raise ReferenceImageError(source.reason)
     data = source
     if isinstance(source, str) and not os.path.isfile(source):
         text = source.split(",", 1)[1] if source.startswith("data:") else source
@@ -90,7 +94,7 @@ def lora_reference(lora_path: str | os.PathLike | None,
     Returns ``(image, note)``; note says where the image came from, or why there is none.
     """
     if not lora_path:
-        return None, "no LoRA file"
+        return None, "the LoRA's file is not known"
     name = os.path.basename(os.fspath(lora_path))
     preview = find_preview(lora_path, extra_extensions)
     if preview is not None:

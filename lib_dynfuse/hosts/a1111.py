@@ -228,6 +228,8 @@ class A1111Adapter(HostAdapter):
                 params.x = self.guided_x0(job, params.x, uncond, denoiser)
         except Exception as e:  # noqa: BLE001
             self.guidance_failed(getattr(denoiser, "p", None), job, e)
+        else:
+            self.guidance_step_done(getattr(denoiser, "p", None), job)
 
     # ---- cleanup --------------------------------------------------------------------------------
     def _close_session(self, job: Job) -> None:

@@ -33,6 +33,8 @@ CONSOLE_PREFIX = "DynFuse: "
 # Messages of the guidance package name themselves already.
 GUIDANCE_PREFIX = "DynFuse guidance: "
 SKIP_SCORES = f"To skip the scores, turn off {options.where('dynfuse_scores')}."
+# What the CFG callbacks keep in Job.host for the guidance step only (the denoiser holds the whole of p).
+GUIDANCE_STEP_STATE = ("denoiser", "x_t", "t", "uncond_out")
 
 
 def plain(message: str) -> str:
@@ -76,6 +78,7 @@ class Job:
     notes: list[str] = field(default_factory=list)
     last_log: Any | None = None        # DecisionLog of the latest session (kept after its hooks are gone)
     guidance: Any | None = None        # lib_dynfuse.guidance.Guidance, while guidance is on
+    guided: Any | None = None          # its GuidanceRecord once the job has ended (decoder and encoders released)
     scorer: Any | None = None          # the Guidance whose encoders and references give the scores (or None)
     scores: dict[int, str] = field(default_factory=dict)  # image index in the job -> "subject-DINO 0.412, ..."
     host: dict[str, Any] = field(default_factory=dict)   # adapter-private state (removed nets, proxies, ...)
@@ -159,13 +162,13 @@ class HostAdapter(abc.ABC):
     def end_job(self, p: Any, job: Job | None, processed: Any) -> None:
         """Remove everything, then add the selection map when asked."""
         if job is None:
+            options.unload_models_if_asked()  # also after jobs without DynFuse: the option may be newly on
             return
         try:
             self.release(job)
         finally:
             self.job = None
             self.last_job = job
-        used_models = job.guidance is not None or job.scorer is not None
         job.scorer = None
         try:
             if job.failed or processed is None:
@@ -174,15 +177,13 @@ class HostAdapter(abc.ABC):
 
             if job.settings.show_map and job.last_log is not None:
                 _add_image(processed, report.selection_map(job.last_log))
-            if job.guidance is not None and job.settings.show_loss_plot:
+            if job.guidance is not None and job.settings.show_loss_plot and job.guidance.losses:
                 _add_image(processed, job.guidance.loss_plot())
         except Exception as e:  # noqa: BLE001
             self.fail(p, "could not draw the report images", e)
         finally:
-            if used_models and _unload_guidance_models():
-                from lib_dynfuse.guidance import unload
-
-                unload()
+            _release_guidance(job)
+            options.unload_models_if_asked()
 
     def cleanup(self) -> None:
         """Remove whatever an earlier job left behind (a crash skips postprocess). Idempotent."""
@@ -235,6 +236,8 @@ class HostAdapter(abc.ABC):
                 raise GuidanceError(f"{GUIDANCE_PREFIX}this model has no latent decoder for guidance (SD 1.5, SD 2 "
                                     "and SDXL models are supported).")
             job.guidance = self._guidance(p, job, family=family, decoder=job.settings.guidance_decoder, log=say)
+            for note in job.guidance.reference_notes():
+                add_note(p, note)
             return None
         except GuidanceError as e:
             scores = " and no CLIP/DINO scores are written" if want_scores and isinstance(e, ScorerLoadError) else ""
@@ -288,7 +291,7 @@ class HostAdapter(abc.ABC):
             decoder=decoder, taesd_dir=self.taesd_dir(), vae=self.guidance_vae(p) if decoder == "vae" else None,
             scorer_config=options.scorer_config(), subject_refs=s.subject_refs, style_ref=s.style_ref,
             subject_lora=self.lora_path(job.subject.name), style_lora=self.lora_path(job.style.name),
-            prompt=_first_prompt(p), log=log, **self.guidance_factories)
+            preview_extensions=_preview_extensions(), prompt=_first_prompt(p), log=log, **self.guidance_factories)
 
     def guided_x0(self, job: Job, x0: Any, x0_uncond: Any | None, denoiser: Any = None) -> Any:
         """The guidance step on an after-CFG x0 estimate; for inpainting the unmasked part stays the original."""
@@ -299,6 +302,13 @@ class HostAdapter(abc.ABC):
             guided = guided * denoiser.nmask + denoiser.init_latent * mask
         return guided
 
+    def guidance_step_done(self, p: Any, job: Job) -> None:
+        """After a guidance step: when guidance turned itself off in it (a non-finite gradient, out of memory), the
+        images from this batch on say so."""
+        reason = job.guidance.off_reason if job.guidance is not None else None
+        if reason and p is not None:
+            add_note(p, f"guidance off: {reason}")
+
     def guidance_failed(self, p: Any, job: Job, error: BaseException) -> None:
         """An unexpected error in the guidance step: it is off for the rest of the job, the image goes on."""
         job.guidance = None
@@ -306,7 +316,7 @@ class HostAdapter(abc.ABC):
         if _debug():
             traceback.print_exc()
         if p is not None:
-            add_note(p, "guidance off")
+            add_note(p, f"guidance off: failed ({type(error).__name__})")
 
     def score_batch(self, p: Any, job: Job | None, images: Any, batch_number: int) -> None:
         """Postprocess_batch: the scores of the decoded images ([B, 3, H, W] in [0, 1]) of batch ``batch_number``,
@@ -319,16 +329,18 @@ class HostAdapter(abc.ABC):
         scorer = job.scorer
         if scorer is None or images is None:
             return
+        first = batch_number * int(getattr(p, "batch_size", 0) or len(images))
+        prompts = list(getattr(p, "all_prompts", None) or [])[first:first + len(images)]
         try:
             from lib_dynfuse.guidance import format_scores
 
-            rows = scorer.scores(images)
+            # clip-T: each image against its own prompt (a batch may hold several, e.g. from a prompts file).
+            rows = scorer.scores(images, prompts if len(prompts) == len(images) else None)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: the images are done, only the scores are lost
             job.scorer = None
             say(f"could not compute the CLIP/DINO scores ({type(e).__name__}: {e}); none are written for the rest "
                 f"of this generation. {SKIP_SCORES}")
             return
-        first = batch_number * int(getattr(p, "batch_size", len(rows)) or len(rows))
         for i, row in enumerate(rows):
             text = format_scores(row)
             if text:
@@ -401,8 +413,20 @@ def _add_image(processed: Any, image: Any) -> None:
         processed.infotexts.append(processed.infotexts[0])
 
 
-def _unload_guidance_models() -> bool:
-    return bool(options.read_option("dynfuse_unload_after"))
+def _release_guidance(job: Job) -> None:
+    """Keep only the record of the job's guidance: the decoder (on Forge a private VAE copy), the reference
+    embeddings and the last step's tensors go with it."""
+    if job.guidance is not None:
+        job.guided = job.guidance.record()
+    job.guidance = None
+    for key in GUIDANCE_STEP_STATE:
+        job.host.pop(key, None)
+
+
+def _preview_extensions() -> tuple[str, ...]:
+    # As the host's LoRA browser (ui_extra_networks.allowed_preview_extensions): also previews in samples_format.
+    extension = options.samples_format()
+    return (extension,) if extension else ()
 
 
 def _drop_stale_keys(p: Any) -> None:

@@ -246,6 +246,8 @@ class ForgeAdapter(HostAdapter):
             params.x = self.guided_x0(job, params.x, uncond, denoiser)
         except Exception as e:  # noqa: BLE001
             self.guidance_failed(getattr(denoiser, "p", None), job, e)
+        else:
+            self.guidance_step_done(getattr(denoiser, "p", None), job)
 
     # ---- lifetime -------------------------------------------------------------------------------
     def release(self, job: Job, keep_job: bool = False) -> None:

@@ -13,6 +13,9 @@ from collections.abc import Iterable, Sequence
 import gradio as gr
 from PIL import Image
 
+from lib_dynfuse.guidance.references import ReferenceImageError, load_image
+from lib_dynfuse.settings import UnreadableImage
+
 GRADIO_MAJOR = int(gr.__version__.split(".", 1)[0])
 
 # gradio 4 leaves components made with visible=False out of the page, so a textbox that the page script
@@ -41,17 +44,20 @@ def file_path(item: object) -> object:
 
 def files_to_images(value: object) -> tuple[object, ...]:
     """PIL images from a multi-file `gr.File` value (either version) or from images/base64 strings of an API
-    call; items that are not files are passed through for the settings module to decode or reject."""
+    call; items that are not files are passed through for the settings module to decode or reject. A file that
+    is not a readable image becomes an UnreadableImage: guidance then turns that side off, the rest runs."""
     if value is None:
         return ()
     items: Iterable[object] = [value] if isinstance(value, (str, Image.Image, dict)) else value
-    images = []
+    images: list[object] = []
     for item in items:
         path = file_path(item)
         if isinstance(path, str) and os.path.isfile(path):
-            with Image.open(path) as image:
+            try:
                 # Loaded and converted now: gradio may delete its temporary upload after the call.
-                images.append(image.convert("RGB"))
+                images.append(load_image(path))
+            except ReferenceImageError as error:
+                images.append(UnreadableImage(str(error)))
         else:
             images.append(path)
     return tuple(images)

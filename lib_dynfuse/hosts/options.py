@@ -2,31 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
+from lib_dynfuse.guidance import scorers
+from lib_dynfuse.guidance.scorers import SETTING_LABELS, ScorerConfig, settings_path
+
 SECTION = ("dynfuse", "DynFuse")
+UNLOAD_KEY = "dynfuse_unload_after"
 
 # key -> (default, label, ScorerConfig field or None). The CLIP/DINO models serve both guidance and the scores;
-# their error messages name the "CLIP weights path" / "DINO weights path" options.
+# their options carry the labels their error messages name (guidance.scorers.SETTING_LABELS).
 OPTIONS: dict[str, tuple[object, str, str | None]] = {
     "dynfuse_scores": (True, "Write CLIP/DINO scores to the infotext", None),
-    "dynfuse_clip_model": ("ViT-B-32", "CLIP model name (open_clip)", "clip_model"),
-    "dynfuse_clip_pretrained": ("openai", "CLIP pretrained tag (open_clip)", "clip_pretrained"),
-    "dynfuse_clip_weights": ("", "CLIP weights path: a local weights file (overrides the pretrained tag)",
-                             "clip_weights"),
-    "dynfuse_dino_model": ("vit_small_patch16_224.dino", "DINO model name (timm)", "dino_model"),
-    "dynfuse_dino_weights": ("", "DINO weights path: a local weights file (overrides the timm download)",
-                             "dino_weights"),
-    "dynfuse_cache_dir": ("", "CLIP/DINO model cache folder (empty: the libraries' default)", "cache_dir"),
-    "dynfuse_device": ("auto", "CLIP/DINO device (auto, cpu, cuda:0, ...)", "device"),
-    "dynfuse_precision": ("auto", "CLIP/DINO precision", "precision"),
-    "dynfuse_unload_after": (False, "Unload the CLIP/DINO models after each generation", None),
+    **{f"dynfuse_{f.name}": (f.default, SETTING_LABELS[f.name], f.name) for f in fields(ScorerConfig)},
+    UNLOAD_KEY: (False, "Unload the CLIP/DINO models after each generation", None),
 }
 
 
 def where(key: str) -> str:
     """How a message names an option: "Settings > DynFuse > <label>"."""
-    return f"Settings > {SECTION[1]} > {OPTIONS[key][1]}"
+    return settings_path(OPTIONS[key][1])
 
 
 def register_options() -> None:
@@ -39,6 +35,9 @@ def register_options() -> None:
         if key == "dynfuse_precision":
             info = shared.OptionInfo(default, label, gr.Radio, {"choices": ["auto", "fp32", "fp16", "bf16"]},
                                      section=SECTION)
+        elif key == UNLOAD_KEY:
+            # Turning it on frees the models now, not only after the next generation that uses them.
+            info = shared.OptionInfo(default, label, onchange=unload_models_if_asked, section=SECTION)
         else:
             info = shared.OptionInfo(default, label, section=SECTION)
         shared.opts.add_option(key, info)
@@ -55,7 +54,22 @@ def read_option(key: str) -> Any:
         return default
 
 
-def scorer_config() -> Any:
-    from lib_dynfuse.guidance import ScorerConfig
+def unload_models_if_asked() -> None:
+    """Free the CLIP/DINO models when the unload option is on: at the end of every job (any job, DynFuse on or
+    off) and when the option is turned on."""
+    if read_option(UNLOAD_KEY) and scorers.loaded_models():
+        scorers.unload()
 
+
+def samples_format() -> str | None:
+    """The host's image file format (opts.samples_format): its LoRA browser also shows previews in it."""
+    try:
+        from modules import shared
+
+        return getattr(shared.opts, "samples_format", None)
+    except Exception:  # noqa: BLE001 - no host
+        return None
+
+
+def scorer_config() -> ScorerConfig:
     return ScorerConfig(**{field: read_option(key) for key, (_, _, field) in OPTIONS.items() if field})

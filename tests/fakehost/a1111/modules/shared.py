@@ -13,6 +13,9 @@ cmd_opts = types.SimpleNamespace(
 )
 
 options_templates = {}
+options_templates.update(options_section(("saving-images", "Saving images/grids", "saving"), {
+    "samples_format": OptionInfo("png", "File format for images"),
+}))
 options_templates.update(options_section(("sd", "Stable Diffusion", "sd"), {
     "sd_model_checkpoint": OptionInfo("tiny-sd15.safetensors", "Stable Diffusion checkpoint"),
     "CLIP_stop_at_last_layers": OptionInfo(1, "Clip skip"),

@@ -23,7 +23,7 @@ class State:
 # data: the saved values of extension options (modules/options.py Options.data), e.g. the DynFuse settings section.
 opts = SimpleNamespace(sd_lora="None", extra_networks_default_multiplier=1.0, lora_add_hashes_to_infotext=True,
                        skip_early_cond=0.0, s_min_uncond_all=False, always_discard_next_to_last_sigma=False,
-                       img2img_fix_steps=False, initial_noise_multiplier=1.0, data={})
+                       img2img_fix_steps=False, initial_noise_multiplier=1.0, samples_format="png", data={})
 cmd_opts = SimpleNamespace(lora_dir="")
 state = State()
 sd_model = None
