@@ -7,7 +7,9 @@ import dataclasses
 import io
 import json
 import os
+import re
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -147,25 +149,22 @@ def _png_data_url(color=(40, 90, 200)) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-# `alwayson_scripts.dynfuse.args[0]` of the README's request, as printed there.
-README_SETTINGS = """{"enabled": true, "subject": "my_dog", "style": "watercolor", "method": "kl",
-    "temperature": 1.0, "style_strength": 0.8, "show_map": true, "guidance": true, "guidance_strength": 0.2,
-    "guidance_balance": 0.5, "style_ref": "data:image/png;base64,..."}"""
+def _readme_request() -> dict:
+    """The body of the README's curl request, as printed there."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    body = re.search(r"curl -s http://127\.0\.0\.1:7860/sdapi/v1/txt2img .*? -d '(\{.*?\n\})'", readme, re.DOTALL)
+    return json.loads(body.group(1))
 
 
 def _readme_settings() -> dict:
-    """The README's settings object with a real image for the elided style_ref."""
-    return {**json.loads(README_SETTINGS), "style_ref": _png_data_url()}
+    return _readme_request()["alwayson_scripts"]["dynfuse"]["args"][0]
 
 
 def test_readme_request_settings():
     from lib_dynfuse.settings import DEFAULTS, from_api
 
-    settings = from_api(_readme_settings())
-    assert settings.style_ref.size == (16, 12) and settings.style_ref.getpixel((0, 0)) == (40, 90, 200)
-    assert dataclasses.replace(settings, style_ref=None) == dataclasses.replace(
-        DEFAULTS, enabled=True, subject="my_dog", style="watercolor", style_strength=0.8, show_map=True,
-        guidance=True)
+    assert from_api(_readme_settings()) == dataclasses.replace(
+        DEFAULTS, enabled=True, subject="my_dog", style="watercolor", style_strength=0.8, show_map=True)
 
 
 def test_readme_request_through_the_api(a1111):
@@ -188,8 +187,11 @@ def test_readme_request_through_the_api(a1111):
     loras.write_lora(os.path.join(ui.lora_dir, "my_dog.safetensors"), ui.model, keys, seed=1)
     loras.write_lora(os.path.join(ui.lora_dir, "watercolor.safetensors"), ui.model, keys[2:], seed=2)
     try:
-        res = ui.api_txt2img(_payload([_readme_settings()], "my dog <lora:my_dog:1> <lora:watercolor:1>", 5))
-        assert detect.get_adapter().last_job.guidance.losses  # guided by the style image
+        # The README's request, with guidance on as in its Python example (reference images as base64).
+        settings = {**_readme_settings(), "guidance": True, "guidance_strength": 0.2, "guidance_balance": 0.5,
+                    "subject_refs": [_png_data_url((200, 120, 40))], "style_ref": _png_data_url()}
+        res = ui.api_txt2img(_payload([settings], "my dog <lora:my_dog:1> <lora:watercolor:1>", 5))
+        assert detect.get_adapter().last_job.guided.losses  # guided by the reference images
     finally:
         scorers.unload()
     info = res["info"]
