@@ -230,3 +230,48 @@ def test_taken_loras_are_not_read_from_disk_again(a1111, monkeypatch):
     monkeypatch.setattr(networks, "load_network", lambda name, on_disk: reads.append(name) or original(name, on_disk))
     ui.txt2img(PROMPT, steps=2, seed=5, n_iter=3, dynfuse=checks.dynfuse_args())
     assert sorted(reads) == ["sty", "subj"]  # once each, although lora_in_memory_limit is 0
+
+
+def _kl_decisions(a1111, prompt, **kwargs):
+    """A kl run of two images: its latents, each (layer, step, image)'s winner, the selection text and the weights."""
+    import checks
+
+    from lib_dynfuse.hosts import detect
+
+    ui = a1111()
+    write_pair(ui)
+    p, res = ui.txt2img(prompt, steps=3, seed=5, batch_size=2, dynfuse=checks.dynfuse_args(), **kwargs)
+    log = detect.get_adapter().last_job.last_log
+    winners = {(d.layer, d.step, d.unit): d.winner for d in log.decisions()}
+    selection = [line for line in res.infotexts[0].split(", ") if line.startswith("DynFuse selection")]
+    return p.fake_latents[0], winners, selection, checks.state()
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, "a dog AND a cat " + PROMPT[6:]])
+def test_cond_and_uncond_in_separate_calls_decide_as_in_one(a1111, prompt):
+    """With batch_cond_uncond off the host runs cond and uncond rows in separate UNet calls: each image's cond row
+    still decides for all its rows, so the result is the one of the joined call."""
+    import checks
+
+    joined = _kl_decisions(a1111, prompt)
+    split = _kl_decisions(a1111, prompt, override_settings={"batch_cond_uncond": False})
+    assert split[1] == joined[1] and {unit for *_, unit in split[1]} == {0, 1}
+    assert split[2] == joined[2]
+    # float32 GEMMs round differently at other batch sizes: close, not equal
+    torch.testing.assert_close(split[0], joined[0], rtol=1e-4, atol=1e-4)
+    checks.assert_same_state(split[3], joined[3])
+
+
+def test_a_prompt_longer_than_the_negative_prompt_decides_as_in_one_call(a1111):
+    """A prompt of two token chunks and a one-chunk negative prompt: the host runs the cond rows, then the uncond
+    rows. At CFG scale 1 the uncond rows do not move the latents, so a joined run (a negative prompt of two chunks
+    as well) must give the same decisions and latents."""
+    import checks
+
+    long_prompt = "a dog on a green hill under a blue sky at noon " + PROMPT[6:]
+    joined = _kl_decisions(a1111, long_prompt, cfg_scale=1.0, negative_prompt="blurry " * 9)
+    split = _kl_decisions(a1111, long_prompt, cfg_scale=1.0, negative_prompt="blurry")
+    assert split[1] == joined[1] and {unit for *_, unit in split[1]} == {0, 1}
+    assert split[2] == joined[2]
+    torch.testing.assert_close(split[0], joined[0], rtol=1e-4, atol=1e-4)
+    checks.assert_same_state(split[3], joined[3])
