@@ -153,9 +153,35 @@ def test_hires_second_pass_is_fused_too(a1111):
     assert detect.get_adapter().last_job.last_log.steps  # the hires session decided too
 
 
-def test_ddim_and_and_prompts(a1111):
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS", "UniPC"])
+def test_timestep_samplers_and_and_prompts(a1111, sampler):
     _check_subject_only(a1111, "a dog AND a cat:0.5 <lora:subj:1> <lora:sty:0.8>",
-                        "a dog AND a cat:0.5 <lora:subj:1>", sampler_name="DDIM")
+                        "a dog AND a cat:0.5 <lora:subj:1>", sampler_name=sampler)
+
+
+@pytest.mark.parametrize(("sampler", "steps_of_calls"), [
+    ("DDIM", [0, 1, 2, 3]),
+    # PLMS's first step evaluates the model a second time, at the next step's timestep: that call is step 1
+    ("PLMS", [0, 1, 1, 2, 3]),
+    ("UniPC", [0, 1, 2, 3, 4]),
+])
+def test_timestep_samplers_step_clock_is_the_timesteps_step(a1111, sampler, steps_of_calls):
+    import checks
+
+    from lib_dynfuse.hosts import detect
+    from modules import script_callbacks
+
+    ui = a1111()
+    write_pair(ui)
+    calls = []  # registered after DynFuse's own callback: sees the clock it set for this call
+    script_callbacks.on_cfg_denoiser(lambda params: calls.append((float(params.sigma[0]),
+                                                                   detect.get_adapter().job.host["clock"])))
+    ui.txt2img(PROMPT, steps=5, seed=5, sampler_name=sampler, dynfuse=checks.dynfuse_args())
+    assert [clock.index for _, clock in calls] == steps_of_calls
+    assert {clock.total for _, clock in calls} == {5}
+    timesteps = [t for t, _ in calls]
+    assert timesteps == sorted(timesteps, reverse=True)
+    assert detect.get_adapter().last_job.last_log.steps == sorted(set(steps_of_calls))
 
 
 def test_kl_with_and_prompts_decides_per_image(a1111):
@@ -172,17 +198,18 @@ def test_kl_with_and_prompts_decides_per_image(a1111):
     assert "DynFuse selection" in res.infotexts[1]
 
 
-def test_img2img(a1111):
+@pytest.mark.parametrize("sampler", ["Euler", "UniPC"])
+def test_img2img(a1111, sampler):
     import checks
     from PIL import Image
 
     image = Image.new("RGB", (64, 64), (200, 40, 90))
     ui0 = a1111(with_dynfuse=False)
     write_pair(ui0, te=False, same_layers=True)
-    p0, _ = ui0.img2img("a dog <lora:subj:1>", image, steps=4, seed=5, denoising_strength=0.5)
+    p0, _ = ui0.img2img("a dog <lora:subj:1>", image, steps=4, seed=5, denoising_strength=0.5, sampler_name=sampler)
     ui = a1111()
     write_pair(ui, te=False, same_layers=True)
-    p, res = ui.img2img(PROMPT, image, steps=4, seed=5, denoising_strength=0.5,
+    p, res = ui.img2img(PROMPT, image, steps=4, seed=5, denoising_strength=0.5, sampler_name=sampler,
                         dynfuse=checks.dynfuse_args(method="subject-only"))
     assert torch.allclose(p.fake_latents[0], p0.fake_latents[0], atol=1e-4, rtol=1e-4)
     assert "DynFuse method: subject-only" in res.infotexts[0]

@@ -209,6 +209,8 @@ class A1111Adapter(HostAdapter):
             total = getattr(denoiser, "total_steps", None)
             if index is None or not total:  # before 1.8 only the lagging state counter exists
                 index, total = params.sampling_step, params.total_sampling_steps
+            elif hasattr(denoiser, "alphas"):
+                index = _timestep_step(job, denoiser, params)
             clock = StepClock(index=int(index), total=int(total), sigma=_sigma(params, denoiser))
             job.host["clock"] = clock
             job.host["denoiser"] = denoiser  # AfterCFGCallbackParams carries no reference to it
@@ -366,6 +368,19 @@ def _pad_input_channels(t: Any, extra: int) -> Any:
     import torch
 
     return torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], dim=1)
+
+
+def _timestep_step(job: Job, denoiser: Any, params: Any) -> int:
+    """A timestep sampler's step: the place of this call's timestep among the timesteps of the sampling run so far.
+    denoiser.step counts calls, and PLMS's first step calls the model twice, the second time at the next step's
+    timestep; that call is the next step's. The other timestep samplers call it once per timestep."""
+    timestep = float(params.sigma.reshape(-1)[0])
+    if denoiser.step == 0 or "timesteps" not in job.host:  # the first call of a sampling run
+        job.host["timesteps"] = []
+    seen = job.host["timesteps"]
+    if timestep not in seen:
+        seen.append(timestep)
+    return seen.index(timestep)
 
 
 def _sigma(params: Any, denoiser: Any) -> float | None:
