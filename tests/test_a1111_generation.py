@@ -225,6 +225,50 @@ def test_selection_map_is_added_to_the_outputs(a1111):
     assert len(res.infotexts) == 2
 
 
+def _opened_sessions(monkeypatch) -> list:
+    """Every FusionSession a job opens, in order: one per sampling run (a batch's first pass, its hires pass)."""
+    from lib_dynfuse import session
+
+    opened = []
+    init = session.FusionSession.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(session.FusionSession, "__init__", recording_init)
+    return opened
+
+
+def _share(*logs) -> str:
+    weights = [d.subject_weight for log in logs for d in log.decisions()]
+    return f"subject {sum(weights) / len(weights):.2f}"
+
+
+def test_selection_and_map_cover_every_pass_of_each_batch(a1111, monkeypatch):
+    """Hires fix and two batches of two: an image's selection is the share over its batch's first pass and hires
+    pass; one map per batch, the hires steps after the first pass's."""
+    import checks
+
+    from lib_dynfuse import report
+
+    sessions = _opened_sessions(monkeypatch)
+    ui = a1111()
+    write_pair(ui)
+    _, res = ui.txt2img(PROMPT, steps=3, seed=5, batch_size=2, n_iter=2, enable_hr=True, hr_scale=2.0,
+                        hr_second_pass_steps=2, denoising_strength=0.6, dynfuse=checks.dynfuse_args(show_map=True))
+    assert len(sessions) == 4 and len(res.images) == 6 and len(res.infotexts) == 6
+    for batch in (0, 1):
+        first, hires = sessions[2 * batch].log, sessions[2 * batch + 1].log
+        assert first.steps == [0, 1, 2] and hires.steps == [0, 1]
+        for image in (2 * batch, 2 * batch + 1):
+            assert f"DynFuse selection: {_share(first, hires)}," in res.infotexts[image]
+        expected = report.selection_map([first, hires], title=f"batch {batch + 1} of 2: ")
+        assert res.images[4 + batch].tobytes() == expected.tobytes()
+        assert res.infotexts[4 + batch] == res.infotexts[2 * batch]
+    assert _share(sessions[3].log) != _share(sessions[2].log, sessions[3].log)  # the hires pass alone differs
+
+
 def test_strength_override_and_full_weight_lora(a1111):
     """static at a strength override ~ the host with that tag weight; a LyCORIS "diff" layer goes the dense way."""
     import checks

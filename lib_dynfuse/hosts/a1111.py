@@ -101,6 +101,7 @@ class A1111Adapter(HostAdapter):
             session = FusionSession(targets, job.settings.engine_options(), log_errors=say)
             session.install()
             job.session = session
+            job.add_pass(p, session.log)
         except Exception as e:  # noqa: BLE001 - the host must keep generating
             self.fail(p, "could not take over the LoRAs", e)
 
