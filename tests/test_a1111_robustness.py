@@ -99,6 +99,45 @@ def test_interrupt_mid_way(a1111):
     checks.assert_same_state(checks.state(), ref[1])
 
 
+def test_skip_in_the_first_of_two_batches(a1111):
+    """Skip ends batch 1 at step 1 and batch 2 runs in full. With subject-only, both batches are what the host
+    gives with the subject LoRA alone and the same skip; afterwards nothing is left hooked and a plain job is
+    bit-identical to the host's."""
+    import checks
+
+    from modules import script_callbacks, shared
+
+    def start(with_dynfuse):
+        ui = a1111(with_dynfuse=with_dynfuse)
+        write_pair(ui, te=False, same_layers=True)
+        calls = []
+
+        def skip_batch_1_at_step_1(params):
+            calls.append((params.denoiser.p.iteration, params.denoiser.step))
+            if calls[-1] == (0, 1):
+                shared.state.skip()
+
+        script_callbacks.on_cfg_denoiser(skip_batch_1_at_step_1)
+        return ui, calls
+
+    expected_calls = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3)]  # (batch, step)
+    ui0, calls0 = start(with_dynfuse=False)
+    p0, _ = ui0.txt2img("a dog <lora:subj:1>", steps=4, seed=5, n_iter=2)
+    assert calls0 == expected_calls
+    plain0, _ = ui0.txt2img("a cat", steps=3, seed=7)
+    state0 = checks.state()
+    ui, calls = start(with_dynfuse=True)
+    p, res = ui.txt2img(PROMPT, steps=4, seed=5, n_iter=2, dynfuse=checks.dynfuse_args(method="subject-only"))
+    assert calls == expected_calls
+    assert checks.dynfuse_hooks() == 0
+    assert len(p.fake_latents) == 2 and all("DynFuse method: subject-only" in t for t in res.infotexts)
+    for a, b in zip(p.fake_latents, p0.fake_latents):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    plain, _ = ui.txt2img("a cat", steps=3, seed=7, dynfuse=checks.dynfuse_args(enabled=False))
+    assert torch.equal(plain.fake_latents[0], plain0.fake_latents[0])
+    checks.assert_same_state(checks.state(), state0)
+
+
 # ---- bad input: one console line, one infotext note, the generation as without DynFuse -------------------------
 
 def _bad(a1111, capsys, prompt, *, files=None, **fields):
