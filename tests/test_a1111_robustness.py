@@ -231,12 +231,11 @@ def test_sdxl_lora_whose_layers_all_have_other_shapes(a1111, capsys):
     assert 'DynFuse note: "off: LoRA xl does not fit the UNet"' in text
 
 
-def test_sdxl_lora_with_some_layers_of_other_shapes(a1111, capsys):
-    """The layers that do not fit are left out, as the host leaves them out; the rest is fused."""
+def _against_host(a1111, capsys, files, prompt, **fields):
+    """The host alone, then DynFuse (scores off: without reference images they would add a line of their own) on
+    the same files and prompt: both latents, DynFuse's infotext and its console lines."""
     import checks
 
-    files = _sdxl_file(misfits_only=False)
-    prompt = "a dog <lora:subj:1> <lora:xl:0.8>"
     ui0 = a1111(with_dynfuse=False)
     files(ui0)
     p0, _ = ui0.txt2img(prompt, steps=3, seed=5)
@@ -244,16 +243,26 @@ def test_sdxl_lora_with_some_layers_of_other_shapes(a1111, capsys):
     files(ui)
     from modules import shared
 
-    shared.opts.set("dynfuse_scores", False)  # no reference images: the scores would say so in a line of their own
+    shared.opts.set("dynfuse_scores", False)
     capsys.readouterr()
-    p, res = ui.txt2img(prompt, steps=3, seed=5, dynfuse=checks.dynfuse_args(method="static", style="xl"))
+    p, res = ui.txt2img(prompt, steps=3, seed=5, dynfuse=checks.dynfuse_args(**fields))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DynFuse: ")]
+    return p0.fake_latents[0], p.fake_latents[0], res.infotexts[0], lines
+
+
+def test_sdxl_lora_with_some_layers_of_other_shapes(a1111, capsys):
+    """The layers that do not fit are left out, as the host leaves them out; the rest is fused."""
+    import checks
+
+    files = _sdxl_file(misfits_only=False)
+    host, ours, text, lines = _against_host(a1111, capsys, files, "a dog <lora:subj:1> <lora:xl:0.8>",
+                                            method="static", style="xl")
     first = files.misfits[0]
     assert lines == [(f"DynFuse: 2 of the 18 UNet layers of LoRA 'xl' do not fit this model (first: {first}, "
                       "LoRA 8x32, model 8x12); they are left out, as the host leaves them out.")]
-    assert 'DynFuse note: "LoRA xl: 2 layers do not fit"' in res.infotexts[0]
-    assert "DynFuse method: static" in res.infotexts[0]
-    assert torch.allclose(p.fake_latents[0], p0.fake_latents[0], atol=1e-4, rtol=1e-4)
+    assert 'DynFuse note: "LoRA xl: 2 layers do not fit"' in text
+    assert "DynFuse method: static" in text
+    assert torch.allclose(ours, host, atol=1e-4, rtol=1e-4)
     assert checks.dynfuse_hooks() == 0
 
 
@@ -312,7 +321,6 @@ def test_lora_extension_disabled(a1111, capsys):
 
 
 def test_no_shared_layers_only_warns(a1111, capsys):
-    import checks
     import loras
 
     def disjoint(ui):
@@ -320,18 +328,8 @@ def test_no_shared_layers_only_warns(a1111, capsys):
         loras.write_lora(os.path.join(ui.lora_dir, "subj.safetensors"), ui.model, keys[:8], seed=1, te=False)
         loras.write_lora(os.path.join(ui.lora_dir, "sty.safetensors"), ui.model, keys[8:], seed=2, te=False)
 
-    ui0 = a1111(with_dynfuse=False)
-    disjoint(ui0)
-    p0, _ = ui0.txt2img(PROMPT, steps=3, seed=5)
-    ui = a1111()
-    disjoint(ui)
-    from modules import shared
-
-    shared.opts.set("dynfuse_scores", False)  # no reference images: the scores would say so in a line of their own
-    capsys.readouterr()
-    p, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DynFuse: ")]
+    host, ours, text, lines = _against_host(a1111, capsys, disjoint, PROMPT)
     assert lines == [("DynFuse: 'subj' and 'sty' share no UNet layer: each layer gets its own LoRA, as without "
                      "DynFuse.")]
-    assert "DynFuse note: no shared layers" in res.infotexts[0] and "DynFuse method: kl" in res.infotexts[0]
-    assert torch.allclose(p.fake_latents[0], p0.fake_latents[0], atol=1e-4, rtol=1e-4)
+    assert "DynFuse note: no shared layers" in text and "DynFuse method: kl" in text
+    assert torch.allclose(ours, host, atol=1e-4, rtol=1e-4)
