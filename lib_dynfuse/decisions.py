@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,19 @@ class DecisionLog:
             if layer in row_of:
                 grid[row_of[layer], col_of[step]] = float(w.float().mean())
         return layers, steps, grid
+
+    @classmethod
+    def joined(cls, logs: Iterable[DecisionLog]) -> DecisionLog:
+        """One log of several sampling runs of the same images (a first pass, then its hires pass): each run's
+        steps come after the previous run's last step."""
+        out = cls()
+        offset = 0
+        for log in logs:
+            out._layers.update(log._layers)
+            out._raw.update({(layer, step + offset): entry for (layer, step), entry in log._raw.items()})
+            if log._raw:
+                offset += max(log.steps) + 1
+        return out
 
     def clear(self) -> None:
         self._raw.clear()

@@ -24,9 +24,11 @@ class DecisionPlan:
     tied: bool = False  # units are images whose rows share one decision
 
     @classmethod
-    def per_row(cls, rows: int) -> DecisionPlan:
+    def per_row(cls, rows: int, first: int = 0) -> DecisionPlan:
+        """Every row decides for itself; its unit is its place in the step's rows, so that the chunks of one step
+        do not share unit numbers."""
         r = tuple(range(rows))
-        return cls(r, r, r)
+        return cls(r, tuple(range(first, first + rows)), r)
 
     @classmethod
     def tied_to_images(cls, layout: BatchLayout) -> DecisionPlan:
@@ -45,17 +47,23 @@ class StepState:
     log: DecisionLog
     clock: StepClock = field(default_factory=lambda: StepClock(0, 1))
     layout: BatchLayout | None = None
-    _plans: dict[int, DecisionPlan] = field(default_factory=dict)
+    epoch: int = 0  # counts set_layout calls: the UNet calls after one cover its layout's rows in order
+    _plans: dict[tuple[int, int], DecisionPlan] = field(default_factory=dict)
     _indices: dict[tuple[int, torch.device], Tensor] = field(default_factory=dict)
 
-    def plan(self, rows: int) -> DecisionPlan:
-        plan = self._plans.get(rows)
+    def plan(self, rows: int, start: int = 0) -> DecisionPlan:
+        """The plan of a UNet call of ``rows`` rows that are the layout's rows from ``start`` on."""
+        key = (start, rows)
+        plan = self._plans.get(key)
         if plan is None:
-            if self.layout is None or len(self.layout) != rows or self.options.decide_per == "row":
-                plan = DecisionPlan.per_row(rows)
+            layout = self.layout
+            if layout is None or start + rows > len(layout) or self.options.decide_per == "row":
+                plan = DecisionPlan.per_row(rows, start)
             else:
-                plan = DecisionPlan.tied_to_images(self.layout)
-            self._plans[rows] = plan
+                chunk = slice(start, start + rows)
+                plan = DecisionPlan.tied_to_images(BatchLayout.rows(layout.image_of_row[chunk],
+                                                                    layout.is_cond[chunk]))
+            self._plans[key] = plan
         return plan
 
     def row_index(self, plan: DecisionPlan, device: torch.device) -> Tensor:
@@ -66,6 +74,7 @@ class StepState:
         return index
 
     def set_layout(self, layout: BatchLayout | None) -> None:
+        self.epoch += 1
         if layout != self.layout:
             self.layout = layout
             self._plans.clear()
@@ -86,6 +95,7 @@ class LayerFusion:
         self.channel_dim = -1 if self.geometry.kind == "linear" else 1
         self._prepared: dict[tuple[torch.device, torch.dtype], tuple[Delta | None, Delta | None]] = {}
         self._tied: dict[int, tuple[int, Tensor, Tensor]] = {}
+        self._next_row = (-1, 0)  # (layout epoch, where this layer's next call starts in the layout's rows)
 
     @property
     def contested(self) -> bool:
@@ -115,10 +125,10 @@ class LayerFusion:
             return self.static_output(x, base)
         y_subject = subject.output(x, self.geometry)
         y_style = style.output(x, self.geometry)
-        plan = state.plan(base.shape[0])
+        plan = state.plan(base.shape[0], self._start_row(base.shape[0], state))
         step = state.clock.index
         # The first call of a step that sees an image decides for all its rows in that step: A1111 runs cond and
-        # uncond rows in one call, Forge may run an uncond chunk first, in a call of its own.
+        # uncond rows in one call unless it splits them (cond chunks first), Forge may run an uncond chunk first.
         reused = {}
         if plan.tied:
             reused = {u: hit for u in plan.units if (hit := self._tied.get(u)) is not None and hit[0] == step}
@@ -143,6 +153,18 @@ class LayerFusion:
         w_subject_rows = w_subject.to(base.dtype)[index].view(shape)
         w_style_rows = w_style.to(base.dtype)[index].view(shape)
         return base + y_subject.mul_(w_subject_rows).add_(y_style.mul_(w_style_rows))
+
+    def _start_row(self, rows: int, state: StepState) -> int:
+        """Where this call's rows start in the layout. A1111 splits one CFG step's rows over several UNet calls
+        in the layout's order (without batch_cond_uncond, or when prompt and negative prompt differ in length),
+        and every hooked layer runs once per UNet call, so each layer counts the rows it has seen since the
+        layout was set. A call that would run past the layout's end (another extension's extra UNet call) is read
+        from the first row on."""
+        epoch, start = self._next_row
+        if epoch != state.epoch or (state.layout is not None and start + rows > len(state.layout)):
+            start = 0
+        self._next_row = (state.epoch, start + rows)
+        return start
 
     def _decide(self, base: Tensor, y_subject: Tensor, y_style: Tensor, rows: tuple[int, ...],
                 units: tuple[int, ...], state: StepState) -> tuple[Tensor, Tensor]:

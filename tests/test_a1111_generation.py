@@ -153,9 +153,35 @@ def test_hires_second_pass_is_fused_too(a1111):
     assert detect.get_adapter().last_job.last_log.steps  # the hires session decided too
 
 
-def test_ddim_and_and_prompts(a1111):
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS", "UniPC"])
+def test_timestep_samplers_and_and_prompts(a1111, sampler):
     _check_subject_only(a1111, "a dog AND a cat:0.5 <lora:subj:1> <lora:sty:0.8>",
-                        "a dog AND a cat:0.5 <lora:subj:1>", sampler_name="DDIM")
+                        "a dog AND a cat:0.5 <lora:subj:1>", sampler_name=sampler)
+
+
+@pytest.mark.parametrize(("sampler", "steps_of_calls"), [
+    ("DDIM", [0, 1, 2, 3]),
+    # PLMS's first step evaluates the model a second time, at the next step's timestep: that call is step 1
+    ("PLMS", [0, 1, 1, 2, 3]),
+    ("UniPC", [0, 1, 2, 3, 4]),
+])
+def test_timestep_samplers_step_clock_is_the_timesteps_step(a1111, sampler, steps_of_calls):
+    import checks
+
+    from lib_dynfuse.hosts import detect
+    from modules import script_callbacks
+
+    ui = a1111()
+    write_pair(ui)
+    calls = []  # registered after DynFuse's own callback: sees the clock it set for this call
+    script_callbacks.on_cfg_denoiser(lambda params: calls.append((float(params.sigma[0]),
+                                                                   detect.get_adapter().job.host["clock"])))
+    ui.txt2img(PROMPT, steps=5, seed=5, sampler_name=sampler, dynfuse=checks.dynfuse_args())
+    assert [clock.index for _, clock in calls] == steps_of_calls
+    assert {clock.total for _, clock in calls} == {5}
+    timesteps = [t for t, _ in calls]
+    assert timesteps == sorted(timesteps, reverse=True)
+    assert detect.get_adapter().last_job.last_log.steps == sorted(set(steps_of_calls))
 
 
 def test_kl_with_and_prompts_decides_per_image(a1111):
@@ -172,17 +198,18 @@ def test_kl_with_and_prompts_decides_per_image(a1111):
     assert "DynFuse selection" in res.infotexts[1]
 
 
-def test_img2img(a1111):
+@pytest.mark.parametrize("sampler", ["Euler", "UniPC"])
+def test_img2img(a1111, sampler):
     import checks
     from PIL import Image
 
     image = Image.new("RGB", (64, 64), (200, 40, 90))
     ui0 = a1111(with_dynfuse=False)
     write_pair(ui0, te=False, same_layers=True)
-    p0, _ = ui0.img2img("a dog <lora:subj:1>", image, steps=4, seed=5, denoising_strength=0.5)
+    p0, _ = ui0.img2img("a dog <lora:subj:1>", image, steps=4, seed=5, denoising_strength=0.5, sampler_name=sampler)
     ui = a1111()
     write_pair(ui, te=False, same_layers=True)
-    p, res = ui.img2img(PROMPT, image, steps=4, seed=5, denoising_strength=0.5,
+    p, res = ui.img2img(PROMPT, image, steps=4, seed=5, denoising_strength=0.5, sampler_name=sampler,
                         dynfuse=checks.dynfuse_args(method="subject-only"))
     assert torch.allclose(p.fake_latents[0], p0.fake_latents[0], atol=1e-4, rtol=1e-4)
     assert "DynFuse method: subject-only" in res.infotexts[0]
@@ -196,6 +223,50 @@ def test_selection_map_is_added_to_the_outputs(a1111):
     _, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args(show_map=True))
     assert len(res.images) == 2 and res.images[1].size != res.images[0].size
     assert len(res.infotexts) == 2
+
+
+def _opened_sessions(monkeypatch) -> list:
+    """Every FusionSession a job opens, in order: one per sampling run (a batch's first pass, its hires pass)."""
+    from lib_dynfuse import session
+
+    opened = []
+    init = session.FusionSession.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(session.FusionSession, "__init__", recording_init)
+    return opened
+
+
+def _share(*logs) -> str:
+    weights = [d.subject_weight for log in logs for d in log.decisions()]
+    return f"subject {sum(weights) / len(weights):.2f}"
+
+
+def test_selection_and_map_cover_every_pass_of_each_batch(a1111, monkeypatch):
+    """Hires fix and two batches of two: an image's selection is the share over its batch's first pass and hires
+    pass; one map per batch, the hires steps after the first pass's."""
+    import checks
+
+    from lib_dynfuse import report
+
+    sessions = _opened_sessions(monkeypatch)
+    ui = a1111()
+    write_pair(ui)
+    _, res = ui.txt2img(PROMPT, steps=3, seed=5, batch_size=2, n_iter=2, enable_hr=True, hr_scale=2.0,
+                        hr_second_pass_steps=2, denoising_strength=0.6, dynfuse=checks.dynfuse_args(show_map=True))
+    assert len(sessions) == 4 and len(res.images) == 6 and len(res.infotexts) == 6
+    for batch in (0, 1):
+        first, hires = sessions[2 * batch].log, sessions[2 * batch + 1].log
+        assert first.steps == [0, 1, 2] and hires.steps == [0, 1]
+        for image in (2 * batch, 2 * batch + 1):
+            assert f"DynFuse selection: {_share(first, hires)}," in res.infotexts[image]
+        expected = report.selection_map([first, hires], title=f"batch {batch + 1} of 2: ")
+        assert res.images[4 + batch].tobytes() == expected.tobytes()
+        assert res.infotexts[4 + batch] == res.infotexts[2 * batch]
+    assert _share(sessions[3].log) != _share(sessions[2].log, sessions[3].log)  # the hires pass alone differs
 
 
 def test_strength_override_and_full_weight_lora(a1111):
@@ -230,3 +301,48 @@ def test_taken_loras_are_not_read_from_disk_again(a1111, monkeypatch):
     monkeypatch.setattr(networks, "load_network", lambda name, on_disk: reads.append(name) or original(name, on_disk))
     ui.txt2img(PROMPT, steps=2, seed=5, n_iter=3, dynfuse=checks.dynfuse_args())
     assert sorted(reads) == ["sty", "subj"]  # once each, although lora_in_memory_limit is 0
+
+
+def _kl_decisions(a1111, prompt, **kwargs):
+    """A kl run of two images: its latents, each (layer, step, image)'s winner, the selection text and the weights."""
+    import checks
+
+    from lib_dynfuse.hosts import detect
+
+    ui = a1111()
+    write_pair(ui)
+    p, res = ui.txt2img(prompt, steps=3, seed=5, batch_size=2, dynfuse=checks.dynfuse_args(), **kwargs)
+    log = detect.get_adapter().last_job.last_log
+    winners = {(d.layer, d.step, d.unit): d.winner for d in log.decisions()}
+    selection = [line for line in res.infotexts[0].split(", ") if line.startswith("DynFuse selection")]
+    return p.fake_latents[0], winners, selection, checks.state()
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, "a dog AND a cat " + PROMPT[6:]])
+def test_cond_and_uncond_in_separate_calls_decide_as_in_one(a1111, prompt):
+    """With batch_cond_uncond off the host runs cond and uncond rows in separate UNet calls: each image's cond row
+    still decides for all its rows, so the result is the one of the joined call."""
+    import checks
+
+    joined = _kl_decisions(a1111, prompt)
+    split = _kl_decisions(a1111, prompt, override_settings={"batch_cond_uncond": False})
+    assert split[1] == joined[1] and {unit for *_, unit in split[1]} == {0, 1}
+    assert split[2] == joined[2]
+    # float32 GEMMs round differently at other batch sizes: close, not equal
+    torch.testing.assert_close(split[0], joined[0], rtol=1e-4, atol=1e-4)
+    checks.assert_same_state(split[3], joined[3])
+
+
+def test_a_prompt_longer_than_the_negative_prompt_decides_as_in_one_call(a1111):
+    """A prompt of two token chunks and a one-chunk negative prompt: the host runs the cond rows, then the uncond
+    rows. At CFG scale 1 the uncond rows do not move the latents, so a joined run (a negative prompt of two chunks
+    as well) must give the same decisions and latents."""
+    import checks
+
+    long_prompt = "a dog on a green hill under a blue sky at noon " + PROMPT[6:]
+    joined = _kl_decisions(a1111, long_prompt, cfg_scale=1.0, negative_prompt="blurry " * 9)
+    split = _kl_decisions(a1111, long_prompt, cfg_scale=1.0, negative_prompt="blurry")
+    assert split[1] == joined[1] and {unit for *_, unit in split[1]} == {0, 1}
+    assert split[2] == joined[2]
+    torch.testing.assert_close(split[0], joined[0], rtol=1e-4, atol=1e-4)
+    checks.assert_same_state(split[3], joined[3])

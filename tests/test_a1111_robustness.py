@@ -99,6 +99,45 @@ def test_interrupt_mid_way(a1111):
     checks.assert_same_state(checks.state(), ref[1])
 
 
+def test_skip_in_the_first_of_two_batches(a1111):
+    """Skip ends batch 1 at step 1 and batch 2 runs in full. With subject-only, both batches are what the host
+    gives with the subject LoRA alone and the same skip; afterwards nothing is left hooked and a plain job is
+    bit-identical to the host's."""
+    import checks
+
+    from modules import script_callbacks, shared
+
+    def start(with_dynfuse):
+        ui = a1111(with_dynfuse=with_dynfuse)
+        write_pair(ui, te=False, same_layers=True)
+        calls = []
+
+        def skip_batch_1_at_step_1(params):
+            calls.append((params.denoiser.p.iteration, params.denoiser.step))
+            if calls[-1] == (0, 1):
+                shared.state.skip()
+
+        script_callbacks.on_cfg_denoiser(skip_batch_1_at_step_1)
+        return ui, calls
+
+    expected_calls = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3)]  # (batch, step)
+    ui0, calls0 = start(with_dynfuse=False)
+    p0, _ = ui0.txt2img("a dog <lora:subj:1>", steps=4, seed=5, n_iter=2)
+    assert calls0 == expected_calls
+    plain0, _ = ui0.txt2img("a cat", steps=3, seed=7)
+    state0 = checks.state()
+    ui, calls = start(with_dynfuse=True)
+    p, res = ui.txt2img(PROMPT, steps=4, seed=5, n_iter=2, dynfuse=checks.dynfuse_args(method="subject-only"))
+    assert calls == expected_calls
+    assert checks.dynfuse_hooks() == 0
+    assert len(p.fake_latents) == 2 and all("DynFuse method: subject-only" in t for t in res.infotexts)
+    for a, b in zip(p.fake_latents, p0.fake_latents):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    plain, _ = ui.txt2img("a cat", steps=3, seed=7, dynfuse=checks.dynfuse_args(enabled=False))
+    assert torch.equal(plain.fake_latents[0], plain0.fake_latents[0])
+    checks.assert_same_state(checks.state(), state0)
+
+
 # ---- bad input: one console line, one infotext note, the generation as without DynFuse -------------------------
 
 def _bad(a1111, capsys, prompt, *, files=None, **fields):
@@ -171,6 +210,97 @@ def test_lora_that_does_not_fit_the_model(a1111, capsys):
     assert 'DynFuse note: "off: LoRA xl does not fit the UNet"' in text
 
 
+def _sdxl_file(misfits_only):
+    def files(ui):
+        import loras
+
+        write_pair(ui)
+        files.misfits = loras.write_sdxl_lora(os.path.join(ui.lora_dir, "xl.safetensors"), ui.model,
+                                              misfits_only=misfits_only, seed=4)
+
+    return files
+
+
+def test_sdxl_lora_whose_layers_all_have_other_shapes(a1111, capsys):
+    """Names an SD1.5 model has too, shapes it does not: the host skips every layer, so does DynFuse."""
+    files = _sdxl_file(misfits_only=True)
+    lines, text = _bad(a1111, capsys, "a dog <lora:subj:1> <lora:xl:1>", files=files)
+    assert len(files.misfits) == 2
+    assert lines == [("DynFuse: LoRA 'xl' has no layers that fit this model's UNet (is it made for another model "
+                     "family?). DynFuse is off for this generation.")]
+    assert 'DynFuse note: "off: LoRA xl does not fit the UNet"' in text
+
+
+def _against_host(a1111, capsys, files, prompt, **fields):
+    """The host alone, then DynFuse (scores off: without reference images they would add a line of their own) on
+    the same files and prompt: both latents, DynFuse's infotext and its console lines."""
+    import checks
+
+    ui0 = a1111(with_dynfuse=False)
+    files(ui0)
+    p0, _ = ui0.txt2img(prompt, steps=3, seed=5)
+    ui = a1111()
+    files(ui)
+    from modules import shared
+
+    shared.opts.set("dynfuse_scores", False)
+    capsys.readouterr()
+    p, res = ui.txt2img(prompt, steps=3, seed=5, dynfuse=checks.dynfuse_args(**fields))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DynFuse: ")]
+    return p0.fake_latents[0], p.fake_latents[0], res.infotexts[0], lines
+
+
+def test_sdxl_lora_with_some_layers_of_other_shapes(a1111, capsys):
+    """The layers that do not fit are left out, as the host leaves them out; the rest is fused."""
+    import checks
+
+    files = _sdxl_file(misfits_only=False)
+    host, ours, text, lines = _against_host(a1111, capsys, files, "a dog <lora:subj:1> <lora:xl:0.8>",
+                                            method="static", style="xl")
+    first = files.misfits[0]
+    assert lines == [(f"DynFuse: 2 of the 18 UNet layers of LoRA 'xl' do not fit this model (first: {first}, "
+                      "LoRA 8x32, model 8x12); they are left out, as the host leaves them out.")]
+    assert 'DynFuse note: "LoRA xl: 2 layers do not fit"' in text
+    assert "DynFuse method: static" in text
+    assert torch.allclose(ours, host, atol=1e-4, rtol=1e-4)
+    assert checks.dynfuse_hooks() == 0
+
+
+@pytest.mark.parametrize("kind", ["lora", "diff"])
+def test_inpainting_models_first_conv_gets_the_update_the_host_merges(a1111, kind):
+    """An inpainting model's first conv reads 9 channels; an SD1.5 LoRA's update has 4, which the host zero-pads."""
+    a1111()
+    import network
+    import network_full
+    import network_lora
+    import networks
+
+    from lib_dynfuse.deltas import LayerGeometry
+    from lib_dynfuse.hosts import a1111 as adapter
+
+    conv = torch.nn.Conv2d(9, 8, 3, padding=1)
+    conv.network_layer_name = "diffusion_model_input_blocks_0_0"
+    g = torch.Generator().manual_seed(0)
+    if kind == "lora":
+        w = {"lora_down.weight": torch.randn(2, 4, 3, 3, generator=g),
+             "lora_up.weight": torch.randn(8, 2, 1, 1, generator=g), "alpha": torch.tensor(1.0)}
+        module_type = network_lora.NetworkModuleLora
+    else:
+        w = {"diff": torch.randn(8, 4, 3, 3, generator=g)}
+        module_type = network_full.NetworkModuleFull
+    net = network.Network("inpaint", None)
+    module = module_type(net, network.NetworkWeights("lora_unet_conv_in", conv.network_layer_name, w, conv))
+    net.modules[conv.network_layer_name] = module
+    x = torch.randn(1, 9, 8, 8, generator=g)
+    with torch.no_grad():
+        base = conv(x)
+        networks.loaded_networks[:] = [net]
+        merged = conv(x)  # the host's merge
+        networks.loaded_networks.clear()
+        delta = adapter._delta(module, conv, None)
+        torch.testing.assert_close(base + delta.output(x, LayerGeometry.of(conv)), merged, rtol=1e-5, atol=1e-5)
+
+
 def test_invalid_setting_from_the_ui(a1111, capsys):
     lines, text = _bad(a1111, capsys, PROMPT, guidance_start=0.8, guidance_end=0.3)
     assert len(lines) == 1 and "guidance_start (0.8) must be before guidance_end (0.3)" in lines[0]
@@ -191,7 +321,6 @@ def test_lora_extension_disabled(a1111, capsys):
 
 
 def test_no_shared_layers_only_warns(a1111, capsys):
-    import checks
     import loras
 
     def disjoint(ui):
@@ -199,18 +328,8 @@ def test_no_shared_layers_only_warns(a1111, capsys):
         loras.write_lora(os.path.join(ui.lora_dir, "subj.safetensors"), ui.model, keys[:8], seed=1, te=False)
         loras.write_lora(os.path.join(ui.lora_dir, "sty.safetensors"), ui.model, keys[8:], seed=2, te=False)
 
-    ui0 = a1111(with_dynfuse=False)
-    disjoint(ui0)
-    p0, _ = ui0.txt2img(PROMPT, steps=3, seed=5)
-    ui = a1111()
-    disjoint(ui)
-    from modules import shared
-
-    shared.opts.set("dynfuse_scores", False)  # no reference images: the scores would say so in a line of their own
-    capsys.readouterr()
-    p, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DynFuse: ")]
+    host, ours, text, lines = _against_host(a1111, capsys, disjoint, PROMPT)
     assert lines == [("DynFuse: 'subj' and 'sty' share no UNet layer: each layer gets its own LoRA, as without "
                      "DynFuse.")]
-    assert "DynFuse note: no shared layers" in res.infotexts[0] and "DynFuse method: kl" in res.infotexts[0]
-    assert torch.allclose(p.fake_latents[0], p0.fake_latents[0], atol=1e-4, rtol=1e-4)
+    assert "DynFuse note: no shared layers" in text and "DynFuse method: kl" in text
+    assert torch.allclose(ours, host, atol=1e-4, rtol=1e-4)

@@ -43,3 +43,21 @@ def test_chunked_records_of_one_step_are_merged():
     log.record("a", 0, (0,), torch.tensor([1.0]))
     log.record("a", 0, (1,), torch.tensor([0.0]))
     assert sorted((d.unit, d.winner) for d in log.decisions()) == [(0, "subject"), (1, "style")]
+
+
+def test_a_first_pass_and_its_hires_pass_are_joined_in_order():
+    first, hires = make_log(), DecisionLog()
+    for step in range(2):
+        hires.record("a", step, (0, 1), torch.tensor([0.0, 0.0]))
+    layers, steps, grid = DecisionLog.joined([first, hires]).matrix()
+    assert layers == ["a", "b"] and steps == [0, 1, 2, 3, 4, 5]
+    assert grid[0].tolist() == [1.0] * 4 + [0.0] * 2
+    assert grid[1, 4].isnan() and grid[1, 5].isnan()
+    assert selection_summary([first, hires]) == "subject 0.50"  # (8 + 2 + 0) of 20
+    image = selection_map([first, hires], width=600, min_height=100)
+    cell_w = 100
+    assert image.size == (600, 100 + 18)
+    assert image.getpixel((4 * cell_w, 18 + 10)) == (20, 20, 20)  # the line where the hires pass starts
+    assert image.getpixel((4 * cell_w - 5, 18 + 10)) == SUBJECT_RGB
+    assert image.getpixel((4 * cell_w + 5, 18 + 10)) == STYLE_RGB
+    assert image.getpixel((5 * cell_w + 5, 18 + 60)) == EMPTY_RGB

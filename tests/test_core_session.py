@@ -316,5 +316,5 @@ def test_rows_not_matching_the_layout_decide_per_row(model):
                                          lora_deltas(model, [name], 28)[name])], EngineOptions())
     session.set_layout(BatchLayout.a1111(2))  # 4 rows expected
     with session:
-        layer(torch.randn(3, 6, 8))
-    assert sorted(d.unit for d in session.log.decisions()) == [0, 1, 2]
+        layer(torch.randn(5, 6, 8))
+    assert sorted(d.unit for d in session.log.decisions()) == [0, 1, 2, 3, 4]

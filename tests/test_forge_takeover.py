@@ -154,6 +154,8 @@ def test_hires_fix_takes_over_again_for_the_second_pass(host):
     assert set(in_calls) == {len(set(keys[fh.SUBJECT_KEYS]) | set(keys[fh.STYLE_KEYS]))}
     assert first[2] == hires[2] and len(hires[2]) == 1
     assert hooks_on(host.sd_model.forge_objects.unet.model) == 0
+    # the selection of the image covers both passes (Forge's call between them samples nothing)
+    assert [log.steps for log in script.job.logs(0)] == [[0, 1], [0, 1]]
 
 
 def crash_at_step_1(host, monkeypatch, inside_unet: bool) -> list[int]:

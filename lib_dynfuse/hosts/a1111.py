@@ -13,6 +13,7 @@ exist only when that extension is enabled.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, say
@@ -100,6 +101,7 @@ class A1111Adapter(HostAdapter):
             session = FusionSession(targets, job.settings.engine_options(), log_errors=say)
             session.install()
             job.session = session
+            job.add_pass(p, session.log)
         except Exception as e:  # noqa: BLE001 - the host must keep generating
             self.fail(p, "could not take over the LoRAs", e)
 
@@ -123,22 +125,29 @@ class A1111Adapter(HostAdapter):
 
         mapping = getattr(p.sd_model, "network_layer_mapping", None) or {}
         settings = job.settings
-        deltas = []
+        deltas, misfits = [], []
         for tag, net, strength in ((job.subject, subject_net, settings.subject_strength),
                                    (job.style, style_net, settings.style_strength)):
-            layer_deltas = {}
+            layer_deltas, skipped = {}, []
             for key, module in net.modules.items():
                 if _is_text_encoder_key(key):
                     continue
                 layer = mapping.get(key)  # the current model's module: a cached sd_module may be stale
                 if layer is None or not hasattr(layer, "weight"):
                     continue
-                layer_deltas[key] = (layer, _delta(module, layer, strength))
+                try:
+                    layer_deltas[key] = (layer, _delta(module, layer, strength))
+                except Misfit as e:
+                    skipped.append((key, e))
             if not layer_deltas:
                 self._off(p, job, f"LoRA '{tag.name}' has no layers that fit this model's UNet (is it made for "
                                   "another model family?).", f"off: LoRA {tag.name} does not fit the UNet")
                 return None
             deltas.append(layer_deltas)
+            if skipped:
+                misfits.append((tag.name, skipped, len(skipped) + len(layer_deltas)))
+        for name, skipped, total in misfits:
+            self._warn_misfits(p, job, name, skipped, total)
         subject_deltas, style_deltas = deltas
         if not subject_deltas.keys() & style_deltas.keys() and not job.host.get("warned_disjoint"):
             job.host["warned_disjoint"] = True
@@ -150,6 +159,18 @@ class A1111Adapter(HostAdapter):
             layer = (subject_deltas.get(key) or style_deltas.get(key))[0]
             targets.append(LayerTarget(key, layer, _second(subject_deltas.get(key)), _second(style_deltas.get(key))))
         return targets
+
+    @staticmethod
+    def _warn_misfits(p: Any, job: Job, name: str, skipped: list[tuple[str, Misfit]], total: int) -> None:
+        """Some layers of a LoRA have another shape than the model's (e.g. an SDXL LoRA's cross-attention on an
+        SD1.5 model): the host skips them and merges the rest, and so does DynFuse. Said once per job."""
+        warned = job.host.setdefault("warned_misfits", set())
+        if name not in warned:
+            warned.add(name)
+            key, first = skipped[0]
+            say(f"{len(skipped)} of the {total} UNet layers of LoRA '{name}' do not fit this model (first: {key}, "
+                f"{first}); they are left out, as the host leaves them out.")
+        add_note(p, f"LoRA {name}: {len(skipped)} layers do not fit")
 
     def _remove_from_host(self, networks: Any, loaded: list, nets: tuple[Any, Any], job: Job) -> None:
         rebuilt = []
@@ -189,6 +210,8 @@ class A1111Adapter(HostAdapter):
             total = getattr(denoiser, "total_steps", None)
             if index is None or not total:  # before 1.8 only the lagging state counter exists
                 index, total = params.sampling_step, params.total_sampling_steps
+            elif hasattr(denoiser, "alphas"):
+                index = _timestep_step(job, denoiser, params)
             clock = StepClock(index=int(index), total=int(total), sigma=_sigma(params, denoiser))
             job.host["clock"] = clock
             job.host["denoiser"] = denoiser  # AfterCFGCallbackParams carries no reference to it
@@ -284,39 +307,83 @@ def _second(pair: tuple | None) -> Any | None:
     return None if pair is None else pair[1]
 
 
+class Misfit(Exception):
+    """A LoRA layer whose update does not fit the model's layer (the message says how). The host's merge raises on
+    it, counts it as an error of that LoRA and merges the LoRA's other layers."""
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
 def _delta(module: Any, layer: Any, strength: float | None) -> Any:
-    """The UNet half of one LoRA layer as a core delta, at the tag's weight unless a strength is given."""
+    """The UNet half of one LoRA layer as a core delta, at the tag's weight unless a strength is given. Raises
+    Misfit for a layer the host's merge would skip."""
     from lib_dynfuse.deltas import DenseDelta, LowRankDelta
 
+    weight_shape = tuple(layer.weight.shape)
+    # The host zero-pads every update of an inpainting model's 9-channel first conv from 4 input channels.
+    inpaint_pad = 5 if len(weight_shape) == 4 and weight_shape[1] == 9 else 0
     multiplier = float(module.multiplier())
     plain = (getattr(module, "up_model", None) is not None and getattr(module, "down_model", None) is not None
              and getattr(module.network, "dyn_dim", None) is None and getattr(module, "dora_scale", None) is None
              and getattr(module, "bias", None) is None)
     if plain:
         mid = getattr(module, "mid_model", None)
-        rank = int(module.down_model.weight.shape[0])
-        return LowRankDelta(
-            down=module.down_model.weight.detach(), up=module.up_model.weight.detach(),
-            mid=None if mid is None else mid.weight.detach(),
-            alpha=module.calc_scale() * rank,
-            strength=multiplier if strength is None else float(strength))
+        down, up = module.down_model.weight.detach(), module.up_model.weight.detach()
+        kernel = tuple(down.shape[2:] if mid is None else mid.weight.shape[2:])
+        shape = (int(up.shape[0]), int(down.shape[1]), *kernel)
+        if (shape[0], shape[1] + inpaint_pad, *kernel) == weight_shape:
+            rank = int(down.shape[0])
+            return LowRankDelta(
+                down=_pad_input_channels(down, inpaint_pad), up=up, mid=None if mid is None else mid.weight.detach(),
+                alpha=module.calc_scale() * rank,
+                strength=multiplier if strength is None else float(strength))
+        if inpaint_pad or math.prod(shape) != math.prod(weight_shape):
+            raise Misfit(f"LoRA {_dims(shape)}, model {_dims(weight_shape)}")
+        # The same number of elements in another layout: the host reshapes the rebuilt update, as below.
     # LoHa, LoKr, full diff, DoRA, dyn-dim: the host's own rebuild, which already includes scale and multiplier.
     original = getattr(layer, "network_weights_backup", None)
     orig_weight = layer.weight if original is None else original.to(layer.weight.device)
-    if strength is not None and multiplier == 0.0:
-        net = module.network
-        saved = net.unet_multiplier
+    net = module.network
+    saved = net.unet_multiplier
+    at_one = strength is not None and multiplier == 0.0  # a zero tag weight would zero the rebuild: build it at 1
+    if at_one:
         net.unet_multiplier = 1.0
-        try:
-            updown, ex_bias = module.calc_updown(orig_weight)
-        finally:
-            net.unet_multiplier = saved
-        factor = float(strength)
-    else:
+    try:
         updown, ex_bias = module.calc_updown(orig_weight)
-        factor = 1.0 if strength is None else float(strength) / multiplier
-    return DenseDelta(updown.detach().reshape(layer.weight.shape), None if ex_bias is None else ex_bias.detach(),
-                      strength=factor)
+    except RuntimeError as e:  # what the host's merge catches, e.g. factors that cannot be multiplied
+        raise Misfit(f"model {_dims(weight_shape)}: {e}") from e
+    finally:
+        net.unet_multiplier = saved
+    if updown.dim() == 4:
+        updown = _pad_input_channels(updown, inpaint_pad)
+    if tuple(updown.shape) != weight_shape:
+        raise Misfit(f"LoRA {_dims(tuple(updown.shape))}, model {_dims(weight_shape)}")
+    factor = 1.0 if strength is None else float(strength) / (1.0 if at_one else multiplier)
+    return DenseDelta(updown.detach(), None if ex_bias is None else ex_bias.detach(), strength=factor)
+
+
+def _pad_input_channels(t: Any, extra: int) -> Any:
+    """``t`` with ``extra`` zero input channels (dim 1) appended."""
+    if not extra:
+        return t
+    import torch
+
+    return torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], dim=1)
+
+
+def _timestep_step(job: Job, denoiser: Any, params: Any) -> int:
+    """A timestep sampler's step: the place of this call's timestep among the timesteps of the sampling run so far.
+    denoiser.step counts calls, and PLMS's first step calls the model twice, the second time at the next step's
+    timestep; that call is the next step's. The other timestep samplers call it once per timestep."""
+    timestep = float(params.sigma.reshape(-1)[0])
+    if denoiser.step == 0 or "timesteps" not in job.host:  # the first call of a sampling run
+        job.host["timesteps"] = []
+    seen = job.host["timesteps"]
+    if timestep not in seen:
+        seen.append(timestep)
+    return seen.index(timestep)
 
 
 def _sigma(params: Any, denoiser: Any) -> float | None:

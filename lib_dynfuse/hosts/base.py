@@ -77,6 +77,7 @@ class Job:
     failed: bool = False               # set after an error: the rest of the job runs as without dynfuse
     notes: list[str] = field(default_factory=list)
     last_log: Any | None = None        # DecisionLog of the latest session (kept after its hooks are gone)
+    passes: list[tuple[int, Any]] = field(default_factory=list)  # (batch, DecisionLog) of every sampling run
     guidance: Any | None = None        # lib_dynfuse.guidance.Guidance, while guidance is on
     guided: Any | None = None          # its GuidanceRecord once the job has ended (decoder and encoders released)
     scorer: Any | None = None          # the Guidance whose encoders and references give the scores (or None)
@@ -86,6 +87,21 @@ class Job:
     @property
     def labels(self) -> tuple[str, str]:
         return self.subject.name, self.style.name
+
+    def add_pass(self, p: Any, log: Any) -> None:
+        """Keep a sampling run's log (filled while it samples) with its batch: an image's selection covers every
+        pass of its batch, the first pass and the hires pass."""
+        self.passes.append((int(getattr(p, "iteration", 0) or 0), log))
+
+    def logs(self, batch: int | None = None) -> list[Any]:
+        """The logs of one batch's passes in order, or of every pass."""
+        # Forge calls process_before_every_sampling once more between the two hires passes, without sampling.
+        return [log for b, log in self.passes if (batch is None or b == batch) and len(log)]
+
+    def batches(self) -> list[tuple[int, list[Any]]]:
+        """Every batch that sampled with DynFuse, with its passes' logs."""
+        numbers = sorted({b for b, _ in self.passes}) or [0]
+        return [(b, logs) for b in numbers if (logs := self.logs(b))]
 
 
 class HostAdapter(abc.ABC):
@@ -146,18 +162,22 @@ class HostAdapter(abc.ABC):
         params[VERSION_KEY] = __version__
         # A callable is evaluated by the host when each image's infotext is built, i.e. after its batch sampled.
         if job.settings.method in CHOOSING_METHODS:
-            params[SELECTION_KEY] = lambda **_: self.selection_text(job)
+            params[SELECTION_KEY] = lambda **kwargs: self.selection_text(job, **kwargs)
         params[SCORES_KEY] = lambda **kwargs: scores_text(job, **kwargs)
 
-    def selection_text(self, job: Job) -> str | None:
+    def selection_text(self, job: Job, p: Any = None, index: int | None = None, all_prompts: Any = None,
+                       use_main_prompt: bool = False, **_: Any) -> str | None:
+        """The "DynFuse selection" value of one image's infotext (create_infotext's locals, see scores_text): the
+        passes of the image's batch; a grid, or a call without an image, gets every pass of the job."""
         if job.failed:
             return None
-        log = job.session.log if job.session is not None else job.last_log
-        if log is None:
+        image = None if use_main_prompt else _image_index(p, index, all_prompts)
+        logs = job.logs(None if image is None else image // max(int(getattr(p, "batch_size", 1) or 1), 1))
+        if not logs:
             return None
         from lib_dynfuse import report
 
-        return report.selection_summary(log) or None
+        return report.selection_summary(logs) or None
 
     def end_job(self, p: Any, job: Job | None, processed: Any) -> None:
         """Remove everything, then add the selection map when asked."""
@@ -175,8 +195,13 @@ class HostAdapter(abc.ABC):
                 return
             from lib_dynfuse import report
 
-            if job.settings.show_map and job.last_log is not None:
-                _add_image(processed, report.selection_map(job.last_log))
+            if job.settings.show_map:
+                # One map per batch (each decides anew), its hires steps after its first pass's.
+                batches = job.batches()
+                for batch, logs in batches:
+                    title = f"batch {batch + 1} of {len(batches)}: " if len(batches) > 1 else ""
+                    first_image = batch * int(getattr(p, "batch_size", 1) or 1)
+                    _add_image(processed, report.selection_map(logs, title=title), first_image)
             if job.guidance is not None and job.settings.show_loss_plot and job.guidance.losses:
                 _add_image(processed, job.guidance.loss_plot())
         except Exception as e:  # noqa: BLE001
@@ -395,22 +420,30 @@ class HostAdapter(abc.ABC):
 
 def scores_text(job: Job, p: Any = None, index: int | None = None, all_prompts: Any = None,
                 use_main_prompt: bool = False, **_: Any) -> str | None:
-    """The "DynFuse scores" value of one image's infotext; the host calls it with create_infotext's locals.
-
-    Inside the batch loop the host passes the batch's own prompt list and an index within the batch; elsewhere
-    (Processed.infotext, the image saved before hires fix) the job's lists and an index within the job. A grid
+    """The "DynFuse scores" value of one image's infotext; the host calls it with create_infotext's locals. A grid
     (use_main_prompt) stands for many images: no scores."""
-    if use_main_prompt or p is None or index is None:
+    image = None if use_main_prompt else _image_index(p, index, all_prompts)
+    return None if image is None else job.scores.get(image)
+
+
+def _image_index(p: Any, index: int | None, all_prompts: Any) -> int | None:
+    """The image's index in the job from create_infotext's arguments: inside the batch loop the host passes the
+    batch's own prompt list and an index within the batch; elsewhere (Processed.infotext, the image saved before
+    hires fix) the job's lists and an index within the job."""
+    if p is None or index is None:
         return None
     if all_prompts is not None and all_prompts is getattr(p, "prompts", None):
         index += int(getattr(p, "iteration", 0)) * int(getattr(p, "batch_size", 1))
-    return job.scores.get(index)
+    return index
 
 
-def _add_image(processed: Any, image: Any) -> None:
+def _add_image(processed: Any, image: Any, source: int | None = None) -> None:
+    """An extra output image with the infotext of the job's ``source``-th image (None: the first infotext)."""
     processed.images.append(image)
-    if getattr(processed, "infotexts", None):
-        processed.infotexts.append(processed.infotexts[0])
+    infotexts = getattr(processed, "infotexts", None)
+    if infotexts:
+        at = 0 if source is None else int(getattr(processed, "index_of_first_image", 0) or 0) + source
+        infotexts.append(infotexts[min(at, len(infotexts) - 1)])
 
 
 def _release_guidance(job: Job) -> None:

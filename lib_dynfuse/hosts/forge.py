@@ -144,6 +144,7 @@ class ForgeAdapter(HostAdapter):
             engine.forge_objects.unet = unet
             job.host.update(clone=unet, source=source, engine=engine)
             job.session = session
+            job.add_pass(p, session.log)
         except Exception as e:  # noqa: BLE001 - never stop the host's generation
             _restore_unet(p, job)
             self.fail(p, "could not take over the LoRAs", e)

@@ -7,11 +7,13 @@ import os
 import safetensors.torch
 import torch
 
-TABLE = os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "..", "data", "sd15-unet-lora-layers-trimmed.tsv")
+DATA = os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "..", "data")
+TABLE = os.path.join(DATA, "sd15-unet-lora-layers-trimmed.tsv")
+SDXL_TABLE = os.path.join(DATA, "sdxl-unet-layers.tsv")
 
 
-def unet_rows() -> list[dict[str, str]]:
-    with open(TABLE, encoding="utf8") as f:
+def unet_rows(table: str = TABLE) -> list[dict[str, str]]:
+    with open(table, encoding="utf8") as f:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
@@ -57,3 +59,35 @@ def write_lora(path: str, model, unet_keys: list[str], *, rank: int = 2, alpha: 
         sd[f"{key}.alpha"] = torch.tensor(float(alpha))
     safetensors.torch.save_file(sd, path, metadata=metadata or {"ss_network_dim": str(rank)})
     return path
+
+
+def write_sdxl_lora(path: str, model, *, misfits_only: bool = False, rank: int = 2, seed: int = 0,
+                    scale: float = 0.5) -> list[str]:
+    """An SDXL LoRA as kohya writes it, for the layers whose names this SD1.5 model shares with SDXL (real names
+    from tests/data/sdxl-unet-layers.tsv). Each width is this model's width scaled by SDXL's real width over
+    SD1.5's real width: a width the two families share fits, SDXL's 2048-wide cross-attention context does not.
+    Returns the host's names of the layers that do not fit."""
+    ours = {r["module"]: r for r in unet_rows()}
+    modules = dict(model.named_modules())
+    g = torch.Generator().manual_seed(seed)
+    sd, misfits = {}, []
+    for row in unet_rows(SDXL_TABLE):
+        mine = ours.get(row["module"])
+        if mine is None:
+            continue
+        weight = modules[row["module"]].weight
+        xl = [int(n) for n in row["weight_shape"].split("x")]
+        sd15 = [int(n) for n in mine["weight_shape"].split("x")]
+        out_ch, in_ch = (weight.shape[i] * xl[i] // sd15[i] for i in (0, 1))
+        fits = (out_ch, in_ch) == tuple(weight.shape[:2])
+        if fits and misfits_only:
+            continue
+        if not fits:
+            misfits.append(mine["a1111_layer_name"])
+        kernel = xl[2:]  # SDXL's proj_in / proj_out are Linear where SD1.5 has 1x1 convs
+        key = row["kohya_key"]
+        sd[f"{key}.lora_down.weight"] = torch.randn(rank, in_ch, *kernel, generator=g) * scale
+        sd[f"{key}.lora_up.weight"] = torch.randn(out_ch, rank, *[1] * len(kernel), generator=g) * scale
+        sd[f"{key}.alpha"] = torch.tensor(1.0)
+    safetensors.torch.save_file(sd, path, metadata={"ss_network_dim": str(rank), "ss_base_model_version": "sdxl_base_v1-0"})
+    return misfits

@@ -208,20 +208,28 @@ class FrozenCLIPEmbedder(nn.Module):
     @staticmethod
     def tokenize(text):
         words = text.replace(",", " ").split()
-        ids = [zlib.crc32(w.lower().encode()) % (VOCAB - 1) + 1 for w in words][:TOKENS]
-        return ids + [0] * (TOKENS - len(ids))
+        return [zlib.crc32(w.lower().encode()) % (VOCAB - 1) + 1 for w in words]
 
 
 class FrozenCLIPEmbedderWithCustomWords(nn.Module):
-    """modules.sd_hijack_clip's wrapper: `.wrapped` is the original embedder."""
+    """modules.sd_hijack_clip's wrapper: `.wrapped` is the original embedder. A prompt longer than one chunk is
+    encoded chunk by chunk and the chunks are joined along the tokens; every text of a call gets as many chunks as
+    the longest (empty chunks pad the others), so a long prompt and a short negative prompt give conds of
+    different token lengths, as in the host."""
 
     def __init__(self, wrapped):
         super().__init__()
         self.wrapped = wrapped
 
     def forward(self, texts):
-        tokens = torch.tensor([self.wrapped.tokenize(t) for t in texts], dtype=torch.long)
-        return self.wrapped.transformer(tokens)
+        token_lists = [self.wrapped.tokenize(t) for t in texts]
+        chunk_count = max([1] + [-(-len(ids) // TOKENS) for ids in token_lists])
+        zs = []
+        for i in range(chunk_count):
+            chunk = [ids[i * TOKENS:(i + 1) * TOKENS] for ids in token_lists]
+            tokens = torch.tensor([ids + [0] * (TOKENS - len(ids)) for ids in chunk], dtype=torch.long)
+            zs.append(self.wrapped.transformer(tokens))
+        return torch.hstack(zs)
 
 
 class TinyVAE(nn.Module):

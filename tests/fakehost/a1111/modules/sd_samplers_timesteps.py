@@ -1,5 +1,8 @@
-# Follows modules/sd_samplers_timesteps.py and sd_samplers_timesteps_impl.py (ddim) of AUTOMATIC1111 v1.10.1
-# (82a973c0): VP-space x_t, integer timesteps as "sigma", epsilon outputs, get_pred_x0 from alphas_cumprod.
+# Follows modules/sd_samplers_timesteps.py and sd_samplers_timesteps_impl.py (ddim, plms, unipc) of AUTOMATIC1111
+# v1.10.1 (82a973c0): VP-space x_t, integer timesteps as "sigma", epsilon outputs, get_pred_x0 from alphas_cumprod,
+# and each sampler's pattern of model calls: DDIM one per step; PLMS a second one in its first step, at the next
+# step's timestep; UniPC one per step on its own continuous time grid (float timesteps), none for its last step.
+# Simplified: UniPC runs at order 1 (the host's default is 3; the calls are the same), time_uniform grid only.
 import inspect
 
 import torch
@@ -57,8 +60,97 @@ def ddim(model, x, timesteps, extra_args=None, callback=None, disable=None, eta=
     return x
 
 
-samplers_timesteps = [("DDIM", "ddim", ["ddim"], {})]
-_functions = {"ddim": ddim}
+# Adams-Bashforth weights of the current and the earlier noise estimates, by how many earlier ones there are.
+_ADAMS_BASHFORTH = {1: (3 / 2, -1 / 2), 2: (23 / 12, -16 / 12, 5 / 12), 3: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+@torch.no_grad()
+def plms(model, x, timesteps, extra_args=None, callback=None, disable=None):
+    alphas_cumprod = model.inner_model.inner_model.alphas_cumprod
+    alphas = alphas_cumprod[timesteps]
+    alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].to(torch.float64)
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+
+    def ddim_step(x, e_t, index):
+        a_t, a_prev = alphas[index].item(), alphas_prev[index].item()
+        pred_x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t ** 0.5
+        return a_prev ** 0.5 * pred_x0 + (1 - a_prev) ** 0.5 * e_t, pred_x0
+
+    earlier = []  # the last noise estimates, newest last
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        e_t = model(x, timesteps[index].item() * s_in, **extra_args)
+        if not earlier:
+            # pseudo improved Euler: the model again at the next step's timestep, from a plain DDIM step
+            x_next, _ = ddim_step(x, e_t, index)
+            e_next = model(x_next, timesteps[max(index - 1, 0)].item() * s_in, **extra_args)
+            e_prime = (e_t + e_next) / 2
+        else:
+            estimates = [e_t, *reversed(earlier)]
+            e_prime = sum(w * e for w, e in zip(_ADAMS_BASHFORTH[len(earlier)], estimates))
+        x, pred_x0 = ddim_step(x, e_prime, index)
+        earlier = [*earlier, e_t][-3:]
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": 0, "sigma_hat": 0, "denoised": pred_x0})
+    return x
+
+
+class _DiscreteVPSchedule:
+    """uni_pc.NoiseScheduleVP('discrete'): continuous time t in (0, 1], log alpha interpolated linearly between the
+    model's discrete steps (step k at t = (k + 1) / N)."""
+
+    def __init__(self, alphas_cumprod):
+        self.log_alphas = 0.5 * alphas_cumprod.double().log()
+        self.total_n = len(self.log_alphas)
+
+    def log_alpha(self, t):
+        pos = (t * self.total_n - 1).clamp(0, self.total_n - 1)
+        low = pos.floor().long()
+        high = (low + 1).clamp(max=self.total_n - 1)
+        return torch.lerp(self.log_alphas[low], self.log_alphas[high], pos - low)
+
+    def alpha(self, t):
+        return self.log_alpha(t).exp()
+
+    def std(self, t):
+        return (1 - (2 * self.log_alpha(t)).exp()).sqrt()
+
+    def lambda_(self, t):
+        return self.log_alpha(t) - self.std(t).log()
+
+
+def unipc(model, x, timesteps, extra_args=None, callback=None, disable=None, is_img2img=False):
+    ns = _DiscreteVPSchedule(model.inner_model.inner_model.alphas_cumprod)
+    extra_args = {} if extra_args is None else extra_args
+    steps = len(timesteps)
+    t_start = timesteps[-1].item() / 1000 + 1 / 1000 if is_img2img else 1.0
+    grid = torch.linspace(t_start, 1.0 / ns.total_n, steps + 1, dtype=torch.float64)
+
+    def data_prediction(x, t):
+        t_input = (t - 1.0 / ns.total_n) * 1000.0  # UniPCCFG.get_model_input_time
+        eps = model(x, float(t_input) * x.new_ones(x.shape[0]), **extra_args)
+        return ((x - ns.std(t) * eps) / ns.alpha(t)).to(x.dtype)
+
+    model_prev = data_prediction(x, grid[0])
+    for step in range(1, steps + 1):
+        t_prev, t = grid[step - 1], grid[step]
+        h_phi = torch.expm1(-(ns.lambda_(t) - ns.lambda_(t_prev)))
+        x_pred = ((ns.std(t) / ns.std(t_prev)) * x - ns.alpha(t) * h_phi * model_prev).to(x.dtype)
+        model_x = None
+        if step < steps:  # the corrector evaluates the model at the predicted point; the last step has none
+            model_x = data_prediction(x_pred, t)
+            x = (x_pred - ns.alpha(t) * h_phi * 0.5 * (model_x - model_prev)).to(x.dtype)
+            model_prev = model_x
+        else:
+            x = x_pred
+        if callback is not None:
+            callback({"x": x, "i": step - 1, "sigma": 0, "sigma_hat": 0, "denoised": model_x})
+    return x
+
+
+samplers_timesteps = [("DDIM", "ddim", ["ddim"], {}), ("PLMS", "plms", ["plms"], {}), ("UniPC", "unipc", ["unipc"], {})]
+_functions = {"ddim": ddim, "plms": plms, "unipc": unipc}
 
 
 class CompVisSampler(sd_samplers_common.Sampler):
@@ -73,10 +165,14 @@ class CompVisSampler(sd_samplers_common.Sampler):
     def get_timesteps(self, p, steps):
         return torch.clip(torch.asarray(list(range(0, 1000, 1000 // steps)), device=devices.device) + 1, 0, 999)
 
-    def _run(self, p, x, conditioning, unconditional_conditioning, image_conditioning, timesteps, steps):
+    def _run(self, p, x, conditioning, unconditional_conditioning, image_conditioning, timesteps, steps,
+             is_img2img=False):
         extra_params_kwargs = self.initialize(p)
-        if "timesteps" in inspect.signature(self.func).parameters:
+        parameters = inspect.signature(self.func).parameters
+        if "timesteps" in parameters:
             extra_params_kwargs["timesteps"] = timesteps
+        if is_img2img and "is_img2img" in parameters:
+            extra_params_kwargs["is_img2img"] = True
         self.last_latent = x
         self.sampler_extra_args = {
             "cond": conditioning,
@@ -96,7 +192,8 @@ class CompVisSampler(sd_samplers_common.Sampler):
         ac = shared.sd_model.alphas_cumprod
         xi = x * torch.sqrt(ac[timesteps[t_enc]]) + noise * torch.sqrt(1 - ac[timesteps[t_enc]])
         self.model_wrap_cfg.init_latent = x
-        return self._run(p, xi, conditioning, unconditional_conditioning, image_conditioning, timesteps_sched, t_enc + 1)
+        return self._run(p, xi, conditioning, unconditional_conditioning, image_conditioning, timesteps_sched, t_enc + 1,
+                         is_img2img=True)
 
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         steps = steps or p.steps

@@ -3,7 +3,8 @@
 # load_network (key conversion, NetworkWeights grouping, module types in order, unmatched keys logged at debug
 # level), load_networks (reuse from loaded_networks, then networks_in_memory with an mtime check, multipliers
 # overwritten, "Lora not found" comment, purge to lora_in_memory_limit), the weight-merge path
-# network_apply_weights with CPU backups and the (name, te, unet, dyn) cache-key tuple, the functional path
+# network_apply_weights with CPU backups, the (name, te, unet, dyn) cache-key tuple and the inpainting-conv
+# padding, the functional path
 # network_forward, and the patched Linear/Conv2d forwards installed by lora_patches.
 # Simplified: the kohya -> compvis key conversion uses tests/data/sd15-unet-lora-layers-trimmed.tsv instead of the
 # regexes (same results for those keys); no GroupNorm/LayerNorm/MultiheadAttention patches, bundled embeddings,
@@ -205,6 +206,9 @@ def network_apply_weights(self):
                     with torch.no_grad():
                         weight, bias = self.weight, self.bias
                         updown, ex_bias = module.calc_updown(weight)
+                        if len(weight.shape) == 4 and weight.shape[1] == 9:
+                            # an inpainting model's first conv: the update gets zero channels 4 -> 9
+                            updown = torch.nn.functional.pad(updown, (0, 0, 0, 0, 0, 5))
                         self.weight.copy_((weight.to(dtype=updown.dtype) + updown).to(dtype=self.weight.dtype))
                         if ex_bias is not None and hasattr(self, "bias"):
                             if self.bias is None:
