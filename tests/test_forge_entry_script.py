@@ -44,7 +44,7 @@ def test_entry_script_runs_the_forge_takeover(forge, capsys):
     assert isinstance(detect.get_adapter(), forge_adapter.ForgeAdapter)
     torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
     assert "DynFuse method: static" in fused.infotexts[0]
-    assert "DynFuse subject: subj" in fused.infotexts[0] and "DynFuse style: style" in fused.infotexts[0]
+    assert 'DynFuse subject: "subj:0.8"' in fused.infotexts[0] and 'DynFuse style: "style:1"' in fused.infotexts[0]
     assert detect.get_adapter().job is None
     assert sum(len(m._forward_hooks) for m in host.sd_model.forge_objects_original.unet.model.modules()) == 0
     assert "Error running" not in capsys.readouterr().out

@@ -26,7 +26,7 @@ _spec.loader.exec_module(fh)
 REFS = {"subject_refs": (Image.new("RGB", (32, 32), (250, 10, 10)),),
         "style_ref": Image.new("RGB", (32, 32), (10, 10, 250))}
 GUIDED = {"guidance": True, "guidance_strength": 0.5, "guidance_start": 0.0, "guidance_end": 1.0}
-SCORES = re.compile(r"DynFuse scores: subject-DINO -?\d\.\d{3}, style-CLIP -?\d\.\d{3}, clip-T -?\d\.\d{3}")
+SCORES = re.compile(r'DynFuse scores: "subject-DINO -?\d\.\d{3}, style-CLIP -?\d\.\d{3}, clip-T -?\d\.\d{3}"')
 
 
 def adapter_class():
@@ -199,7 +199,7 @@ def test_an_error_in_the_guidance_step_turns_it_off_with_a_note(host, monkeypatc
     script, processed, _ = run(host, **GUIDED)
     assert dynfuse_lines(capsys) == [
         "DynFuse: guidance failed (RuntimeError: decoder exploded); it is off for the rest of this generation."]
-    assert script.job.guidance is None and "DynFuse note: guidance off: failed (RuntimeError)" in processed.infotexts[0]
+    assert script.job.guidance is None and 'DynFuse note: "guidance off: failed (RuntimeError)"' in processed.infotexts[0]
     assert torch.equal(processed.latents[0], plain.latents[0])
 
 

@@ -71,7 +71,7 @@ def test_guided_fusion_never_calls_forges_vae_or_memory_manager_while_sampling(h
     assert called == []
     assert "failed" not in capsys.readouterr().out and "DynFuse note" not in guided.infotexts[0]
     job = script.job
-    assert job.guidance is not None and job.guidance.decoder_kind == decoder
-    assert [step for step, _ in job.guidance.losses] == [0, 1, 2] * 2  # first pass, then hires
+    assert job.guided is not None and job.guided.decoder_kind == decoder
+    assert [step for step, _ in job.guided.losses] == [0, 1, 2] * 2  # first pass, then hires
     assert job.last_log is not None and job.last_log.layers
     assert torch.isfinite(guided.latents[0]).all() and guided.latents[0].shape != plain.latents[0].shape

@@ -122,8 +122,8 @@ def test_sdxl_guidance_corrects_each_step(sdxl, monkeypatch):
         script, runner = dynfuse(sdxl, guidance=True, guidance_strength=0.5, guidance_start=0.0, guidance_end=1.0,
                                  guidance_decoder="approx", **refs)
         guided, p = sdxl.txt2img(PROMPT, runner=runner, steps=3, cfg_scale=5.0)
-    guidance = script.job.guidance
-    assert guidance is not None and [step for step, _ in guidance.losses] == [0, 1, 2]
+    record = script.job.guided
+    assert record is not None and [step for step, _ in record.losses] == [0, 1, 2]
     assert script.adapter.model_family(p) == "SDXL"  # the SDXL latent decoder and scale
     assert torch.isfinite(guided.latents[0]).all() and "DynFuse note" not in guided.infotexts[0]
     assert not torch.allclose(guided.latents[0], plain.latents[0], atol=1e-4)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modules import extra_networks, scripts, sd_samplers_common, sd_samplers_kdiffusion, shared
+from modules import extra_networks, infotext_utils, scripts, sd_samplers_common, sd_samplers_kdiffusion, shared
 from modules.shared import state
 
 
@@ -194,7 +194,8 @@ def create_infotext(p, all_prompts, all_seeds, all_subseeds, comments=None, iter
             generation_params[key] = value[index]
         elif callable(value):
             generation_params[key] = value(**locals())
-    return ", ".join(f"{k}: {v}" for k, v in generation_params.items() if v is not None)
+    return ", ".join(k if k == v else f"{k}: {infotext_utils.quote(v)}"
+                     for k, v in generation_params.items() if v is not None)
 
 
 def process_images(p):
