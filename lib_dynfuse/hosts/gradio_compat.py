@@ -2,7 +2,7 @@
 
 The UI is written against what both versions accept (`gr.update`, `gr.Group`, no `.style()`, no `_js`/`js`,
 dropdowns with `allow_custom_value`, `gr.File` without `type`). What remains are value shapes and the one
-rendering difference below; this is the only module that looks at the gradio version.
+rendering difference below, handled here so that no other module has to tell the versions apart.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from PIL import Image
 
 from lib_dynfuse.guidance.references import ReferenceImageError, load_image
 from lib_dynfuse.settings import UnreadableImage
-
-GRADIO_MAJOR = int(gr.__version__.split(".", 1)[0])
 
 # gradio 4 leaves components made with visible=False out of the page, so a textbox that the page script
 # writes into must stay "visible" and be hidden by CSS (style.css: .dynfuse-hidden) in both versions.
