@@ -319,14 +319,13 @@ def _left_to_forge(key: tuple, params: dict[str, list], override: float | None) 
 
 # ---- patches -> deltas ------------------------------------------------------------------------------
 def _check_fusable(module: torch.nn.Module) -> None:
-    """Hooks add a delta to a Linear's or Conv2d's output; a norm layer's 1-D weight (LyCORIS w_norm / b_norm)
-    acts inside the normalisation, so only Forge's merge can apply it."""
+    """Hooks add a delta to a Linear's or Conv2d's output only (a norm layer's patches stay with Forge's merge)."""
     from lib_dynfuse.deltas import LayerGeometry
 
     try:
         LayerGeometry.of(module)
-    except ValueError:
-        raise NotFusable(f"not a Linear or Conv2d layer: weight of shape {list(module.weight.shape)}") from None
+    except ValueError as e:
+        raise NotFusable(str(e)) from None
 
 
 def _delta(params: dict[str, list], base_weight: torch.Tensor, override: float | None):
