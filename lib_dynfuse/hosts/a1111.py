@@ -406,7 +406,21 @@ def _delta(module: Any, layer: Any, strength: float | None) -> Any:
     if tuple(updown.shape) != weight_shape:
         raise Misfit(f"LoRA {_dims(tuple(updown.shape))}, model {_dims(weight_shape)}")
     factor = 1.0 if strength is None else float(strength) / (1.0 if at_one else multiplier)
-    return DenseDelta(updown.detach(), None if ex_bias is None else ex_bias.detach(), strength=factor)
+    return DenseDelta(updown.detach(), None if ex_bias is None else ex_bias.detach(), strength=factor,
+                      rank=_nominal_rank(module))
+
+
+def _nominal_rank(module: Any) -> int | None:
+    """The rank the host gives the module (NetworkModule.dim: the rows of LoRA's down factor, of LoHa's hada_w1_b,
+    of a factorised LoKr's w2_b or w1_b), cut by a dyn-dim tag as the host's LoRA rebuild cuts it; None where the
+    host has none (diff, norm, IA3, GLoRA, an unfactorised LoKr) or where dim counts OFT's blocks."""
+    dim = getattr(module, "dim", None)
+    if not isinstance(dim, int) or dim < 1 or hasattr(module, "oft_blocks"):
+        return None
+    dyn_dim = getattr(module.network, "dyn_dim", None)
+    if dyn_dim and getattr(module, "up_model", None) is not None:
+        return min(dim, int(dyn_dim))
+    return dim
 
 
 def _pad_input_channels(t: Any, extra: int) -> Any:
