@@ -59,3 +59,19 @@ def a1111(tmp_path):
             cls.forward, cls._load_from_state_dict = forward, load
         _purge_host_modules()
         sys.path[:] = saved_path
+
+
+@pytest.fixture
+def klora_ranks(monkeypatch):
+    """{layer: (subject rank, style rank)} as the K-LoRA policy sees them, filled when a session prepares it."""
+    from lib_dynfuse.policies import KLoraPolicy
+
+    ranks = {}
+    prepare = KLoraPolicy.prepare
+
+    def spy(self, layers):
+        ranks.update({name: (pair.subject.rank, pair.style.rank) for name, pair in layers.items()})
+        return prepare(self, layers)
+
+    monkeypatch.setattr(KLoraPolicy, "prepare", spy)
+    return ranks

@@ -418,22 +418,12 @@ def test_norm_layers_keep_the_hosts_merge_and_the_rest_is_fused(a1111, capsys, o
 
 
 @pytest.mark.parametrize(("style_tag", "style_rank"), [("sty:0.8", 2), ("sty:0.8:dyn=1", 1)])
-def test_k_lora_takes_a_loha_layers_rank_from_the_host(a1111, monkeypatch, style_tag, style_rank):
+def test_k_lora_takes_a_loha_layers_rank_from_the_host(a1111, klora_ranks, style_tag, style_rank):
     """K = r_subject·r_style: a LoHa layer's dense delta carries the rank the host gives it (hada_w1_b's rows),
     not the bound of the matrix; a LoRA with a dyn-dim tag (rebuilt densely) has the cut rank."""
     import checks
     import loras
 
-    from lib_dynfuse.policies import KLoraPolicy
-
-    ranks = {}
-    prepare = KLoraPolicy.prepare
-
-    def spy(self, layers):
-        ranks.update({name: (pair.subject.rank, pair.style.rank) for name, pair in layers.items()})
-        return prepare(self, layers)
-
-    monkeypatch.setattr(KLoraPolicy, "prepare", spy)
     ui = a1111()
     keys = loras.attention_keys()
     loras.write_lora(os.path.join(ui.lora_dir, "subj.safetensors"), ui.model, keys, rank=3, seed=1, te=False,
@@ -441,5 +431,5 @@ def test_k_lora_takes_a_loha_layers_rank_from_the_host(a1111, monkeypatch, style
     loras.write_lora(os.path.join(ui.lora_dir, "sty.safetensors"), ui.model, keys, rank=2, seed=2, te=False)
     ui.txt2img(PROMPT.replace("sty:0.8", style_tag), steps=3, seed=5, dynfuse=checks.dynfuse_args(method="k-lora"))
     loha = {row["a1111_layer_name"] for row in loras.unet_rows() if row["kohya_key"] in keys[:4]}
-    assert loha < ranks.keys()
-    assert set(ranks.values()) == {(3, style_rank)}
+    assert loha < klora_ranks.keys()
+    assert set(klora_ranks.values()) == {(3, style_rank)}

@@ -372,25 +372,15 @@ def test_loha_and_bias_patches_become_dense_deltas_matching_forge(host, tmp_path
     torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
 
 
-def test_k_lora_takes_a_loha_layers_rank_from_forges_patch(host, tmp_path, monkeypatch):
+def test_k_lora_takes_a_loha_layers_rank_from_forges_patch(host, tmp_path, klora_ranks):
     """K = r_subject·r_style: a LoHa layer's dense delta carries the rank Forge's merge takes (w1b's rows), not the
     bound of the matrix."""
-    from lib_dynfuse.policies import KLoraPolicy
-
-    ranks = {}
-    prepare = KLoraPolicy.prepare
-
-    def spy(self, layers):
-        ranks.update({name: (pair.subject.rank, pair.style.rank) for name, pair in layers.items()})
-        return prepare(self, layers)
-
-    monkeypatch.setattr(KLoraPolicy, "prepare", spy)
     loha = write_loha(host, tmp_path, rank=3)
     _script, runner = dynfuse(host, method="k-lora")
     host.txt2img(LOHA_PROMPT, runner=runner, steps=2)
-    shared = [path for path in loha if path in ranks]
+    shared = [path for path in loha if path in klora_ranks]
     assert len(shared) >= 2
-    assert {ranks[path] for path in shared} == {(3, 2)}
+    assert {klora_ranks[path] for path in shared} == {(3, 2)}
 
 
 @pytest.mark.parametrize(("factors", "rank"), [("w1 w2", None), ("w1 w2_a w2_b", 4), ("w1_a w1_b w2", 3),
