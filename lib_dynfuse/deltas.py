@@ -47,7 +47,9 @@ class LayerGeometry:
                 dilation=_pair(getattr(module, "dilation", 1)),
                 groups=int(getattr(module, "groups", 1)),
             )
-        raise ValueError(f"cannot add a LoRA to a layer whose weight has shape {list(shape)}")
+        # A norm layer's 1-D weight (LyCORIS w_norm / b_norm) acts inside the normalisation: only a host's merge
+        # can apply it.
+        raise ValueError(f"not a Linear or Conv2d layer: weight of shape {list(shape)}")
 
     @property
     def out_channels(self) -> int:

@@ -16,7 +16,9 @@ FAKE_A1111 = os.path.join(TESTS, "fakehost", "a1111")
 FAKE_A1111_PATHS = (FAKE_A1111,)
 # Top-level module names the fake host (and the real built-in Lora extension) use.
 A1111_TOP_LEVEL = ("modules", "webui", "loras", "checks", "network", "networks", "network_lora", "network_full",
-                   "lyco_helpers", "lora", "lora_patches", "extra_networks_lora")
+                   "network_hada", "network_norm", "lyco_helpers", "lora", "lora_patches", "extra_networks_lora")
+# The torch classes whose methods the built-in Lora extension patches.
+LORA_PATCHED = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
 def _purge_host_modules() -> None:
@@ -30,7 +32,7 @@ def _purge_host_modules() -> None:
 def a1111(tmp_path):
     """A factory for fake A1111 WebUIs (`a1111(with_dynfuse=True, **kw)`); everything is undone afterwards."""
     saved_path = list(sys.path)
-    saved_forwards = {cls: (cls.forward, cls._load_from_state_dict) for cls in (torch.nn.Linear, torch.nn.Conv2d)}
+    saved_forwards = {cls: (cls.forward, cls._load_from_state_dict) for cls in LORA_PATCHED}
     _purge_host_modules()
     sys.path[:0] = FAKE_A1111_PATHS
     import webui
@@ -57,3 +59,19 @@ def a1111(tmp_path):
             cls.forward, cls._load_from_state_dict = forward, load
         _purge_host_modules()
         sys.path[:] = saved_path
+
+
+@pytest.fixture
+def klora_ranks(monkeypatch):
+    """{layer: (subject rank, style rank)} as the K-LoRA policy sees them, filled when a session prepares it."""
+    from lib_dynfuse.policies import KLoraPolicy
+
+    ranks = {}
+    prepare = KLoraPolicy.prepare
+
+    def spy(self, layers):
+        ranks.update({name: (pair.subject.rank, pair.style.rank) for name, pair in layers.items()})
+        return prepare(self, layers)
+
+    monkeypatch.setattr(KLoraPolicy, "prepare", spy)
+    return ranks

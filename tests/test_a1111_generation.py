@@ -346,3 +346,90 @@ def test_a_prompt_longer_than_the_negative_prompt_decides_as_in_one_call(a1111):
     assert split[2] == joined[2]
     torch.testing.assert_close(split[0], joined[0], rtol=1e-4, atol=1e-4)
     checks.assert_same_state(split[3], joined[3])
+
+
+def _norm_files(ui):
+    """The pair, the subject with LyCORIS w_norm / b_norm on a GroupNorm and a LayerNorm of the UNet as well."""
+    import loras
+
+    write_pair(ui)
+    g = torch.Generator().manual_seed(7)
+    norms = {f"lora_unet_input_blocks_1_1_{layer}.{part}": torch.randn(8, generator=g) * 0.1
+             for layer in ("norm", "transformer_blocks_0_norm1") for part in ("w_norm", "b_norm")}
+    loras.write_lora(os.path.join(ui.lora_dir, "subj.safetensors"), ui.model, loras.attention_keys(), seed=1,
+                     extra=norms)
+
+
+NORM_LAYERS = ("input_blocks.1.1.norm", "input_blocks.1.1.transformer_blocks.0.norm1")
+
+
+def _norm_weights_in_sampling(ui, prompt, **kwargs):
+    """Run a job; the weight and bias the two norm layers had at each of their calls."""
+    unet = ui.model.model.diffusion_model
+    seen = []
+    handles = [unet.get_submodule(name).register_forward_hook(
+        lambda module, _inputs, _output: seen.append((module.weight.clone(), module.bias.clone())))
+        for name in NORM_LAYERS]
+    try:
+        p, res = ui.txt2img(prompt, steps=3, seed=5, n_iter=2, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return p, res, seen
+
+
+@pytest.mark.parametrize("override", [None, 0.4])
+def test_norm_layers_keep_the_hosts_merge_and_the_rest_is_fused(a1111, capsys, override):
+    """LyCORIS w_norm / b_norm: 1-D diffs on GroupNorm and LayerNorm weights, which no hook can add in output
+    space. Those layers keep the host's merge (at the strength override, if one is set); every other layer of the
+    LoRA is still fused."""
+    import checks
+
+    ui0 = a1111(with_dynfuse=False)
+    _norm_files(ui0)
+    _p0, _res0, host = _norm_weights_in_sampling(ui0, PROMPT)
+    checks.probe()
+    state0 = checks.state()
+    if override is not None:
+        _p0, _res0, host = _norm_weights_in_sampling(ui0, PROMPT.replace("subj:1", f"subj:{override}"))
+
+    ui = a1111()
+    _norm_files(ui)
+    capsys.readouterr()
+    _p, res, ours = _norm_weights_in_sampling(ui, PROMPT, dynfuse=checks.dynfuse_args(subject_strength=override))
+    out = capsys.readouterr().out
+    from lib_dynfuse.hosts import detect
+
+    job = detect.get_adapter().last_job
+    assert not job.failed and "could not take over" not in out
+    assert {d.winner for d in job.last_log.decisions()} == {"subject", "style"}
+    assert not {name.replace(".", "_") for name in NORM_LAYERS} & set(job.last_log.layers)
+    note = ("diffusion_model_input_blocks_1_1_norm and 1 more layers keep the subject LoRA merged statically "
+            "(not a Linear or Conv2d layer: weight of shape [8])")
+    assert [line for line in out.splitlines() if "merged statically" in line] == [f"DynFuse: {note}"]  # once a job
+    assert note in res.infotexts[0] and note in res.infotexts[1]
+    # The host's merge, bit for bit, at every call of both batches.
+    assert len(ours) == len(host) > 0
+    for (w, b), (w0, b0) in zip(ours, host):
+        assert torch.equal(w, w0) and torch.equal(b, b0)
+    assert not torch.equal(ours[0][0], ui.model.model.diffusion_model.input_blocks[1][1].norm.network_weights_backup)
+    checks.probe()
+    checks.assert_same_state(checks.state(), state0)
+
+
+@pytest.mark.parametrize(("style_tag", "style_rank"), [("sty:0.8", 2), ("sty:0.8:dyn=1", 1)])
+def test_k_lora_takes_a_loha_layers_rank_from_the_host(a1111, klora_ranks, style_tag, style_rank):
+    """K = r_subject·r_style: a LoHa layer's dense delta carries the rank the host gives it (hada_w1_b's rows),
+    not the bound of the matrix; a LoRA with a dyn-dim tag (rebuilt densely) has the cut rank."""
+    import checks
+    import loras
+
+    ui = a1111()
+    keys = loras.attention_keys()
+    loras.write_lora(os.path.join(ui.lora_dir, "subj.safetensors"), ui.model, keys, rank=3, seed=1, te=False,
+                     loha_keys=keys[:4])
+    loras.write_lora(os.path.join(ui.lora_dir, "sty.safetensors"), ui.model, keys, rank=2, seed=2, te=False)
+    ui.txt2img(PROMPT.replace("sty:0.8", style_tag), steps=3, seed=5, dynfuse=checks.dynfuse_args(method="k-lora"))
+    loha = {row["a1111_layer_name"] for row in loras.unet_rows() if row["kohya_key"] in keys[:4]}
+    assert loha < klora_ranks.keys()
+    assert set(klora_ranks.values()) == {(3, style_rank)}

@@ -2,9 +2,10 @@
 
 After every activation of extra networks (per batch, and again for the hires pass) the two `Network`s are
 removed in place from `networks.loaded_networks`; that changes the merge cache key, so the host restores the
-layers they touched and keeps merging every other LoRA as usual. Their text-encoder half stays with the host
-through a renamed proxy `Network` holding only the text-encoder modules. Their UNet half becomes deltas applied by
-a `FusionSession`'s forward hooks. Model weights are never written by this module.
+layers they touched and keeps merging every other LoRA as usual. Their text-encoder half, and the UNet layers no
+hook can fuse (a norm layer's LyCORIS w_norm / b_norm), stay with the host through a renamed proxy `Network`
+holding only those modules. The rest of their UNet half becomes deltas applied by a `FusionSession`'s forward
+hooks. Model weights are never written by this module.
 
 Host modules are imported inside functions: the built-in Lora's modules are top-level names (`networks`) that
 exist only when that extension is enabled.
@@ -18,7 +19,8 @@ from typing import Any
 
 from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, say
 
-TE_PROXY_SUFFIX = "_dynfuse_te"
+# The name of the proxy that carries what the host keeps merging of a taken LoRA: a cache key of its own.
+PROXY_SUFFIX = "_dynfuse_static"
 LORA_DISABLED = ("the built-in Lora extension is not loaded (it is disabled, or the WebUI runs with "
                  "--disable-all-extensions); DynFuse needs it to load LoRA files.")
 
@@ -91,11 +93,13 @@ class A1111Adapter(HostAdapter):
             nets = self._find_nets(p, job, loaded)
             if nets is None:
                 return
-            subject_net, style_net = nets
-            targets = self._targets(p, job, subject_net, style_net)
-            if targets is None:
+            found = self._targets(p, job, *nets)
+            if found is None:
                 return
-            self._remove_from_host(networks, loaded, (subject_net, style_net), job)
+            targets, static = found
+            overrides = (job.settings.subject_strength, job.settings.style_strength)
+            self._remove_from_host(networks, loaded, list(zip(nets, static, overrides)), job)
+            self._note_static(p, job, static)
             from lib_dynfuse.session import FusionSession
 
             session = FusionSession(targets, job.settings.engine_options(), log_errors=say)
@@ -120,20 +124,28 @@ class A1111Adapter(HostAdapter):
             return None
         return found[0], found[1]
 
-    def _targets(self, p: Any, job: Job, subject_net: Any, style_net: Any) -> list | None:
+    def _targets(self, p: Any, job: Job, subject_net: Any, style_net: Any) -> tuple[list, list[dict]] | None:
+        """The layers to fuse, and for each net the UNet layers no hook can fuse ({key: why}), which stay with
+        the host's merge."""
+        from lib_dynfuse.deltas import LayerGeometry
         from lib_dynfuse.session import LayerTarget
 
         mapping = getattr(p.sd_model, "network_layer_mapping", None) or {}
         settings = job.settings
-        deltas, misfits = [], []
+        deltas, misfits, static = [], [], []
         for tag, net, strength in ((job.subject, subject_net, settings.subject_strength),
                                    (job.style, style_net, settings.style_strength)):
-            layer_deltas, skipped = {}, []
+            layer_deltas, skipped, kept = {}, [], {}
             for key, module in net.modules.items():
                 if _is_text_encoder_key(key):
                     continue
                 layer = mapping.get(key)  # the current model's module: a cached sd_module may be stale
-                if layer is None or not hasattr(layer, "weight"):
+                if layer is None or getattr(layer, "weight", None) is None:
+                    continue
+                try:
+                    LayerGeometry.of(layer)
+                except ValueError as e:
+                    kept[key] = str(e)
                     continue
                 try:
                     layer_deltas[key] = (layer, _delta(module, layer, strength))
@@ -144,6 +156,7 @@ class A1111Adapter(HostAdapter):
                                   "another model family?).", f"off: LoRA {tag.name} does not fit the UNet")
                 return None
             deltas.append(layer_deltas)
+            static.append(kept)
             if skipped:
                 misfits.append((tag.name, skipped, len(skipped) + len(layer_deltas)))
         for name, skipped, total in misfits:
@@ -158,7 +171,7 @@ class A1111Adapter(HostAdapter):
         for key in dict.fromkeys([*subject_deltas, *style_deltas]):
             layer = (subject_deltas.get(key) or style_deltas.get(key))[0]
             targets.append(LayerTarget(key, layer, _second(subject_deltas.get(key)), _second(style_deltas.get(key))))
-        return targets
+        return targets, static
 
     @staticmethod
     def _warn_misfits(p: Any, job: Job, name: str, skipped: list[tuple[str, Misfit]], total: int) -> None:
@@ -172,23 +185,34 @@ class A1111Adapter(HostAdapter):
                 f"{first}); they are left out, as the host leaves them out.")
         add_note(p, f"LoRA {name}: {len(skipped)} layers do not fit")
 
-    def _remove_from_host(self, networks: Any, loaded: list, nets: tuple[Any, Any], job: Job) -> None:
+    @staticmethod
+    def _note_static(p: Any, job: Job, static: list[dict[str, str]]) -> None:
+        """Said once per job, noted in every pass's infotext (as on Forge)."""
+        notes = []
+        for role, kept in zip(("subject", "style"), static):
+            if kept:
+                key, why = next(iter(kept.items()))
+                layers = f"{key} keeps" if len(kept) == 1 else f"{key} and {len(kept) - 1} more layers keep"
+                notes.append(f"{layers} the {role} LoRA merged statically ({why})")
+        if notes and not job.host.get("said_static"):
+            job.host["said_static"] = True
+            say("; ".join(notes))
+        for note in notes:
+            add_note(p, note)
+
+    def _remove_from_host(self, networks: Any, loaded: list, nets: list[tuple[Any, dict, float | None]],
+                          job: Job) -> None:
+        """Take the nets out of the host's list; what the host keeps merging of each goes back as a proxy."""
+        proxies = {id(net): _host_proxy(net, static, override) for net, static, override in nets}
         rebuilt = []
         for net in loaded:
-            if not any(net is n for n in nets):
+            if id(net) not in proxies:
                 rebuilt.append(net)
-                continue
-            te_modules = {k: m for k, m in net.modules.items() if _is_text_encoder_key(k)}
-            if te_modules:
-                # A renamed shallow copy: a new cache key, and its modules still read the prompt's te weight
-                # through their back-reference to the original net.
-                proxy = copy.copy(net)
-                proxy.modules = te_modules
-                proxy.name = f"{net.name}{TE_PROXY_SUFFIX}"
-                rebuilt.append(proxy)
+            elif proxies[id(net)] is not None:
+                rebuilt.append(proxies[id(net)])
         loaded[:] = rebuilt  # in place: lora.loaded_loras and other extensions hold this same list
         job.host["edited"] = rebuilt
-        for net in nets:
+        for net, _static, _override in nets:
             # With lora_in_memory_limit 0 an unreferenced net is read from disk again at the next activation.
             networks.networks_in_memory[net.name] = net
 
@@ -291,6 +315,27 @@ class A1111Adapter(HostAdapter):
             say(f"could not check for leftover hooks: {e}")
 
 
+def _host_proxy(net: Any, static: dict[str, str], strength: float | None) -> Any | None:
+    """What the host keeps merging of a taken net, its text-encoder modules and the UNet layers in ``static``, as
+    a renamed shallow copy (a cache key of its own); None when there is nothing.
+
+    The modules are shallow copies bound to the proxy, whose multipliers they read (NetworkModule.multiplier): the
+    text encoder at the tag's te weight, the static UNet layers at the strength override if one is set, else at
+    the tag's unet weight. The override is in the cache key, so a new one is merged anew."""
+    kept = {k: m for k, m in net.modules.items() if _is_text_encoder_key(k) or k in static}
+    if not kept:
+        return None
+    proxy = copy.copy(net)
+    proxy.name = f"{net.name}{PROXY_SUFFIX}"
+    if strength is not None:
+        proxy.unet_multiplier = float(strength)
+    proxy.modules = {}
+    for key, module in kept.items():
+        proxy.modules[key] = copy.copy(module)
+        proxy.modules[key].network = proxy
+    return proxy
+
+
 def _lora_path(name: str) -> str | None:
     networks = _networks()
     entry = None if networks is None else networks.available_network_aliases.get(name)
@@ -361,7 +406,21 @@ def _delta(module: Any, layer: Any, strength: float | None) -> Any:
     if tuple(updown.shape) != weight_shape:
         raise Misfit(f"LoRA {_dims(tuple(updown.shape))}, model {_dims(weight_shape)}")
     factor = 1.0 if strength is None else float(strength) / (1.0 if at_one else multiplier)
-    return DenseDelta(updown.detach(), None if ex_bias is None else ex_bias.detach(), strength=factor)
+    return DenseDelta(updown.detach(), None if ex_bias is None else ex_bias.detach(), strength=factor,
+                      rank=_nominal_rank(module))
+
+
+def _nominal_rank(module: Any) -> int | None:
+    """The rank the host gives the module (NetworkModule.dim: the rows of LoRA's down factor, of LoHa's hada_w1_b,
+    of a factorised LoKr's w2_b or w1_b), cut by a dyn-dim tag as the host's LoRA rebuild cuts it; None where the
+    host has none (diff, norm, IA3, GLoRA, an unfactorised LoKr) or where dim counts OFT's blocks."""
+    dim = getattr(module, "dim", None)
+    if not isinstance(dim, int) or dim < 1 or hasattr(module, "oft_blocks"):
+        return None
+    dyn_dim = getattr(module.network, "dyn_dim", None)
+    if dyn_dim and getattr(module, "up_model", None) is not None:
+        return min(dim, int(dyn_dim))
+    return dim
 
 
 def _pad_input_channels(t: Any, extra: int) -> Any:

@@ -319,14 +319,13 @@ def _left_to_forge(key: tuple, params: dict[str, list], override: float | None) 
 
 # ---- patches -> deltas ------------------------------------------------------------------------------
 def _check_fusable(module: torch.nn.Module) -> None:
-    """Hooks add a delta to a Linear's or Conv2d's output; a norm layer's 1-D weight (LyCORIS w_norm / b_norm)
-    acts inside the normalisation, so only Forge's merge can apply it."""
+    """Hooks add a delta to a Linear's or Conv2d's output only (a norm layer's patches stay with Forge's merge)."""
     from lib_dynfuse.deltas import LayerGeometry
 
     try:
         LayerGeometry.of(module)
-    except ValueError:
-        raise NotFusable(f"not a Linear or Conv2d layer: weight of shape {list(module.weight.shape)}") from None
+    except ValueError as e:
+        raise NotFusable(str(e)) from None
 
 
 def _delta(params: dict[str, list], base_weight: torch.Tensor, override: float | None):
@@ -352,7 +351,28 @@ def _delta(params: dict[str, list], base_weight: torch.Tensor, override: float |
     bias = _bias_diff(bias_entries, override)
     if not weight_entries:
         return DenseDelta(torch.zeros_like(base_weight, dtype=torch.float32), bias=bias)
-    return DenseDelta(_dense_weight(weight_entries, base_weight, override), bias=bias)
+    return DenseDelta(_dense_weight(weight_entries, base_weight, override), bias=bias,
+                      rank=_nominal_rank(weight_entries))
+
+
+def _nominal_rank(entries: list) -> int | None:
+    """The summed rank of the weight patches as Forge's merge takes it (the rows of a LoRA's down factor, of
+    LoHa's w1b, of a factorised LoKr's w2_b or else w1_b); None when a patch has none (diff, an unfactorised LoKr,
+    glora, set)."""
+    total = 0
+    for entry in entries:
+        patch = entry[1]
+        rank = None
+        if len(patch) == 2 and patch[0] in ("lora", "loha"):
+            rank = int(patch[1][1].shape[0])
+        elif len(patch) == 2 and patch[0] == "lokr":
+            w1, w2, _alpha, _w1_a, w1_b, _w2_a, w2_b = patch[1][:7]
+            factor = w2_b if w2 is None else (w1_b if w1 is None else None)
+            rank = None if factor is None else int(factor.shape[0])
+        if rank is None:
+            return None
+        total += rank
+    return total
 
 
 def _plain_lora(entries: list) -> tuple | None:

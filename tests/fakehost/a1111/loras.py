@@ -27,8 +27,10 @@ TE_KEYS = [f"lora_te_text_model_encoder_layers_0_{s}" for s in
 
 def write_lora(path: str, model, unet_keys: list[str], *, rank: int = 2, alpha: float = 1.0, seed: int = 0,
                scale: float = 0.5, te: bool = True, metadata: dict[str, str] | None = None,
-               full_keys: list[str] = ()) -> str:
-    """kohya keys with lora_down/lora_up/alpha; `full_keys` get a LyCORIS "diff" (full weight difference)."""
+               full_keys: list[str] = (), loha_keys: list[str] = (), extra: dict[str, torch.Tensor] | None = None) -> str:
+    """kohya keys with lora_down/lora_up/alpha; `full_keys` get a LyCORIS "diff" (full weight difference),
+    `loha_keys` LyCORIS LoHa factors (hada_w1_a/b, hada_w2_a/b) of the same rank; `extra` tensors are written as
+    they are (e.g. a norm layer's w_norm / b_norm)."""
     rows = {r["kohya_key"]: r for r in unet_rows()}
     modules = dict(model.model.named_modules())
     te_modules = dict(model.cond_stage_model.wrapped.named_modules())
@@ -48,6 +50,12 @@ def write_lora(path: str, model, unet_keys: list[str], *, rank: int = 2, alpha: 
             sd[f"{key}.diff"] = torch.randn(w.shape, generator=g) * scale * 0.2
             continue
         out_ch, in_ch = w.shape[0], w.shape[1]
+        if key in loha_keys:
+            for i in (1, 2):
+                sd[f"{key}.hada_w{i}_a"] = torch.randn(out_ch, rank, generator=g) * scale
+                sd[f"{key}.hada_w{i}_b"] = torch.randn(rank, w[0].numel(), generator=g) * scale
+            sd[f"{key}.alpha"] = torch.tensor(float(alpha))
+            continue
         if w.dim() == 4:
             down = torch.randn(rank, in_ch, *w.shape[2:], generator=g) * scale
             up = torch.randn(out_ch, rank, 1, 1, generator=g) * scale
@@ -57,6 +65,7 @@ def write_lora(path: str, model, unet_keys: list[str], *, rank: int = 2, alpha: 
         sd[f"{key}.lora_down.weight"] = down
         sd[f"{key}.lora_up.weight"] = up
         sd[f"{key}.alpha"] = torch.tensor(float(alpha))
+    sd.update(extra or {})
     safetensors.torch.save_file(sd, path, metadata=metadata or {"ss_network_dim": str(rank)})
     return path
 

@@ -1,5 +1,11 @@
-# Follows extensions-builtin/Lora/lyco_helpers.py of AUTOMATIC1111 v1.10.1 (82a973c0): weight rebuilds.
+# Follows extensions-builtin/Lora/lyco_helpers.py of AUTOMATIC1111 v1.10.1 (82a973c0): weight rebuilds (LoKr's
+# factorization is left out with LoKr).
 import torch
+
+
+def make_weight_cp(t, wa, wb):
+    temp = torch.einsum("i j k l, j r -> i r k l", t, wb)
+    return torch.einsum("i j k l, i r -> r j k l", temp, wa)
 
 
 def rebuild_conventional(up, down, shape, dyn_dim=None):

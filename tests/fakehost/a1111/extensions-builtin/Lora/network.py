@@ -1,6 +1,6 @@
 # Follows extensions-builtin/Lora/network.py of AUTOMATIC1111 v1.10.1 (82a973c0): NetworkOnDisk (name, alias from
 # ss_output_name, shorthash), Network, ModuleType, NetworkModule (multiplier, calc_scale, finalize_updown without
-# DoRA, the generic forward).
+# DoRA, the generic forward with the Conv2d / Linear / LayerNorm / GroupNorm ops).
 from __future__ import annotations
 
 import hashlib
@@ -72,6 +72,12 @@ class NetworkModule:
             self.extra_kwargs = {"stride": self.sd_module.stride, "padding": self.sd_module.padding}
         elif isinstance(self.sd_module, nn.Linear):
             self.ops = F.linear
+        elif isinstance(self.sd_module, nn.LayerNorm):
+            self.ops = F.layer_norm
+            self.extra_kwargs = {"normalized_shape": self.sd_module.normalized_shape, "eps": self.sd_module.eps}
+        elif isinstance(self.sd_module, nn.GroupNorm):
+            self.ops = F.group_norm
+            self.extra_kwargs = {"num_groups": self.sd_module.num_groups, "eps": self.sd_module.eps}
         self.dim = None
         self.bias = weights.w.get("bias")
         self.alpha = weights.w["alpha"].item() if "alpha" in weights.w else None

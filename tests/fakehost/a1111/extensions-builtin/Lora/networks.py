@@ -5,10 +5,10 @@
 # overwritten, "Lora not found" comment, purge to lora_in_memory_limit), the weight-merge path
 # network_apply_weights with CPU backups, the (name, te, unet, dyn) cache-key tuple and the inpainting-conv
 # padding, the functional path
-# network_forward, and the patched Linear/Conv2d forwards installed by lora_patches.
+# network_forward, and the patched Linear/Conv2d/GroupNorm/LayerNorm forwards installed by lora_patches.
 # Simplified: the kohya -> compvis key conversion uses tests/data/sd15-unet-lora-layers-trimmed.tsv instead of the
-# regexes (same results for those keys); no GroupNorm/LayerNorm/MultiheadAttention patches, bundled embeddings,
-# fp8 or SD3 paths.
+# regexes (same results for those keys); module types lora, hada, full and norm only; no MultiheadAttention
+# patches, bundled embeddings, fp8 or SD3 paths.
 from __future__ import annotations
 
 import csv
@@ -19,12 +19,15 @@ import re
 import lora_patches  # noqa: F401 - imported first by the real file too
 import network
 import network_full
+import network_hada
 import network_lora
+import network_norm
 import torch
 
 from modules import devices, sd_hijack, sd_models, shared
 
-module_types = [network_lora.ModuleTypeLora(), network_full.ModuleTypeFull()]
+module_types = [network_lora.ModuleTypeLora(), network_hada.ModuleTypeHada(), network_full.ModuleTypeFull(),
+                network_norm.ModuleTypeNorm()]
 
 _TABLE = os.path.join(os.path.dirname(__file__), *[".."] * 4, "data", "sd15-unet-lora-layers-trimmed.tsv")
 re_te = re.compile(r"^lora_te_text_model_encoder_layers_(\d+)_(.+)$")
@@ -153,6 +156,10 @@ def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=No
     purge_networks_from_memory()
 
 
+def allowed_layer_without_weight(layer):
+    return isinstance(layer, torch.nn.LayerNorm) and not layer.elementwise_affine
+
+
 def store_weights_backup(weight):
     if weight is None:
         return None
@@ -185,7 +192,7 @@ def network_apply_weights(self):
 
     weights_backup = getattr(self, "network_weights_backup", None)
     if weights_backup is None and wanted_names != ():
-        if current_names != ():
+        if current_names != () and not allowed_layer_without_weight(self):
             raise RuntimeError(f"{network_layer_name} - no backup weights found and current weights are not unchanged")
         weights_backup = store_weights_backup(self.weight)
         self.network_weights_backup = weights_backup
@@ -265,6 +272,30 @@ def network_Conv2d_forward(self, input):
 def network_Conv2d_load_state_dict(self, *args, **kwargs):
     network_reset_cached_weight(self)
     return originals.Conv2d_load_state_dict(self, *args, **kwargs)
+
+
+def network_GroupNorm_forward(self, input):
+    if shared.opts.lora_functional:
+        return network_forward(self, input, originals.GroupNorm_forward)
+    network_apply_weights(self)
+    return originals.GroupNorm_forward(self, input)
+
+
+def network_GroupNorm_load_state_dict(self, *args, **kwargs):
+    network_reset_cached_weight(self)
+    return originals.GroupNorm_load_state_dict(self, *args, **kwargs)
+
+
+def network_LayerNorm_forward(self, input):
+    if shared.opts.lora_functional:
+        return network_forward(self, input, originals.LayerNorm_forward)
+    network_apply_weights(self)
+    return originals.LayerNorm_forward(self, input)
+
+
+def network_LayerNorm_load_state_dict(self, *args, **kwargs):
+    network_reset_cached_weight(self)
+    return originals.LayerNorm_load_state_dict(self, *args, **kwargs)
 
 
 def list_available_networks():
