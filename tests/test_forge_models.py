@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from lib_dynfuse.hosts.base import NOTE_KEY
-from lib_dynfuse.hosts.forge import ForgeAdapter
 from lib_dynfuse.settings import DynFuseSettings
 
 _spec = importlib.util.spec_from_file_location("forge_harness", Path(__file__).parent / "fakehost/forge/forge_harness.py")
@@ -49,6 +48,9 @@ def sdxl(tmp_path):
 
 
 def dynfuse(host, **settings):
+    # Looked up here, as fh.tiny_guidance_models does: other test modules' fixtures re-import lib_dynfuse.hosts.
+    from lib_dynfuse.hosts.forge import ForgeAdapter
+
     script = fh.AdapterScript(host, ForgeAdapter(), DynFuseSettings(enabled=True, **settings))
     return script, host.scripts.ScriptRunner([script])
 
