@@ -80,4 +80,4 @@ def test_the_entry_script_shows_the_message_in_both_tabs_and_prints_it_once(entr
     processed, _ = host.txt2img(fh.PROMPT, runner=runner, script_args=({"enabled": True},), steps=1)
     assert capsys.readouterr().out.splitlines() == [
         f"DynFuse: {detect.OLD_FORGE_MESSAGE} DynFuse is off for this generation."]  # turned on through the API
-    assert "DynFuse note: off: unsupported WebUI" in processed.infotexts[0]
+    assert 'DynFuse note: "off: unsupported WebUI"' in processed.infotexts[0]
