@@ -17,7 +17,7 @@ import copy
 import math
 from typing import Any
 
-from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, say
+from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, say, say_once
 
 # The name of the proxy that carries what the host keeps merging of a taken LoRA: a cache key of its own.
 PROXY_SUFFIX = "_dynfuse_static"
@@ -162,10 +162,9 @@ class A1111Adapter(HostAdapter):
         for name, skipped, total in misfits:
             self._warn_misfits(p, job, name, skipped, total)
         subject_deltas, style_deltas = deltas
-        if not subject_deltas.keys() & style_deltas.keys() and not job.host.get("warned_disjoint"):
-            job.host["warned_disjoint"] = True
-            say(f"'{job.subject.name}' and '{job.style.name}' share no UNet layer: each layer gets its own LoRA, "
-                "as without DynFuse.")
+        if not subject_deltas.keys() & style_deltas.keys() and say_once(
+                job, f"'{job.subject.name}' and '{job.style.name}' share no UNet layer: each layer gets its own "
+                     "LoRA, as without DynFuse."):
             add_note(p, "no shared layers")
         targets = []
         for key in dict.fromkeys([*subject_deltas, *style_deltas]):
@@ -177,12 +176,9 @@ class A1111Adapter(HostAdapter):
     def _warn_misfits(p: Any, job: Job, name: str, skipped: list[tuple[str, Misfit]], total: int) -> None:
         """Some layers of a LoRA have another shape than the model's (e.g. an SDXL LoRA's cross-attention on an
         SD1.5 model): the host skips them and merges the rest, and so does DynFuse. Said once per job."""
-        warned = job.host.setdefault("warned_misfits", set())
-        if name not in warned:
-            warned.add(name)
-            key, first = skipped[0]
-            say(f"{len(skipped)} of the {total} UNet layers of LoRA '{name}' do not fit this model (first: {key}, "
-                f"{first}); they are left out, as the host leaves them out.")
+        key, first = skipped[0]
+        say_once(job, f"{len(skipped)} of the {total} UNet layers of LoRA '{name}' do not fit this model (first: "
+                      f"{key}, {first}); they are left out, as the host leaves them out.", key=f"misfit {name}")
         add_note(p, f"LoRA {name}: {len(skipped)} layers do not fit")
 
     @staticmethod
@@ -194,9 +190,8 @@ class A1111Adapter(HostAdapter):
                 key, why = next(iter(kept.items()))
                 layers = f"{key} keeps" if len(kept) == 1 else f"{key} and {len(kept) - 1} more layers keep"
                 notes.append(f"{layers} the {role} LoRA merged statically ({why})")
-        if notes and not job.host.get("said_static"):
-            job.host["said_static"] = True
-            say("; ".join(notes))
+        if notes:
+            say_once(job, "; ".join(notes), key="kept static")
         for note in notes:
             add_note(p, note)
 

@@ -48,6 +48,18 @@ def say(message: str) -> None:
     print(text if text.startswith(GUIDANCE_PREFIX) else f"{CONSOLE_PREFIX}{text}", flush=True)
 
 
+def say_once(job: Job, message: str, key: str | None = None) -> bool:
+    """Say ``message`` once per job (a takeover runs for every batch and hires pass): not again for the same
+    ``key`` (default: the message itself). Whether it was said now."""
+    said = job.host.setdefault("said", set())
+    key = message if key is None else key
+    if key in said:
+        return False
+    said.add(key)
+    say(message)
+    return True
+
+
 def add_note(p: Any, note: str) -> None:
     """Append a short note to the infotext of this job (several notes are joined with "; ")."""
     params = getattr(p, "extra_generation_params", None)

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, refuse, say
+from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, refuse, say, say_once
 
 ROLES = ("subject", "style")
 # Entries dynfuse leaves to Forge get a key of their own: Forge re-merges only when the key list changes.
@@ -119,11 +119,8 @@ class ForgeAdapter(HostAdapter):
                        "off: LoRA has no UNet weights")
                 return
             targets, leftovers, notes = self._targets(unet, job, taken)
-            said = job.host.setdefault("said", set())  # take_over runs for every batch and hires pass
             for note in notes:
-                if note not in said:
-                    said.add(note)
-                    say(note)
+                say_once(job, note)
                 add_note(p, note)
             unet.lora_patches = _in_order(order, unet.lora_patches, leftovers)
 
@@ -227,10 +224,9 @@ class ForgeAdapter(HostAdapter):
             self.fail(getattr(getattr(params, "denoiser", None), "p", None), "could not read the sampler step", e)
             return
         calls = job.host.get("wrapper_calls", [0])
-        if session is not None and index > 0 and calls[0] == 0 and not job.host.get("wrapper_warned"):
-            job.host["wrapper_warned"] = True
-            say("another extension replaced Forge's UNet function wrapper after DynFuse set it; cond and "
-                "uncond rows of an image now decide separately.")
+        if session is not None and index > 0 and calls[0] == 0:
+            say_once(job, "another extension replaced Forge's UNet function wrapper after DynFuse set it; cond and "
+                          "uncond rows of an image now decide separately.")
 
     def on_cfg_after_cfg(self, params: Any) -> None:
         """Forge hands the after-CFG x0 estimate ([B, C, h, w], an inference tensor; Forge's timestep samplers
