@@ -59,9 +59,25 @@ class Row:
 class Result:
     row: Row
     scores: dict[str, Tensor]  # per image
-    subject_share: float | None
+    selection: Tensor | None  # mean subject weight, [layers, steps], for the methods that choose
+    layers: list[str]
     seconds: float
     images: Tensor
+
+    @property
+    def subject_share(self) -> float | None:
+        return None if self.selection is None else float(self.selection.mean())
+
+    def share_by_block(self) -> dict[str, float]:
+        """Subject share per UNet block (``down_blocks.0``, ``mid_block``, ``up_blocks.2``, ...)."""
+        blocks: dict[str, list[int]] = {}
+        for i, name in enumerate(self.layers):
+            parts = name.split(".")
+            blocks.setdefault(".".join(parts[:1] if parts[0] == "mid_block" else parts[:2]), []).append(i)
+        return {block: round(float(self.selection[rows].mean()), 3) for block, rows in blocks.items()}
+
+    def share_by_step(self) -> list[float]:
+        return [round(float(v), 3) for v in self.selection.mean(0)]
 
 
 # ---- option parsing (any EngineOptions field, and the guidance parameters as guidance_<field>) ---------------
@@ -134,20 +150,20 @@ def run_row(model: World, row: Row, prompts: Sequence[str], seeds: Sequence[int]
             judge, batch: int = 256) -> Result:
     start = time.time()
     pairs = [(p, s) for p in prompts for s in seeds]
-    images, shares = [], []
+    images, selection, layers = [], None, []
     for i in range(0, len(pairs), batch):
         chunk = pairs[i:i + batch]
         session = model.fusion(row.options(), row.subject_strength, row.style_strength)
         guidance = model.guidance(row.params(), log=lambda message: None) if row.guided else None
         images.append(model.generate([p for p, _ in chunk], [s for _, s in chunk], steps=steps, cfg_scale=cfg_scale,
                                      session=session, guidance=guidance))
-        share = session.log.subject_share() if row.options().method in CHOOSING else None
-        if share is not None:
-            shares.append((share, len(chunk)))
+        if row.options().method in CHOOSING:
+            layers, _, grid = session.log.matrix()
+            share = grid * len(chunk) / len(pairs)
+            selection = share if selection is None else selection + share
     images = torch.cat(images)
     scores = judge.scores(images, [p for p, _ in pairs])
-    share = sum(s * n for s, n in shares) / sum(n for _, n in shares) if shares else None
-    return Result(row, scores, share, time.time() - start, images)
+    return Result(row, scores, selection, layers, time.time() - start, images)
 
 
 def add_balance(results: list[Result], subject_only: Result, style_only: Result) -> None:
@@ -223,7 +239,9 @@ def summarise(results: list[Result], best: Result, **settings) -> dict:
         entry = {"row": r.row.name, "method": r.row.engine.get("method"), "guided": r.row.guided,
                  "subject_strength": r.row.subject_strength, "style_strength": r.row.style_strength,
                  "options": {k: v for k, v in r.row.engine.items() if k != "method"}, "guidance": r.row.guidance,
-                 "subject_share": None if r.subject_share is None else round(r.subject_share, 4),
+                 "subject_share": None if r.selection is None else round(r.subject_share, 4),
+                 "share_by_block": None if r.selection is None else r.share_by_block(),
+                 "share_by_step": None if r.selection is None else r.share_by_step(),
                  "seconds": round(r.seconds, 1), "n": int(r.scores["subject"].numel())}
         for key in SCORES:
             mean, ci = mean_ci(r.scores[key])

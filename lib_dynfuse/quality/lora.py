@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lib_dynfuse.deltas import LayerGeometry, LowRankDelta
 from lib_dynfuse.quality.diffusion import v_loss
+from lib_dynfuse.quality.optim import Log, fit
 
 # The layers both LoRAs train: every attention projection and both feed-forward linears of every transformer
 # block (kohya's default "attn + ff" preset for UNet LoRAs).
@@ -75,25 +75,19 @@ class TrainableLora:
 
 
 def train_lora(unet: nn.Module, context: Tensor, images: Tensor, *, rank: int, alpha: float, steps: int,
-               lr: float, batch: int = 16, seed: int = 0, label: str = "lora",
-               log: Callable[[str], None] = print) -> TrainableLora:
+               lr: float, batch: int = 16, seed: int = 0, label: str = "lora", log: Log = print) -> TrainableLora:
     """Train a LoRA on ``images`` (model space, ``[N, 12, 16, 16]``) with their text states ``context``
     (``[N, 8, W]``, from the frozen text encoder); the base ``unet`` stays frozen."""
     g = torch.Generator().manual_seed(seed)
     unet.requires_grad_(False)
     lora = TrainableLora(lora_layers(unet), rank, alpha, g)
-    optimizer = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=0.0)
-    start, running = time.time(), None
+
+    def loss_at(step: int) -> Tensor:
+        index = torch.randint(images.shape[0], (batch,), generator=g)
+        return v_loss(unet, images[index], context[index], g).mean()
+
     with lora:
-        for step in range(steps):
-            index = torch.randint(images.shape[0], (batch,), generator=g)
-            loss = v_loss(unet, images[index], context[index], g).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-            if (step + 1) % 100 == 0 or step + 1 == steps:
-                log(f"{label} step {step + 1}/{steps} loss {running:.4f} ({time.time() - start:.0f}s)")
+        fit(lora.parameters(), loss_at, steps=steps, lr=lr, label=label, log=log)
     return lora
 
 

@@ -12,8 +12,7 @@ optimising the very network that grades it.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 
 from lib_dynfuse.guidance.scorers import ScorerConfig, Scorers
 from lib_dynfuse.quality import world
+from lib_dynfuse.quality.optim import Log, fit
 
 HEADS = {"identity": {"object": len(world.OBJECTS), "size": len(world.SIZES)},
          "style": {"style": len(world.STYLES) + 1}}  # the last style class: any style outside the world
@@ -142,12 +142,7 @@ def _training_set(kind: str, n: int, seed: int) -> tuple[Tensor, dict[str, Tenso
     half = n // 2
     scenes = (world.random_scenes(half, seed, world.OBJECTS, world.STYLES)
               + world.random_scenes(n - half, seed + 2, world.OBJECTS, tuple(extra)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the renderer's small ops run faster without thread hand-offs
-    try:
-        images = world.render(scenes, book)
-    finally:
-        torch.set_num_threads(threads)
+    images = world.render_many(scenes, book)
     if kind == "identity":
         labels = {"object": torch.tensor([world.OBJECTS.index(s.object) for s in scenes]),
                   "size": torch.tensor([world.SIZES.index(s.size) for s in scenes])}
@@ -158,23 +153,17 @@ def _training_set(kind: str, n: int, seed: int) -> tuple[Tensor, dict[str, Tenso
 
 
 def train_encoder(kind: str, *, seed: int, steps: int, width: int = 16, batch: int = 128, pool: int = 8000,
-                  log: Callable[[str], None] = print) -> Encoder:
+                  lr: float = 1e-3, log: Log = print) -> Encoder:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     images, labels = _training_set(kind, pool, seed)
     encoder = Encoder(HEADS[kind], width)
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=3e-3, weight_decay=1e-4)
-    start, running = time.time(), None
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = 3e-3 * 0.5 * (1 + torch.cos(torch.tensor(step / steps * torch.pi)).item())
+
+    def loss_at(step: int) -> Tensor:
         index = torch.randint(pool, (batch,), generator=g)
         embedding = encoder(_augment(images[index], g))
-        loss = sum(F.cross_entropy(encoder.logits(embedding, head), y[index]) for head, y in labels.items())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            log(f"{kind} encoder (seed {seed}) step {step + 1}/{steps} loss {running:.4f} ({time.time() - start:.0f}s)")
+        return sum(F.cross_entropy(encoder.logits(embedding, head), y[index]) for head, y in labels.items())
+
+    fit(encoder.parameters(), loss_at, steps=steps, lr=lr, label=f"{kind} encoder (seed {seed})", log=log,
+        weight_decay=1e-4)
     return encoder.eval().requires_grad_(False)

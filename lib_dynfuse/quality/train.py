@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,10 +12,9 @@ from torch import Tensor, nn
 
 from lib_dynfuse.quality import world
 from lib_dynfuse.quality.diffusion import to_model_space, v_loss
+from lib_dynfuse.quality.optim import Log, fit
 from lib_dynfuse.quality.text import TextEncoder, tokenize
 from lib_dynfuse.quality.unet import UNet2DConditionModel, UNetConfig
-
-Log = Callable[[str], None]
 
 
 def captions_for(scenes: list[world.Scene], generator: torch.Generator, *, size_rate: float = 0.7,
@@ -27,12 +24,6 @@ def captions_for(scenes: list[world.Scene], generator: torch.Generator, *, size_
     u = torch.rand(len(scenes), 2, generator=generator).tolist()
     return ["" if drop < drop_rate else scene.caption(with_size=keep < size_rate)
             for scene, (keep, drop) in zip(scenes, u)]
-
-
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
 class Ema:
@@ -52,43 +43,28 @@ class Ema:
 
 
 def train_base(*, steps: int, seed: int = 0, batch: int = 64, pool: int = 24000, lr: float = 2e-3,
-               config: UNetConfig | None = None, log: Log = print, log_every: int = 100) -> tuple[TextEncoder, UNet2DConditionModel]:
-    """The base model, trained from scratch on ``pool`` renders of the base world (no ``sks``, no ``zwx``)."""
+               config: UNetConfig | None = None, log: Log = print) -> tuple[TextEncoder, UNet2DConditionModel]:
+    """The base model, trained from scratch on ``pool`` renders of the base world (no ``sks``, no ``zwx``);
+    returns the exponential moving averages of the weights."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     scenes = world.random_scenes(pool, seed)
-    images = to_model_space(_render_in_chunks(scenes))
+    images = to_model_space(world.render_many(scenes))
     text, unet = TextEncoder(), UNet2DConditionModel(config or UNetConfig())
-    params = list(text.parameters()) + list(unet.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ema_text, ema_unet = Ema(text), Ema(unet)
-    start = time.time()
-    running = None
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup=min(200, steps // 10 + 1))
+
+    def loss_at(step: int) -> Tensor:
         index = torch.randint(pool, (batch,), generator=g)
         captions = captions_for([scenes[i] for i in index.tolist()], g)
-        loss = v_loss(unet, images[index], text(tokenize(captions)), g).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        return v_loss(unet, images[index], text(tokenize(captions)), g).mean()
+
+    def average() -> None:
         ema_text.update(text)
         ema_unet.update(unet)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            log(f"base step {step + 1}/{steps} loss {running:.4f} ({time.time() - start:.0f}s)")
+
+    fit(list(text.parameters()) + list(unet.parameters()), loss_at, steps=steps, lr=lr, label="base", log=log,
+        warmup=min(200, steps // 10 + 1), clip=1.0, after_step=average)
     return ema_text.shadow, ema_unet.shadow
-
-
-def _render_in_chunks(scenes: list[world.Scene], chunk: int = 2000) -> Tensor:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the renderer's small ops run faster without thread hand-offs
-    try:
-        return torch.cat([world.render(scenes[i:i + chunk]) for i in range(0, len(scenes), chunk)])
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
