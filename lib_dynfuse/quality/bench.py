@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=64, help="seeds per prompt (default 64)")
     parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default three)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    parser.add_argument("--cfg", type=float, default=4.0, help="CFG scale (default 4)")
+    parser.add_argument("--cfg", type=float, default=2.0, help="CFG scale (default 2)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="an EngineOptions field or guidance_<param> for every row")
     parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",

@@ -191,7 +191,7 @@ def mean_ci(values: Tensor) -> tuple[float, float]:
 
 
 def compare(model: World, *, seeds: int = 64, prompts: Sequence[str] = PROMPTS, steps: int = 20,
-            cfg_scale: float = 4.0, base: dict[str, object] | None = None,
+            cfg_scale: float = 2.0, base: dict[str, object] | None = None,
             sweeps: Sequence[tuple[str, list[object]]] = (), sweep_methods: Sequence[str] = ("kl",),
             guided: bool = True, static_weights: Sequence[float] = STATIC_WEIGHTS,
             log: Callable[[str], None] = print) -> tuple[dict, list[Result]]:
