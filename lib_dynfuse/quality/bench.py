@@ -6,7 +6,8 @@
     python -m lib_dynfuse.bench --quality --retrain                # retrain the bundled weights first (seeded)
 
 Any EngineOptions field can be set (--set) or swept (--sweep), and so can the guidance parameters as
-guidance_strength, guidance_balance, guidance_start, guidance_end, guidance_every. The table, a picture grid
+guidance_strength, guidance_balance, guidance_start, guidance_end, guidance_every, and the LoRAs' tag weights as
+subject_strength and style_strength. The table, a picture grid
 (methods × seeds) and the JSON go to --out; the last line printed is the JSON object.
 """
 
@@ -46,9 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=64, help="seeds per prompt (default 64)")
     parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default three)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    parser.add_argument("--cfg", type=float, default=2.0, help="CFG scale (default 2)")
+    parser.add_argument("--cfg", type=float, default=1.5, help="CFG scale (default 1.5)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="an EngineOptions field or guidance_<param> for every row")
+                        help="an EngineOptions field, guidance_<param> or <subject|style>_strength for every row")
     parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
                         help="extra rows for each value (several --sweep: every combination)")
     parser.add_argument("--sweep-methods", default="kl", help="methods the sweep rows use (comma list, default kl)")

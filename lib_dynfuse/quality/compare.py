@@ -32,6 +32,7 @@ DYNAMIC = (("kl", {"method": "kl"}), ("kl-soft", {"method": "kl-soft"}),
            ("k-lora S", {"method": "k-lora", "klora_schedule": "S"}),
            ("k-lora S*", {"method": "k-lora", "klora_schedule": "S*"}), ("switch", {"method": "switch"}))
 GUIDANCE_PREFIX = "guidance_"
+STRENGTHS = ("subject_strength", "style_strength")  # the LoRAs' tag weights, sweepable like the options
 CHOOSING = ("kl", "kl-soft", "k-lora", "switch")  # the methods whose decisions make a subject share
 
 
@@ -85,7 +86,7 @@ class Result:
 def _field_types() -> dict[str, type]:
     types = {f.name: type(f.default) for f in dataclasses.fields(EngineOptions)}
     types |= {GUIDANCE_PREFIX + f.name: type(f.default) for f in dataclasses.fields(GuidanceParams)}
-    return types
+    return types | {name: float for name in STRENGTHS}
 
 
 def parse_value(name: str, text: str) -> object:
@@ -112,10 +113,11 @@ def parse_assignment(text: str) -> tuple[str, list[object]]:
     return name, [parse_value(name, v.strip()) for v in values.split(",")]
 
 
-def _split(settings: dict[str, object]) -> tuple[dict, dict]:
-    engine = {k: v for k, v in settings.items() if not k.startswith(GUIDANCE_PREFIX)}
+def _split(settings: dict[str, object]) -> tuple[dict, dict, dict]:
+    """Engine options, guidance parameters (without their prefix) and LoRA weights."""
+    engine = {k: v for k, v in settings.items() if not k.startswith(GUIDANCE_PREFIX) and k not in STRENGTHS}
     guidance = {k[len(GUIDANCE_PREFIX):]: v for k, v in settings.items() if k.startswith(GUIDANCE_PREFIX)}
-    return engine, guidance
+    return engine, guidance, {k: v for k, v in settings.items() if k in STRENGTHS}
 
 
 # ---- the rows -----------------------------------------------------------------------------------------------
@@ -124,20 +126,21 @@ def plan_rows(*, base: dict[str, object] | None = None, sweeps: Sequence[tuple[s
               sweep_methods: Sequence[str] = ("kl",), guided: bool = True,
               static_weights: Sequence[float] = STATIC_WEIGHTS) -> tuple[list[Row], list[Row], list[Row]]:
     """(anchor and method rows without guidance, the static sweep rows, the rows with guidance); the best static
-    with guidance is added once the sweep has picked its weights. ``base`` settings apply to every row
-    (engine options to the dynamic rules, guidance_* to the guided rows)."""
-    engine, guidance = _split(dict(base or {}))
+    with guidance is added once the sweep has picked its weights. ``base`` settings apply to every row: engine
+    options to the dynamic rules, guidance_* to the guided rows, subject_strength / style_strength (the tag
+    weights) to every row but the single-LoRA anchors and the static sweep."""
+    engine, guidance, weights = _split(dict(base or {}))
     rows = [Row("subject-only", {"method": "subject-only"}), Row("style-only", {"method": "style-only"}),
-            Row("static", {"method": "static"})]
-    rows += [Row(label, {**engine, **overrides}) for label, overrides in DYNAMIC]
+            Row("static", {"method": "static"}, **weights)]
+    rows += [Row(label, {**engine, **overrides}, **weights) for label, overrides in DYNAMIC]
     names = [name for name, _ in sweeps]
     for values in itertools.product(*(v for _, v in sweeps)) if sweeps else ():
         setting = dict(zip(names, values))
-        s_engine, s_guidance = _split(setting)
+        s_engine, s_guidance, s_weights = _split(setting)
         tag = " ".join(f"{k}={v}" for k, v in setting.items())
         for method in sweep_methods:
             rows.append(Row(f"{method} {tag}", {**engine, "method": method, **s_engine}, guided=bool(s_guidance),
-                            guidance={**guidance, **s_guidance}))
+                            guidance={**guidance, **s_guidance}, **{**weights, **s_weights}))
     static = [Row(f"static {s:g}/{t:g}", {"method": "static"}, s, t)
               for s in static_weights for t in static_weights if (s, t) != (1.0, 1.0)]
     guided_rows = [dataclasses.replace(r, guided=True, guidance=guidance) for r in rows[:3 + len(DYNAMIC)]] if guided else []
@@ -191,7 +194,7 @@ def mean_ci(values: Tensor) -> tuple[float, float]:
 
 
 def compare(model: World, *, seeds: int = 64, prompts: Sequence[str] = PROMPTS, steps: int = 20,
-            cfg_scale: float = 2.0, base: dict[str, object] | None = None,
+            cfg_scale: float = 1.5, base: dict[str, object] | None = None,
             sweeps: Sequence[tuple[str, list[object]]] = (), sweep_methods: Sequence[str] = ("kl",),
             guided: bool = True, static_weights: Sequence[float] = STATIC_WEIGHTS,
             log: Callable[[str], None] = print) -> tuple[dict, list[Result]]:

@@ -70,7 +70,7 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...] = (12, 16, 16)) -
 
 @torch.no_grad()
 def sample(unet: nn.Module, context: Tensor, uncond: Tensor, seeds: Sequence[int], *, steps: int = 20,
-           cfg_scale: float = 2.0, session=None, guidance=None) -> Tensor:
+           cfg_scale: float = 1.5, session=None, guidance=None) -> Tensor:
     """DDIM (η = 0) with CFG; returns RGB ``[B, 3, 32, 32]`` in [0, 1].
 
     ``context``/``uncond``: text-encoder states ``[B, 8, W]`` of the prompts and of the empty prompt.

@@ -133,7 +133,7 @@ class World:
 
     # ---- generation ------------------------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 20, cfg_scale: float = 2.0,
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 20, cfg_scale: float = 1.5,
                  session: FusionSession | None = None, guidance: Guidance | None = None) -> Tensor:
         """One image per (prompt, seed) pair, RGB ``[B, 3, 32, 32]`` in [0, 1]. A session is installed for the
         duration of sampling and removed afterwards."""

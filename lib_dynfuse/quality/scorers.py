@@ -137,7 +137,9 @@ def _augment(images: Tensor, g: torch.Generator) -> Tensor:
 
 
 def _training_set(kind: str, n: int, seed: int) -> tuple[Tensor, dict[str, Tensor]]:
-    extra = world.random_styles(64, seed + 1)
+    """Half the renders in the world's styles, half in styles outside it: random ones and look-alikes of the
+    world's (the identity encoder learns to ignore them, the style encoder to call them "other")."""
+    extra = {**world.random_styles(256, seed + 1), **world.near_miss_styles()}
     book = {**world.STYLE_BOOK, **extra}
     half = n // 2
     scenes = (world.random_scenes(half, seed, world.OBJECTS, world.STYLES)

@@ -81,7 +81,7 @@ class Recipe:
     style_rank: int = 8
     style_alpha: float = 8.0
     identity_steps: int = 800
-    style_encoder_steps: int = 300
+    style_encoder_steps: int = 600
 
 
 PARTS = ("base", "loras", "scorers")

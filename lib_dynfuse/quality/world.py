@@ -213,6 +213,21 @@ def random_styles(n: int, seed: int) -> dict[str, Style]:
     return styles
 
 
+def near_miss_styles() -> dict[str, Style]:
+    """Styles that share a world style's colours or textures but not the whole of it: its background and fill
+    swapped, or each of its layers' colours on every other texture. A style scorer that must tell a style
+    from its look-alikes learns on them what makes the style, not just its palette."""
+    styles = {}
+    for name, style in STYLE_BOOK.items():
+        styles[f"{name}-swapped"] = Style(style.fill, style.background, style.outline)
+        for texture in TEXTURES:
+            if texture not in (style.background.texture, style.fill.texture):
+                background = Layer(texture, style.background.color_a, style.background.color_b, style.background.frequency)
+                fill = Layer(texture, style.fill.color_a, style.fill.color_b, style.fill.frequency)
+                styles[f"{name}-{texture}"] = Style(background, fill, style.outline)
+    return styles
+
+
 def random_scenes(n: int, seed: int, objects: Sequence[str] = BASE_OBJECTS,
                   styles: Sequence[str] = BASE_STYLES) -> list[Scene]:
     """``n`` scenes drawn uniformly from ``objects`` × ``styles`` × sizes; seeded."""
