@@ -7,8 +7,10 @@ projection and feed-forward linear of the UNet's transformer blocks. The trainab
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -92,11 +94,12 @@ def train_lora(unet: nn.Module, context: Tensor, images: Tensor, *, rank: int, a
 
 
 def save_kohya(lora: TrainableLora, path: str | os.PathLike, *, captions: Sequence[str], dtype=torch.float16) -> None:
-    """Write the factors as a kohya LoRA file, with the trainer metadata kohya writes (rank, alpha, captions)."""
+    """Write the factors as a kohya LoRA file, with the trainer metadata kohya writes (rank, alpha, and the
+    caption counts per dataset folder)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.to(dtype) for k, v in lora.state_dict().items()}
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank),
                 "ss_network_alpha": f"{lora.alpha:g}", "ss_base_model_version": "dynfuse_world",
-                "ss_tag_frequency": ", ".join(sorted(set(captions)))}
+                "ss_tag_frequency": json.dumps({"renders": dict(Counter(captions))})}
     save_file(tensors, os.fspath(path), metadata=metadata)

@@ -74,7 +74,8 @@ class Recipe:
     seed: int = 0
     base_steps: int = 3000
     base_pool: int = 24000
-    lora_steps: int = 400
+    subject_steps: int = 800  # until the hole in the heart comes out at weight 1
+    style_steps: int = 400  # more only pushes the style further past its look at weight 1
     lora_lr: float = 1e-3
     subject_rank: int = 8
     subject_alpha: float = 4.0
@@ -117,12 +118,14 @@ def _train_loras(folder: str | os.PathLike, recipe: Recipe, log: Log) -> None:
 
     # The LoRAs train on the base as it is stored (fp16 rounding included), as users train on a released model.
     base_text, base_unet = model.load_base(folder)
-    for label, scenes, file, rank, alpha, seed in (
-            ("subject LoRA", model.subject_scenes(), model.SUBJECT_FILE, recipe.subject_rank, recipe.subject_alpha, 1),
-            ("style LoRA", model.style_scenes(), model.STYLE_FILE, recipe.style_rank, recipe.style_alpha, 2)):
+    for label, scenes, file, rank, alpha, steps, seed in (
+            ("subject LoRA", model.subject_scenes(), model.SUBJECT_FILE, recipe.subject_rank, recipe.subject_alpha,
+             recipe.subject_steps, 1),
+            ("style LoRA", model.style_scenes(), model.STYLE_FILE, recipe.style_rank, recipe.style_alpha,
+             recipe.style_steps, 2)):
         captions = model.training_captions(scenes)
         with torch.no_grad():
             context = base_text.encode(captions)
         lora = train_lora(base_unet, context, to_model_space(world.render(scenes)), rank=rank, alpha=alpha,
-                          steps=recipe.lora_steps, lr=recipe.lora_lr, seed=recipe.seed + seed, label=label, log=log)
+                          steps=steps, lr=recipe.lora_lr, seed=recipe.seed + seed, label=label, log=log)
         save_kohya(lora, os.path.join(folder, file), captions=captions)
