@@ -91,7 +91,8 @@ def test_xyz_axes_registered_once(a1111):
     a1111()
     labels = [o.label for o in _xyz().axis_options if o.label.startswith("[DynFuse]")]
     assert labels == ["[DynFuse] Enabled", "[DynFuse] Method", "[DynFuse] Subject strength",
-                      "[DynFuse] Style strength", "[DynFuse] KL temperature", "[DynFuse] Guidance strength",
+                      "[DynFuse] Style strength", "[DynFuse] KL temperature", "[DynFuse] Decide every",
+                      "[DynFuse] Divergence tokens", "[DynFuse] Guidance strength",
                       "[DynFuse] Guidance balance", "[DynFuse] Guidance start", "[DynFuse] Guidance end"]
     from modules import script_callbacks
 
@@ -115,6 +116,10 @@ def test_xyz_cells_override_ui_settings(a1111):
 
     cells = _xyz().run_axis(p, "[DynFuse] Subject strength", "0.5, 1.25")
     assert 'DynFuse subject: "subj:0.5"' in cells[0][2].infotexts[0]
+
+    cells = _xyz().run_axis(p, "[DynFuse] Divergence tokens", "0, 16")
+    assert "divergence tokens" not in cells[0][2].infotexts[0]
+    assert "DynFuse divergence tokens: 16" in cells[1][2].infotexts[0]
 
     cells = _xyz().run_axis(p, "[DynFuse] Enabled", "True, False", vals_dropdown=["True", "False"])
     assert "DynFuse method" in cells[0][2].infotexts[0]
