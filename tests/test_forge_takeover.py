@@ -387,12 +387,12 @@ def test_k_lora_takes_a_loha_layers_rank_from_forges_patch(host, tmp_path, klora
                                                ("w1_a w1_b w2_a w2_b", 4)])
 def test_a_lokr_patch_has_the_rank_forges_merge_takes(factors, rank):
     """Forge's merge takes a LoKr's dim from a factorised w2 (w2_b's rows), else from a factorised w1 (w1_b's)."""
-    from lib_dynfuse.hosts.forge import _nominal_rank
+    from lib_dynfuse.hosts.patch_store import nominal_rank
 
     shapes = {"w1": (2, 2), "w1_a": (2, 3), "w1_b": (3, 2), "w2": (4, 6), "w2_a": (4, 4), "w2_b": (4, 6)}
     t = {name: torch.ones(shape) if name in factors.split() else None for name, shape in shapes.items()}
     patch = ("lokr", (t["w1"], t["w2"], 1.0, t["w1_a"], t["w1_b"], t["w2_a"], t["w2_b"], None, None))
-    assert _nominal_rank([[1.0, patch, 1.0, None, None]]) == rank
+    assert nominal_rank([[1.0, patch, 1.0, None, None]]) == rank
 
 
 class Rescaler:
@@ -485,7 +485,8 @@ def test_old_forge_patcher_is_refused_once_with_a_clear_message(host, capsys):
     p.setup_prompts()
     assert adapter.begin_job(p, DynFuseSettings(enabled=True)) is None
     out = capsys.readouterr().out
-    assert out.count("\n") == 1 and "reForge or Forge Classic" in out
+    assert out.count("\n") == 1
+    assert "keeps its LoRAs in the ldm_patched store of old Forge and Forge Classic" in out
     assert p.extra_generation_params[NOTE_KEY] == "off: " + adapter.unsupported_reason(p)
 
 
