@@ -67,10 +67,10 @@ def test_the_entry_script_shows_the_message_in_both_tabs_and_prints_it_once(entr
             components = script.ui(is_img2img)
         accordion = components[0].accordion
         notices.append(next(c for c in accordion.children if c.elem_id and c.elem_id.endswith("_notice")))
-    expected = detect.OLD_FORGE_MESSAGE[0].upper() + detect.OLD_FORGE_MESSAGE[1:]
+    expected = detect.UNSUPPORTED[detect.OLD_FORGE][0].upper() + detect.UNSUPPORTED[detect.OLD_FORGE][1:]
     assert all(notice.value == f"<p><strong>{expected} {detect.STAYS_OFF}</strong></p>" for notice in notices)
     out = capsys.readouterr().out.splitlines()
-    assert out == [f"DynFuse: {detect.OLD_FORGE_MESSAGE} {detect.STAYS_OFF}"]
+    assert out == [f"DynFuse: {detect.UNSUPPORTED[detect.OLD_FORGE]} {detect.STAYS_OFF}"]
 
     runner = host.scripts.ScriptRunner()
     runner.add(script, n_args=1)
@@ -79,5 +79,5 @@ def test_the_entry_script_shows_the_message_in_both_tabs_and_prints_it_once(entr
     assert "DynFuse" not in processed.infotexts[0]
     processed, _ = host.txt2img(fh.PROMPT, runner=runner, script_args=({"enabled": True},), steps=1)
     assert capsys.readouterr().out.splitlines() == [
-        f"DynFuse: {detect.OLD_FORGE_MESSAGE} DynFuse is off for this generation."]  # turned on through the API
+        f"DynFuse: {detect.UNSUPPORTED[detect.OLD_FORGE]} DynFuse is off for this generation."]  # turned on through the API
     assert 'DynFuse note: "off: unsupported WebUI"' in processed.infotexts[0]
