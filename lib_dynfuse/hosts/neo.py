@@ -7,7 +7,7 @@ no file name, and merges them when the patcher loads only if its `patches_uuid` 
 (`ModelPatcher.partially_load`). Hence:
 
 * which file an entry came from: `networks.load_lora_for_models` (called once per file, with the file name) is
-  wrapped by a LoadRecorder; the entry objects it added are what every later clone holds;
+  wrapped by a LoadRecorder; the payloads (adapter objects) it added are what every later clone's entries hold;
 * the clone's lists are its own copies; DynFuse gives the clone new lists without the subject's and style's entries
   (the patches it cannot fuse stay where they were, at the strength override if one is set);
 * the clone gets a new `patches_uuid`, derived from the source's and from what was taken: Neo then restores the
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lib_dynfuse.hosts.base import Job
-from lib_dynfuse.hosts.forge_family import ForgeFamilyAdapter, lora_file, strength_overrides
+from lib_dynfuse.hosts.forge_family import ForgeFamilyAdapter, lora_file
 from lib_dynfuse.hosts.patch_store import ROLES, LoadRecorder, Split, Taken, same_file
 
 LOADER_CHANGED = ("Forge Neo's LoRA loader (networks.load_lora_for_models with a file name) was not found; DynFuse "
@@ -73,7 +73,7 @@ class NeoAdapter(ForgeFamilyAdapter):
         found: dict[tuple[str, str], dict[str, list]] = {}
         for key, entries in unet.patches.items():
             for entry in entries:
-                stored = origin.get(id(entry))
+                stored = RECORDER.file_of(entry, origin)
                 role = next((role for role in ROLES if stored is not None and same_file(stored, *tags[role])), None)
                 if role is not None:
                     found.setdefault((role, stored), {}).setdefault(key, []).append(entry)
@@ -95,17 +95,19 @@ class NeoAdapter(ForgeFamilyAdapter):
                 store[key] = kept
         source_uuid = unet.patches_uuid
         unet.patches = store
-        unet.patches_uuid = derived_uuid(source_uuid, taken, split, strength_overrides(job))
+        unet.patches_uuid = derived_uuid(source_uuid, taken, split)
 
     def base_weight(self, unet: Any, key: str, module: torch.nn.Module) -> torch.Tensor:
         saved = unet.backup.get(key)
         return saved.weight if saved is not None else getattr(module, key.rpartition(".")[2])
 
 
-def derived_uuid(source: Any, taken: list[Taken], split: Split, overrides: dict[str, float | None]) -> uuid.UUID:
-    """The same value for the same source store, files, overrides and kept patches: Neo merges once per change,
-    and never keeps a merge made with the subject and style in it."""
+def derived_uuid(source: Any, taken: list[Taken], split: Split) -> uuid.UUID:
+    """The same value for the same source store, the same files taken and the same entries kept (at the same
+    strengths): Neo merges once per change of what it merges, and never keeps a merge made with the subject and
+    style in it."""
     namespace = source if isinstance(source, uuid.UUID) else uuid.uuid5(uuid.NAMESPACE_OID, repr(source))
     files = sorted((item.role, str(item.source)) for item in taken)
-    kept = sorted((str(source), key) for source, by_key in split.kept.items() for key in by_key)
-    return uuid.uuid5(namespace, repr(("dynfuse", files, sorted(overrides.items()), kept)))
+    kept = sorted((str(stored), key, tuple(float(new[0]) for _old, new in pairs))
+                  for stored, by_key in split.kept.items() for key, pairs in by_key.items())
+    return uuid.uuid5(namespace, repr(("dynfuse", files, kept)))

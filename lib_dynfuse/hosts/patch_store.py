@@ -240,13 +240,14 @@ class LoadRecorder:
 
     The host's LoRA front end loads each file with a module-level ``load_lora_for_models(model, clip, lora, ...,
     filename=...)`` that returns a clone of ``model`` with the file's entries appended. Wrapped, it tells which
-    entries that call added: the entry objects themselves are what every later clone shares (clones copy the
-    per-weight lists, not the entries). Records live as long as the patcher the call returned."""
+    payloads (the adapter objects and tuples an entry holds second) that call added: clones copy the per-weight
+    lists and share the entries, and an extension that rebuilds an entry (another strength) keeps its payload.
+    Records live as long as the patcher the call returned."""
 
     MARK = "__dynfuse_load_recorder__"
 
     def __init__(self) -> None:
-        self._added: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # patcher -> {id: (entry, file)}
+        self._added: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # patcher -> {id: (payload, file)}
 
     def install(self, module: Any, name: str = "load_lora_for_models") -> bool:
         """Wrap ``module.<name>`` (idempotent; a wrapper a former recorder left is replaced). False when the
@@ -270,8 +271,7 @@ class LoadRecorder:
             try:
                 bound = signature.bind(*args, **kwargs)
                 bound.apply_defaults()
-                arguments = list(bound.arguments.values())
-                recorder.record(arguments[0], result[0], bound.arguments["filename"])
+                recorder.record(next(iter(bound.arguments.values())), result[0], bound.arguments["filename"])
             except Exception:  # noqa: BLE001 - never break the host's LoRA loading; unrecorded means "not found"
                 pass
             return result
@@ -282,24 +282,28 @@ class LoadRecorder:
         return True
 
     def record(self, before: Any, after: Any, filename: Any) -> None:
-        """The entries ``after`` holds that ``before`` did not came from ``filename``."""
+        """The payloads ``after`` holds that ``before`` did not came from ``filename``."""
         if after is None or after is before or not isinstance(getattr(after, "patches", None), dict):
             return
-        seen = {id(e) for entries in getattr(before, "patches", {}).values() for e in entries}
-        self._added[after] = {id(e): (e, str(filename)) for entries in after.patches.values() for e in entries
-                              if id(e) not in seen}
+        seen = {id(e[1]) for entries in getattr(before, "patches", {}).values() for e in entries}
+        self._added[after] = {id(e[1]): (e[1], str(filename)) for entries in after.patches.values() for e in entries
+                              if id(e[1]) not in seen}
 
     def files(self, patcher: Any) -> dict[int, str]:
-        """id(entry) -> file for every recorded entry of ``patcher``'s model (a recorded entry is kept alive by its
-        record, so no other object shares its id)."""
+        """id(payload) -> file for every recorded payload of ``patcher``'s model (a recorded payload is kept alive
+        by its record, so no other object shares its id)."""
         model = getattr(patcher, "model", None)
         return {key: filename for owner, added in list(self._added.items()) if getattr(owner, "model", None) is model
-                for key, (_entry, filename) in added.items()}
+                for key, (_payload, filename) in added.items()}
+
+    def file_of(self, entry: Sequence, files: dict[int, str]) -> str | None:
+        """The file that loaded ``entry``, from ``files(...)``."""
+        return files.get(id(entry[1]))
 
     def knows(self, patcher: Any) -> bool:
         """Whether any entry ``patcher`` holds was recorded."""
         files = self.files(patcher)
-        return any(id(e) in files for entries in patcher.patches.values() for e in entries)
+        return any(self.file_of(e, files) for entries in patcher.patches.values() for e in entries)
 
 
 def same_file(stored: Any, filename: str | None, name: str) -> bool:

@@ -27,13 +27,14 @@ def _is_host_module(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15"):
-    """The fake Forge with a loaded model ("sd15" or "sdxl"); yields a namespace of its modules."""
+def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15", paths: list[str] = PATHS):
+    """The fake Forge with a loaded model ("sd15" or "sdxl"); yields a namespace of its modules. ``paths``: the
+    host's folders (tests/fakehost/neo/neo_harness.py puts the fake Forge Neo's first)."""
     saved = {k: v for k, v in sys.modules.items() if _is_host_module(k)}
     for k in saved:
         del sys.modules[k]
     old_path = list(sys.path)
-    sys.path[:0] = PATHS
+    sys.path[:0] = paths
     # The model is tiny: one thread is many times faster than several fighting over a loaded CI machine.
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -56,16 +57,16 @@ def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15"):
 
 
 @contextlib.contextmanager
-def tiny_guidance_models(host: Host, monkeypatch):
+def tiny_guidance_models(host: Host, monkeypatch, adapter: str = "lib_dynfuse.hosts.forge:ForgeAdapter"):
     """Guidance and scores on the CPU with conftest_guidance's tiny random-weight CLIP and DINO, unloaded after.
-    ForgeAdapter is looked up when called: other fixtures re-import lib_dynfuse.hosts."""
+    The adapter class is looked up when called: other fixtures re-import lib_dynfuse.hosts."""
     from conftest_guidance import TINY
 
     from lib_dynfuse.guidance import scorers
-    from lib_dynfuse.hosts.forge import ForgeAdapter
 
+    module, name = adapter.split(":")
     host.shared.opts.data.update(dynfuse_device="cpu", dynfuse_precision="fp32")
-    monkeypatch.setattr(ForgeAdapter, "guidance_factories", dict(TINY))
+    monkeypatch.setattr(getattr(importlib.import_module(module), name), "guidance_factories", dict(TINY))
     try:
         yield
     finally:
