@@ -154,6 +154,32 @@ def unet_weights(sd_model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in sd_model.forge_objects_original.unet.model.named_parameters()}
 
 
+LOHA_PROMPT = "a cat <lora:hada:0.7> <lora:style:1> <lora:other:0.5>"  # hada as the subject
+
+
+def write_loha(sd_model, lora_dir: Path, rank: int = 2) -> list[str]:
+    """hada.safetensors: LoHa factors of ``rank`` on the Linear layers among keys 8-13 (which the style LoRA of
+    write_test_loras shares from key 10 on), and a bias diff; returns the LoHa layers' module paths."""
+    names = kohya_keys()
+    g = torch.Generator().manual_seed(7)
+    loha, paths = {}, []
+    for key in list(names)[8:14]:
+        shape = tuple(sd_model.forge_objects_original.unet.model.get_submodule(key[:-7]).weight.shape)
+        if len(shape) != 2:
+            continue
+        prefix = names[key]
+        paths.append(key[:-7])
+        loha.update({f"{prefix}.hada_w1_a": torch.randn(shape[0], rank, generator=g) * 0.5,
+                     f"{prefix}.hada_w1_b": torch.randn(rank, shape[1], generator=g) * 0.5,
+                     f"{prefix}.hada_w2_a": torch.randn(shape[0], rank, generator=g) * 0.5,
+                     f"{prefix}.hada_w2_b": torch.randn(rank, shape[1], generator=g) * 0.5,
+                     f"{prefix}.alpha": torch.tensor(1.0)})
+    bias_key = names["diffusion_model.input_blocks.1.1.transformer_blocks.0.ff.net.2.weight"]
+    loha[f"{bias_key}.diff_b"] = torch.randn(8, generator=g)
+    write_lora(lora_dir / "hada.safetensors", sd_model, [], extra=loha)
+    return paths
+
+
 SUBJECT_KEYS = slice(5, 20)
 STYLE_KEYS = slice(10, 30)
 OTHER_KEYS = slice(0, 40)
