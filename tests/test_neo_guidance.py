@@ -36,32 +36,14 @@ def host(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("decoder", ["approx", "vae"])
 def test_guidance_on_neo_corrects_each_step_with_neos_unconditional_estimate(host, monkeypatch, capsys, decoder):
-    from lib_dynfuse.guidance import Guidance
     from lib_dynfuse.hosts.neo import NeoAdapter
-    from modules import sd_samplers_cfg_denoiser
 
     script = nh.AdapterScript(host, NeoAdapter(), DynFuseSettings(enabled=True, guidance_decoder=decoder, **GUIDED))
     plain, _ = host.txt2img(nh.PROMPT, steps=3, cfg_scale=5.0, enable_hr=True)
     cached = host.sd_model.forge_objects_after_applying_lora.unet
     options = repr(cached.model_options)
 
-    neo_uncond, given = [], []
-    sampling_function = sd_samplers_cfg_denoiser.sampling_function
-
-    def record_neo(*args, **kwargs):
-        denoised, cond_pred, uncond_pred = sampling_function(*args, **kwargs)
-        neo_uncond.append(uncond_pred.clone())
-        return denoised, cond_pred, uncond_pred
-
-    correct = Guidance.correct
-
-    def record_dynfuse(self, x0, x0_uncond=None, **kwargs):
-        assert torch.is_inference_mode_enabled() and x0.is_inference()
-        given.append(x0_uncond.clone())
-        return correct(self, x0, x0_uncond, **kwargs)
-
-    monkeypatch.setattr(sd_samplers_cfg_denoiser, "sampling_function", record_neo)
-    monkeypatch.setattr(Guidance, "correct", record_dynfuse)
+    neo_uncond, given = nh.record_unconditional_estimates(monkeypatch)
     called = forbid_forge_models_while_sampling(host, monkeypatch)
     guided, _ = host.txt2img(nh.PROMPT, runner=host.scripts.ScriptRunner([script]), steps=3, cfg_scale=5.0,
                              enable_hr=True)

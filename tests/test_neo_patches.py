@@ -27,21 +27,10 @@ def host(tmp_path):
         yield host
 
 
-def neo():
-    from lib_dynfuse.hosts import neo
-
-    return neo
-
-
-def dynfuse(host, **settings):
-    script = nh.AdapterScript(host, neo().NeoAdapter(), DynFuseSettings(enabled=True, **settings))
-    return script, host.scripts.ScriptRunner([script])
-
-
 def test_loha_and_bias_patches_become_dense_deltas_matching_neos_merge(host, tmp_path):
     nh.write_loha(host.sd_model, tmp_path)
     merged, _ = host.txt2img(nh.LOHA_PROMPT, steps=2)
-    script, runner = dynfuse(host, method="static")
+    script, runner = nh.dynfuse(host, method="static")
     fused, p = host.txt2img(nh.LOHA_PROMPT, runner=runner, steps=2)
     torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
     assert NOTE_KEY not in p.extra_generation_params and script.job.last_log.layers
@@ -49,7 +38,7 @@ def test_loha_and_bias_patches_become_dense_deltas_matching_neos_merge(host, tmp
 
 def test_k_lora_takes_a_loha_layers_rank_from_the_adapter(host, tmp_path, klora_ranks):
     loha = nh.write_loha(host.sd_model, tmp_path, rank=3)
-    _script, runner = dynfuse(host, method="k-lora")
+    _script, runner = nh.dynfuse(host, method="k-lora")
     host.txt2img(nh.LOHA_PROMPT, runner=runner, steps=2)
     shared = [path for path in loha if path in klora_ranks]
     assert len(shared) >= 2 and {klora_ranks[path] for path in shared} == {(3, 2)}
@@ -69,7 +58,7 @@ def test_dora_deltas_are_taken_against_the_original_weight_neo_keeps_in_backup(h
     """DoRA rescales the weight it is merged into, so its delta depends on that weight: with subj, style and other
     merged by an earlier plain generation, the model holds merged weights and only Neo's backup the original."""
     write_dora_subject(host, tmp_path)
-    _script, runner = dynfuse(host, method="static")
+    _script, runner = nh.dynfuse(host, method="static")
     merged, _ = host.txt2img(nh.PROMPT, steps=2)
     assert host.sd_model.forge_objects.unet.backup  # the weights are merged now
     fused, p = host.txt2img(nh.PROMPT, runner=runner, steps=2)
@@ -84,7 +73,7 @@ def test_norm_layer_patches_stay_with_neo_in_place_and_the_rest_is_fused(host, t
     nh.write_lora(tmp_path / "subj.safetensors", host.sd_model, list(nh.kohya_keys())[nh.SUBJECT_KEYS], seed=1,
                   extra=norms)
     merged, _ = host.txt2img(nh.PROMPT, steps=2, enable_hr=True)
-    script, runner = dynfuse(host, method="static")
+    script, runner = nh.dynfuse(host, method="static")
     kept = {}
     host.script_callbacks.on_cfg_denoiser(lambda params: kept.update(host.sd_model.forge_objects.unet.patches))
     fused, p = host.txt2img(nh.PROMPT, runner=runner, steps=2, enable_hr=True)
@@ -104,7 +93,7 @@ def test_online_loras_stay_per_forward_for_the_other_loras(host):
     dynamic_args.online_lora = True
     original = nh.unet_weights(host.sd_model)
     merged, _ = host.txt2img(nh.PROMPT, steps=2)
-    _script, runner = dynfuse(host, method="static")
+    _script, runner = nh.dynfuse(host, method="static")
     online = []
     host.script_callbacks.on_cfg_denoiser(lambda params: online.append(
         len(host.sd_model.forge_objects.unet.model.get_submodule(CONTESTED).weight_function)))
@@ -116,7 +105,7 @@ def test_online_loras_stay_per_forward_for_the_other_loras(host):
 
 def test_loras_loaded_before_dynfuse_watched_the_loader_are_loaded_again(host):
     merged, _ = host.txt2img(nh.PROMPT, steps=2)       # no adapter yet: Neo's loader is not watched
-    script, runner = dynfuse(host, method="static")
+    script, runner = nh.dynfuse(host, method="static")
     fused, p = host.txt2img(nh.PROMPT, runner=runner, steps=2)
     assert NOTE_KEY not in p.extra_generation_params and script.job.last_log.layers
     torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
@@ -125,7 +114,7 @@ def test_loras_loaded_before_dynfuse_watched_the_loader_are_loaded_again(host):
 def test_a_tag_neo_did_not_load_turns_dynfuse_off_with_a_message(host, capsys):
     prompt = "a dog <lora:subj:0.8> <lora:nothere:1> <lora:other:0.5>"
     clean, _ = host.txt2img(prompt, steps=2)
-    _script, runner = dynfuse(host)
+    _script, runner = nh.dynfuse(host)
     processed, p = host.txt2img(prompt, runner=runner, steps=2)
     assert "the style 'nothere' LoRA has no UNet weights loaded by Forge Neo" in capsys.readouterr().out
     assert p.extra_generation_params[NOTE_KEY] == "off: LoRA has no UNet weights"
@@ -146,7 +135,7 @@ class ClassicPatcher:     # ldm_patched ModelPatcher of old Forge and Forge Clas
     (ClassicPatcher, "in the ldm_patched store of old Forge and Forge Classic")])
 def test_a_store_neo_support_cannot_read_is_refused_once_naming_what_it_found(host, capsys, patcher, found):
     host.sd_model.forge_objects.unet = patcher()
-    adapter = neo().NeoAdapter()
+    adapter = nh.adapter_module().NeoAdapter()
     p = host.processing.StableDiffusionProcessingTxt2Img(prompt=nh.PROMPT)
     p.setup_prompts()
     assert adapter.begin_job(p, DynFuseSettings(enabled=True)) is None
@@ -161,17 +150,17 @@ def test_a_loader_without_file_names_is_refused(host, capsys, monkeypatch):
 
     monkeypatch.setattr(networks, "load_lora_for_models", lambda model, clip, lora, strength_model, strength_clip:
                         (model, clip))
-    adapter = neo().NeoAdapter()
+    adapter = nh.adapter_module().NeoAdapter()
     p = host.processing.StableDiffusionProcessingTxt2Img(prompt=nh.PROMPT)
     p.setup_prompts()
     assert adapter.begin_job(p, DynFuseSettings(enabled=True)) is None
-    assert neo().LOADER_CHANGED in capsys.readouterr().out
+    assert nh.adapter_module().LOADER_CHANGED in capsys.readouterr().out
 
 
 def test_a_failing_takeover_gives_neo_back_every_lora(host, monkeypatch, capsys):
     from lib_dynfuse import session
 
-    _script, runner = dynfuse(host)
+    _script, runner = nh.dynfuse(host)
     clean, _ = host.txt2img(nh.PROMPT, steps=2)
     cached = host.sd_model.forge_objects_after_applying_lora.unet
 
@@ -198,7 +187,7 @@ def test_neo_keeps_device_memory_free_for_the_hooks_factors(host, tmp_path, monk
 
     monkeypatch.setattr(host.memory_management, "load_models_gpu", recording)
     host.txt2img(nh.PROMPT, steps=1)
-    _script, runner = dynfuse(host)
+    _script, runner = nh.dynfuse(host)
     host.txt2img(nh.PROMPT, runner=runner, steps=1)
     factors = sum(t.numel() for name in ("subj", "style") for key, t in load_file(tmp_path / f"{name}.safetensors").items()
                   if key.endswith(("lora_up.weight", "lora_down.weight")))
@@ -207,7 +196,7 @@ def test_neo_keeps_device_memory_free_for_the_hooks_factors(host, tmp_path, monk
 
 def test_another_extension_replacing_the_unet_wrapper_is_reported_once(host, capsys):
     merged, _ = host.txt2img(nh.PROMPT, steps=3)
-    script, _ = dynfuse(host, method="static")
+    script, _ = nh.dynfuse(host, method="static")
 
     class Later:
         filename = "wrapper-ext"
@@ -229,7 +218,7 @@ def test_host_detection_picks_the_neo_adapter(host):
 
     detect.reset_adapter()
     try:
-        assert isinstance(detect.get_adapter(), neo().NeoAdapter)
+        assert isinstance(detect.get_adapter(), nh.adapter_module().NeoAdapter)
         assert detect.unsupported_notice() is None
     finally:
         detect.reset_adapter()

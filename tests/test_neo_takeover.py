@@ -28,18 +28,6 @@ def host(tmp_path):
         yield host
 
 
-def neo():
-    # Looked up per test: other test modules' fixtures re-import lib_dynfuse.hosts.
-    from lib_dynfuse.hosts import neo
-
-    return neo
-
-
-def dynfuse(host, **settings):
-    script = nh.AdapterScript(host, neo().NeoAdapter(), DynFuseSettings(enabled=True, **settings))
-    return script, host.scripts.ScriptRunner([script])
-
-
 def hooks_on(host) -> int:
     return sum(len(m._forward_hooks) for m in host.sd_model.forge_objects_original.unet.model.modules())
 
@@ -78,14 +66,14 @@ def store_snapshot(unet) -> dict:
 
 def test_off_is_bit_identical_to_no_extension(host):
     plain, _ = host.txt2img(nh.PROMPT, steps=3)
-    script = nh.AdapterScript(host, neo().NeoAdapter(), DynFuseSettings(enabled=False))
+    script = nh.AdapterScript(host, nh.adapter_module().NeoAdapter(), DynFuseSettings(enabled=False))
     off, _ = host.txt2img(nh.PROMPT, runner=host.scripts.ScriptRunner([script]), steps=3)
     assert torch.equal(plain.images[0], off.images[0]) and plain.infotexts == off.infotexts
 
 
 def test_static_method_reproduces_neos_merge(host):
     merged, _ = host.txt2img(nh.PROMPT, steps=3, batch_size=2)
-    script, runner = dynfuse(host, method="static")
+    script, runner = nh.dynfuse(host, method="static")
     fused, p = host.txt2img(nh.PROMPT, runner=runner, steps=3, batch_size=2)
     # Output-space deltas instead of merged weights: equal up to fp32 rounding.
     torch.testing.assert_close(torch.stack(fused.latents), torch.stack(merged.latents), rtol=1e-4, atol=1e-4)
@@ -94,12 +82,16 @@ def test_static_method_reproduces_neos_merge(host):
 
 
 def test_only_subject_and_style_leave_neos_store_and_the_rest_stays_merged(host, tmp_path):
-    _script, runner = dynfuse(host)
+    _script, runner = nh.dynfuse(host)
     seen = weights_while_sampling(host)
-    files = []
-    host.script_callbacks.on_cfg_denoiser(lambda params: files.append(
-        set(neo().RECORDER.file_of(e, neo().RECORDER.files(host.sd_model.forge_objects.unet))
-            for entries in host.sd_model.forge_objects.unet.patches.values() for e in entries)))
+    recorder, files = nh.adapter_module().RECORDER, []
+
+    def loaded_from(params):
+        unet = host.sd_model.forge_objects.unet
+        known = recorder.files(unet)
+        files.append({recorder.file_of(e, known) for entries in unet.patches.values() for e in entries})
+
+    host.script_callbacks.on_cfg_denoiser(loaded_from)
     host.txt2img(nh.PROMPT, runner=runner, steps=2)
     assert files[0] == {str(tmp_path / "other.safetensors")}
     _, other_only = fresh_host_run(tmp_path, OTHER_ONLY, steps=1)
@@ -109,7 +101,7 @@ def test_only_subject_and_style_leave_neos_store_and_the_rest_stays_merged(host,
 def test_the_patches_uuid_trap_neo_re_merges_after_a_plain_generation_with_the_same_loras(host, tmp_path):
     """A plain generation leaves subj, style and other merged under the store's patches_uuid. DynFuse's clone must
     carry another uuid, or Neo keeps that merge and the hooks add subj and style a second time."""
-    _script, runner = dynfuse(host)  # DynFuse is installed, off for the first generation
+    _script, runner = nh.dynfuse(host)  # DynFuse is installed, off for the first generation
     before, _ = host.txt2img(nh.PROMPT, steps=3)
     seen = weights_while_sampling(host)
     host.txt2img(nh.PROMPT, runner=runner, steps=3)
@@ -124,9 +116,9 @@ def test_the_patches_uuid_trap_neo_re_merges_after_a_plain_generation_with_the_s
 
 def test_the_trap_is_real_a_clone_keeping_the_sources_uuid_keeps_the_old_merge(host, tmp_path, monkeypatch):
     """The test above can fail: with the source's uuid on the clone, Neo keeps subj and style merged."""
-    _script, runner = dynfuse(host)
+    _script, runner = nh.dynfuse(host)
     host.txt2img(nh.PROMPT, steps=1)
-    monkeypatch.setattr(neo(), "derived_uuid", lambda source, *args: source)
+    monkeypatch.setattr(nh.adapter_module(), "derived_uuid", lambda source, *args: source)
     seen = weights_while_sampling(host)
     host.txt2img(nh.PROMPT, runner=runner, steps=1)
     _, all_merged = fresh_host_run(tmp_path, nh.PROMPT, steps=1)
@@ -135,7 +127,7 @@ def test_the_trap_is_real_a_clone_keeping_the_sources_uuid_keeps_the_old_merge(h
 
 def test_next_generation_without_dynfuse_matches_a_host_that_never_had_it(host, tmp_path):
     originals = nh.unet_weights(host.sd_model)
-    _script, runner = dynfuse(host)
+    _script, runner = nh.dynfuse(host)
     host.txt2img(nh.PROMPT, runner=runner, steps=3)
     assert hooks_on(host) == 0
     after, _ = host.txt2img(nh.PROMPT, steps=3)
@@ -147,7 +139,7 @@ def test_next_generation_without_dynfuse_matches_a_host_that_never_had_it(host, 
 
 
 def test_neos_shared_structures_are_not_mutated(host):
-    _script, runner = dynfuse(host, subject_strength=0.3)
+    _script, runner = nh.dynfuse(host, subject_strength=0.3)
     host.txt2img(nh.PROMPT, steps=1)
     cached = host.sd_model.forge_objects_after_applying_lora.unet
     before, uuid, options = store_snapshot(cached), cached.patches_uuid, repr(cached.model_options)
@@ -159,20 +151,20 @@ def test_neos_shared_structures_are_not_mutated(host):
 
 def test_neo_merges_once_per_change_and_not_again_for_the_same_loras_and_settings(host):
     model = host.sd_model.forge_objects_original.unet.model
-    _script, runner = dynfuse(host)
+    _script, runner = nh.dynfuse(host)
     host.txt2img(nh.PROMPT, steps=1)
     host.txt2img(nh.PROMPT, runner=runner, steps=2)
     merges = model.merge_count
     host.txt2img(nh.PROMPT, runner=runner, steps=2, batch_size=2)
     host.txt2img(nh.PROMPT, runner=runner, steps=2, n_iter=2, enable_hr=True)
     assert model.merge_count == merges == 2      # the plain run's merge, then one for DynFuse's store
-    _script, runner = dynfuse(host, style_strength=0.5)
+    _script, runner = nh.dynfuse(host, style_strength=0.5)
     host.txt2img(nh.PROMPT, runner=runner, steps=2)
     assert model.merge_count == 2                  # an override of fused layers only: the same store, no merge
 
 
 def test_hires_fix_takes_over_for_each_pass_with_one_store(host):
-    script, runner = dynfuse(host)
+    script, runner = nh.dynfuse(host)
     seen = []
     host.script_callbacks.on_cfg_denoiser(lambda params: seen.append(
         (tuple(params.x.shape), hooks_on(host), host.sd_model.forge_objects.unet.patches_uuid)))
@@ -192,7 +184,7 @@ def test_hires_fix_takes_over_for_each_pass_with_one_store(host):
 def test_an_exception_during_sampling_leaves_no_hook_and_the_next_image_is_clean(host, monkeypatch, inside_unet):
     clean, _ = host.txt2img(nh.PROMPT, steps=3)
     weights = nh.unet_weights(host.sd_model)
-    script, runner = dynfuse(host)
+    script, runner = nh.dynfuse(host)
     model = host.sd_model.forge_objects_original.unet.model
     with monkeypatch.context() as patch:
         if inside_unet:  # in a layer's forward, as an out-of-memory error would
@@ -219,7 +211,7 @@ def test_an_exception_during_sampling_leaves_no_hook_and_the_next_image_is_clean
 
 
 def test_interrupt_keeps_the_job_and_removes_everything(host):
-    script, runner = dynfuse(host)
+    script, runner = nh.dynfuse(host)
 
     def interrupt(params):
         if params.denoiser.step == 1:
@@ -236,14 +228,14 @@ def test_img2img_is_taken_over_once_and_matches_neos_merge(host):
 
     init = [Image.new("RGB", (80, 48), (200, 40, 30))]
     merged, _ = host.img2img(nh.PROMPT, init, steps=4, denoising_strength=0.5)
-    script, runner = dynfuse(host, method="static")
+    script, runner = nh.dynfuse(host, method="static")
     fused, _ = host.img2img(nh.PROMPT, init, runner=runner, steps=4, denoising_strength=0.5)
     torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
     assert script.takeovers == 1 and script.job.last_log.steps == [0, 1, 2] and hooks_on(host) == 0
 
 
 def test_strength_override_and_tag_strength_scale_the_deltas(host):
-    _script, runner = dynfuse(host, method="static", subject_strength=0.3)
+    _script, runner = nh.dynfuse(host, method="static", subject_strength=0.3)
     fused, _ = host.txt2img(nh.PROMPT, runner=runner, steps=2)
     merged, _ = host.txt2img(nh.PROMPT.replace("subj:0.8", "subj:0.3"), steps=2)
     torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
@@ -270,7 +262,7 @@ def test_a_patch_dynfuse_cannot_fuse_stays_with_neo_where_it_was_at_the_override
     expected = [host.txt2img(nh.PROMPT.replace("subj:0.8", f"subj:{s}"), runner=host.scripts.ScriptRunner([rescaler]),
                              steps=2)[0] for s in strengths]
     for strength, reference in zip(strengths, expected):  # the second strength must be merged anew
-        script, _ = dynfuse(host, method="static", subject_strength=strength)
+        script, _ = nh.dynfuse(host, method="static", subject_strength=strength)
         kept = {}
         host.script_callbacks.on_cfg_denoiser(
             lambda params: kept.update(layer=list(host.sd_model.forge_objects.unet.patches[Rescaler.layer])))

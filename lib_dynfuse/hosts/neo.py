@@ -51,6 +51,7 @@ class NeoAdapter(ForgeFamilyAdapter):
 
     def __init__(self) -> None:
         super().__init__()
+        self.asked_reload = False
         watch_lora_loads()  # before the first generation loads a LoRA
 
     def unsupported_reason(self, p: Any) -> str | None:
@@ -62,9 +63,11 @@ class NeoAdapter(ForgeFamilyAdapter):
         super().prepare(p, job)
         engine = getattr(p, "sd_model", None)
         cached = getattr(getattr(engine, "forge_objects_after_applying_lora", None), "unet", None)
-        if cached is not None and getattr(cached, "patches", None) and not RECORDER.knows(cached):
-            # Loaded before DynFuse watched the loader (an extension installed while the WebUI ran): Neo reuses
-            # them while the prompt's LoRAs stay the same, so ask it to load them again, now watched.
+        if not self.asked_reload and getattr(cached, "patches", None) and not RECORDER.knows(cached):
+            # Loaded before DynFuse watched the loader (installed while the WebUI ran): Neo reuses them while the
+            # prompt's LoRAs stay the same, so ask it once to load them again, now watched. (Once: LoRAs another
+            # extension loads past the loader would be loaded again for nothing at every generation.)
+            self.asked_reload = True
             engine.current_lora_hash = None
 
     def take_patches(self, unet: Any, job: Job) -> list[Taken]:

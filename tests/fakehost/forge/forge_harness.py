@@ -73,6 +73,31 @@ def tiny_guidance_models(host: Host, monkeypatch, adapter: str = "lib_dynfuse.ho
         scorers.unload()
 
 
+def record_unconditional_estimates(monkeypatch) -> tuple[list, list]:
+    """([the host's unconditional x0 estimate], [the one Guidance.correct was given]) per guided step, filled while
+    the host samples; Guidance.correct must run under inference mode on inference tensors."""
+    from lib_dynfuse.guidance import Guidance
+    from modules import sd_samplers_cfg_denoiser
+
+    host_uncond, given = [], []
+    sampling_function = sd_samplers_cfg_denoiser.sampling_function
+    correct = Guidance.correct
+
+    def record_host(*args, **kwargs):
+        denoised, cond_pred, uncond_pred = sampling_function(*args, **kwargs)
+        host_uncond.append(uncond_pred.clone())
+        return denoised, cond_pred, uncond_pred
+
+    def record_dynfuse(self, x0, x0_uncond=None, **kwargs):
+        assert torch.is_inference_mode_enabled() and x0.is_inference()
+        given.append(x0_uncond.clone())
+        return correct(self, x0, x0_uncond, **kwargs)
+
+    monkeypatch.setattr(sd_samplers_cfg_denoiser, "sampling_function", record_host)
+    monkeypatch.setattr(Guidance, "correct", record_dynfuse)
+    return host_uncond, given
+
+
 class Host:
     """Handles to the fake host's modules, imported from sys.path, so they are the ones Forge code sees."""
 

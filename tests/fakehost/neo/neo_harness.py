@@ -22,3 +22,17 @@ NEO_ADAPTER = "lib_dynfuse.hosts.neo:NeoAdapter"
 
 neo_host = functools.partial(forge_harness.forge_host, paths=PATHS)
 tiny_guidance_models = functools.partial(forge_harness.tiny_guidance_models, adapter=NEO_ADAPTER)
+
+
+def adapter_module():
+    """lib_dynfuse.hosts.neo as imported now (other test modules' fixtures re-import lib_dynfuse.hosts)."""
+    return importlib.import_module("lib_dynfuse.hosts.neo")
+
+
+def dynfuse(host, **settings):
+    """An always-on script running a new NeoAdapter with DynFuse on (``settings`` over the defaults), and a script
+    runner holding it alone."""
+    from lib_dynfuse.settings import DynFuseSettings
+
+    script = forge_harness.AdapterScript(host, adapter_module().NeoAdapter(), DynFuseSettings(enabled=True, **settings))
+    return script, host.scripts.ScriptRunner([script])

@@ -1,8 +1,9 @@
 # Fake of modules_forge/packages/comfy/weight_adapter/base.py (Forge Neo 2.26).
-# Kept: WeightAdapterBase (name, loaded_keys, weights; calculate_weight(weight, key, strength, strength_model,
-# offset, function, intermediate_dtype, original_weight)), weight_decompose (DoRA: the norm taken on the output axis
-# when dora_scale has one row per output channel, else per input channel; the weight changed IN PLACE) and
-# pad_tensor_to_shape. Simplified: no training classes.
+# Kept: WeightAdapterBase (name, loaded_keys, weights; calculate_weight(weight, key, strength, strength_model, offset,
+# function, intermediate_dtype, original_weight)), weight_decompose (DoRA: the norm taken on the output axis when
+# dora_scale has one row per output channel, else per input channel; the weight changed IN PLACE) and
+# pad_tensor_to_shape. Simplified: no training classes; the base's __init__ stores loaded_keys and weights (Neo's
+# adapters each have that __init__).
 import torch
 
 from backend import memory_management
@@ -12,6 +13,10 @@ class WeightAdapterBase:
     name: str
     loaded_keys: set
     weights: list
+
+    def __init__(self, loaded_keys, weights):
+        self.loaded_keys = loaded_keys
+        self.weights = weights
 
     @classmethod
     def load(cls, x, lora, alpha, dora_scale):

@@ -14,10 +14,6 @@ NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 class LoHaAdapter(WeightAdapterBase):
     name = "loha"
 
-    def __init__(self, loaded_keys, weights):
-        self.loaded_keys = loaded_keys
-        self.weights = weights
-
     @classmethod
     def load(cls, x, lora, alpha, dora_scale, loaded_keys=None):
         loaded_keys = set() if loaded_keys is None else loaded_keys

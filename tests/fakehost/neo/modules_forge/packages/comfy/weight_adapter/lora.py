@@ -14,10 +14,6 @@ from .base import WeightAdapterBase, pad_tensor_to_shape, weight_decompose
 class LoRAAdapter(WeightAdapterBase):
     name = "lora"
 
-    def __init__(self, loaded_keys, weights):
-        self.loaded_keys = loaded_keys
-        self.weights = weights
-
     @classmethod
     def load(cls, x, lora, alpha, dora_scale, loaded_keys=None):
         loaded_keys = set() if loaded_keys is None else loaded_keys
