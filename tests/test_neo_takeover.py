@@ -212,15 +212,21 @@ def test_an_exception_during_sampling_leaves_no_hook_and_the_next_image_is_clean
 
 def test_interrupt_keeps_the_job_and_removes_everything(host):
     script, runner = nh.dynfuse(host)
+    clean, _ = host.txt2img(nh.PROMPT, steps=3)
+    weights = nh.unet_weights(host.sd_model)
+    interrupting = [True]
 
     def interrupt(params):
-        if params.denoiser.step == 1:
+        if interrupting[0] and params.denoiser.step == 1:
             host.shared.state.interrupt()
 
     host.script_callbacks.on_cfg_denoiser(interrupt)
     processed, _ = host.txt2img(nh.PROMPT, runner=runner, steps=4, enable_hr=True)
     assert len(processed.images) == 1 and script.takeovers == 1
     assert script.job.last_log.steps == [0, 1] and hooks_on(host) == 0 and script.adapter.job is None
+    interrupting[0] = False
+    after, _ = host.txt2img(nh.PROMPT, steps=3)
+    assert torch.equal(after.images[0], clean.images[0]) and equal_weights(nh.unet_weights(host.sd_model), weights)
 
 
 def test_img2img_is_taken_over_once_and_matches_neos_merge(host):
