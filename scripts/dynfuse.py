@@ -1,4 +1,4 @@
-"""DynFuse for the AUTOMATIC1111 and Forge WebUIs: the one file the host loads as a script.
+"""DynFuse for the AUTOMATIC1111, Forge and Forge Neo WebUIs: the one file the host loads as a script.
 
 It builds the accordion, turns UI / API / X/Y/Z values into settings and hands each generation to the adapter of
 the detected host (lib_dynfuse.hosts). Callbacks are registered here, at import, because a Reload UI clears them

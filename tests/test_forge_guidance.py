@@ -127,26 +127,7 @@ def test_guidance_leaves_weights_and_forges_structures_as_a_run_without_the_exte
 
 
 def test_the_step_is_sized_by_forges_unconditional_estimate(host, monkeypatch):
-    from lib_dynfuse.guidance import Guidance
-    from modules import sd_samplers_cfg_denoiser
-
-    forge_uncond, given = [], []
-    sampling_function = sd_samplers_cfg_denoiser.sampling_function
-
-    def record_forge(*args, **kwargs):
-        denoised, cond_pred, uncond_pred = sampling_function(*args, **kwargs)
-        forge_uncond.append(uncond_pred.clone())
-        return denoised, cond_pred, uncond_pred
-
-    correct = Guidance.correct
-
-    def record_dynfuse(self, x0, x0_uncond=None, **kwargs):
-        assert torch.is_inference_mode_enabled() and x0.is_inference()
-        given.append(x0_uncond.clone())
-        return correct(self, x0, x0_uncond, **kwargs)
-
-    monkeypatch.setattr(sd_samplers_cfg_denoiser, "sampling_function", record_forge)
-    monkeypatch.setattr(Guidance, "correct", record_dynfuse)
+    forge_uncond, given = fh.record_unconditional_estimates(monkeypatch)
     run(host, **GUIDED)
     assert len(given) == len(forge_uncond) == 3
     assert all(torch.equal(a, b) for a, b in zip(given, forge_uncond))

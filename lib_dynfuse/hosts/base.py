@@ -4,7 +4,8 @@ The entry script (scripts/dynfuse.py) calls, per generation:
 
     job = adapter.begin_job(p, settings)        # Script.process: tags resolved, settings validated
     adapter.take_over(p, job)                   # A1111: after_extra_networks_activate (every activation)
-                                                # Forge: process_before_every_sampling (every sampling run)
+                                                # Forge, Forge Neo: process_before_every_sampling (every
+                                                #   sampling run)
     adapter.on_cfg_denoiser(params)             # CFG callback: step clock and batch layout
     adapter.on_cfg_after_cfg(params)            # CFG callback: guidance seam
     adapter.score_batch(p, job, images, n)      # Script.postprocess_batch: CLIP/DINO scores of the decoded batch
@@ -117,11 +118,11 @@ class Job:
 
 
 class HostAdapter(abc.ABC):
-    """What a host (A1111, Forge) must provide. Subclasses implement the three abstract hooks."""
+    """What a host (A1111, Forge, Forge Neo) must provide. Subclasses implement the three abstract hooks."""
 
     name: str = "host"
-    # The Script method that calls take_over: A1111 after every activation of extra networks, Forge before
-    # every sampling run (its LoRAs are patched into a fresh UNet clone there).
+    # The Script method that calls take_over: A1111 after every activation of extra networks, Forge and Forge Neo
+    # before every sampling run (its LoRAs are patched into a fresh UNet clone there).
     takeover_at: str = "after_extra_networks_activate"
     # Replace the open_clip / timm model loaders (tests pass random-weight models): {"clip_factory": ...}.
     guidance_factories: ClassVar[dict[str, Any]] = {}

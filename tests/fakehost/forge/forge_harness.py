@@ -27,13 +27,14 @@ def _is_host_module(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15"):
-    """The fake Forge with a loaded model ("sd15" or "sdxl"); yields a namespace of its modules."""
+def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15", paths: list[str] = PATHS):
+    """The fake Forge with a loaded model ("sd15" or "sdxl"); yields a namespace of its modules. ``paths``: the
+    host's folders (tests/fakehost/neo/neo_harness.py puts the fake Forge Neo's first)."""
     saved = {k: v for k, v in sys.modules.items() if _is_host_module(k)}
     for k in saved:
         del sys.modules[k]
     old_path = list(sys.path)
-    sys.path[:0] = PATHS
+    sys.path[:0] = paths
     # The model is tiny: one thread is many times faster than several fighting over a loaded CI machine.
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -56,20 +57,45 @@ def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15"):
 
 
 @contextlib.contextmanager
-def tiny_guidance_models(host: Host, monkeypatch):
+def tiny_guidance_models(host: Host, monkeypatch, adapter: str = "lib_dynfuse.hosts.forge:ForgeAdapter"):
     """Guidance and scores on the CPU with conftest_guidance's tiny random-weight CLIP and DINO, unloaded after.
-    ForgeAdapter is looked up when called: other fixtures re-import lib_dynfuse.hosts."""
+    The adapter class is looked up when called: other fixtures re-import lib_dynfuse.hosts."""
     from conftest_guidance import TINY
 
     from lib_dynfuse.guidance import scorers
-    from lib_dynfuse.hosts.forge import ForgeAdapter
 
+    module, name = adapter.split(":")
     host.shared.opts.data.update(dynfuse_device="cpu", dynfuse_precision="fp32")
-    monkeypatch.setattr(ForgeAdapter, "guidance_factories", dict(TINY))
+    monkeypatch.setattr(getattr(importlib.import_module(module), name), "guidance_factories", dict(TINY))
     try:
         yield
     finally:
         scorers.unload()
+
+
+def record_unconditional_estimates(monkeypatch) -> tuple[list, list]:
+    """([the host's unconditional x0 estimate], [the one Guidance.correct was given]) per guided step, filled while
+    the host samples; Guidance.correct must run under inference mode on inference tensors."""
+    from lib_dynfuse.guidance import Guidance
+    from modules import sd_samplers_cfg_denoiser
+
+    host_uncond, given = [], []
+    sampling_function = sd_samplers_cfg_denoiser.sampling_function
+    correct = Guidance.correct
+
+    def record_host(*args, **kwargs):
+        denoised, cond_pred, uncond_pred = sampling_function(*args, **kwargs)
+        host_uncond.append(uncond_pred.clone())
+        return denoised, cond_pred, uncond_pred
+
+    def record_dynfuse(self, x0, x0_uncond=None, **kwargs):
+        assert torch.is_inference_mode_enabled() and x0.is_inference()
+        given.append(x0_uncond.clone())
+        return correct(self, x0, x0_uncond, **kwargs)
+
+    monkeypatch.setattr(sd_samplers_cfg_denoiser, "sampling_function", record_host)
+    monkeypatch.setattr(Guidance, "correct", record_dynfuse)
+    return host_uncond, given
 
 
 class Host:
@@ -151,6 +177,32 @@ def write_lora(path: Path, sd_model, weight_keys, rank: int = 2, alpha: float | 
 def unet_weights(sd_model) -> dict[str, torch.Tensor]:
     """A copy of every UNet parameter, taken outside inference mode."""
     return {k: v.detach().clone() for k, v in sd_model.forge_objects_original.unet.model.named_parameters()}
+
+
+LOHA_PROMPT = "a cat <lora:hada:0.7> <lora:style:1> <lora:other:0.5>"  # hada as the subject
+
+
+def write_loha(sd_model, lora_dir: Path, rank: int = 2) -> list[str]:
+    """hada.safetensors: LoHa factors of ``rank`` on the Linear layers among keys 8-13 (which the style LoRA of
+    write_test_loras shares from key 10 on), and a bias diff; returns the LoHa layers' module paths."""
+    names = kohya_keys()
+    g = torch.Generator().manual_seed(7)
+    loha, paths = {}, []
+    for key in list(names)[8:14]:
+        shape = tuple(sd_model.forge_objects_original.unet.model.get_submodule(key[:-7]).weight.shape)
+        if len(shape) != 2:
+            continue
+        prefix = names[key]
+        paths.append(key[:-7])
+        loha.update({f"{prefix}.hada_w1_a": torch.randn(shape[0], rank, generator=g) * 0.5,
+                     f"{prefix}.hada_w1_b": torch.randn(rank, shape[1], generator=g) * 0.5,
+                     f"{prefix}.hada_w2_a": torch.randn(shape[0], rank, generator=g) * 0.5,
+                     f"{prefix}.hada_w2_b": torch.randn(rank, shape[1], generator=g) * 0.5,
+                     f"{prefix}.alpha": torch.tensor(1.0)})
+    bias_key = names["diffusion_model.input_blocks.1.1.transformer_blocks.0.ff.net.2.weight"]
+    loha[f"{bias_key}.diff_b"] = torch.randn(8, generator=g)
+    write_lora(lora_dir / "hada.safetensors", sd_model, [], extra=loha)
+    return paths
 
 
 SUBJECT_KEYS = slice(5, 20)
