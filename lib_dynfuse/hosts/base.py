@@ -246,6 +246,30 @@ class HostAdapter(abc.ABC):
             except Exception as e:  # noqa: BLE001
                 say(f"cleanup failed: {e}")
 
+    def damaged_factors(self, p: Any, job: Job, targets: list) -> bool:
+        """Check the two LoRAs' parsed deltas (lib_dynfuse.factors) before anything is taken from the host: a
+        missing, mismatched or non-finite factor turns DynFuse off for the job, with one line and a note naming the
+        LoRA and the layer, and leaves both LoRAs to the host's merge. Whether it did.
+
+        Each LoRA is checked once per job at its strength: every batch and hires pass takes the LoRAs over anew."""
+        from lib_dynfuse.factors import FactorError, check_deltas
+
+        checked = job.host.setdefault("checked factors", set())
+        for role in ("subject", "style"):
+            tag = getattr(job, role)
+            key = (tag.name, tag.unet, getattr(job.settings, f"{role}_strength"))
+            if key in checked:
+                continue
+            try:
+                check_deltas((t.name, delta) for t in targets if (delta := getattr(t, role)) is not None)
+            except FactorError as e:
+                job.failed = True
+                refuse(p, f"LoRA '{tag.name}' has a damaged layer ({e}). DynFuse is off for this generation and "
+                          "leaves the LoRAs to the WebUI.", f"off: LoRA {tag.name} has {e.kind} in layer {e.layer}")
+                return True
+            checked.add(key)
+        return False
+
     # ---- guidance and scores ----------------------------------------------------------------------
     def prepare(self, p: Any, job: Job) -> None:
         """At process() time, outside the host's sampling loop: the guidance (when on) and the scorer (when the

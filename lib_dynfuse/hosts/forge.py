@@ -119,6 +119,8 @@ class ForgeAdapter(HostAdapter):
                        "off: LoRA has no UNet weights")
                 return
             targets, leftovers, notes = self._targets(unet, job, taken)
+            if self.damaged_factors(p, job, targets):
+                return
             for note in notes:
                 say_once(job, note)
                 add_note(p, note)
