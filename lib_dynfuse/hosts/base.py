@@ -240,7 +240,7 @@ class HostAdapter(abc.ABC):
 
     def fail(self, p: Any, what: str, error: BaseException) -> None:
         """An unexpected error: one line, a note, and the rest of the job runs as without dynfuse."""
-        say(f"{what}: {type(error).__name__}: {error}. The generation continues without DynFuse.")
+        say(f"{what}: {type(error).__name__}: {str(error).rstrip('.')}. The generation continues without DynFuse.")
         if _debug():
             traceback.print_exc()
         add_note(p, f"off: {what} ({type(error).__name__})")
@@ -344,14 +344,13 @@ class HostAdapter(abc.ABC):
                 return
             except Exception as e:  # noqa: BLE001 - the scores are extras: never stop the generation for them
                 job.host["scores_off"] = ScoresOff(
-                    f"no CLIP/DINO scores for this generation ({type(e).__name__}: {e}). {SKIP_SCORES}",
-                    f"no scores: {type(e).__name__}")
+                    f"no CLIP/DINO scores for this generation ({type(e).__name__}: {e}). {SKIP_SCORES}")
                 return
         if scorer.subject_embedding is None and scorer.style_embedding is None:
             job.host["scores_off"] = ScoresOff(
                 "no CLIP/DINO scores for this generation: no reference image (add subject or style images in the "
                 f"DynFuse panel, or put a preview image beside the LoRA files). {SKIP_SCORES} {UNTIL_RESTART}",
-                "no scores: no reference image", ("no reference", frozenset(job.labels)))
+                key=("no reference", frozenset(job.labels)))
             return
         job.scorer = scorer
 
@@ -410,7 +409,7 @@ class HostAdapter(abc.ABC):
         if job is None or job.failed:
             return
         off = job.host.pop("scores_off", None)
-        if off is not None and self.say_once_per_session(off.key, off.message):
+        if off is not None and self.say_once_per_session(off.key, off.message) and off.note:
             add_note(p, off.note)
         scorer = job.scorer
         if scorer is None or images is None:
@@ -481,11 +480,12 @@ class HostAdapter(abc.ABC):
 
 @dataclass(frozen=True)
 class ScoresOff:
-    """Why a job writes no scores, said at its first batch: the console line, the infotext note, and the key under
-    which it is said once per session (None: every time)."""
+    """Why a job writes no scores, said at its first batch: the console line, an infotext note (for a failure,
+    not for the common case of no reference image), and the key under which it is said once per session (None:
+    every time)."""
 
     message: str
-    note: str
+    note: str | None = None
     key: tuple | None = None
 
 
