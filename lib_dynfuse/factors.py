@@ -102,8 +102,11 @@ def check_finite(layer: str, t: Tensor, name: str) -> None:
     """Raise :class:`FactorError` when ``t`` holds NaN or infinite values."""
     if t.numel() == 0:
         return
+    t = t.detach()
+    if t.element_size() == 1:  # float8: torch has no min/max for it; float16 holds its every value, NaN and inf
+        t = t.to(torch.float16)
     # One pass, no tensor of flags: NaN propagates into the extremes, and an infinity is one.
-    lowest, highest = torch.aminmax(t.detach())
+    lowest, highest = torch.aminmax(t)
     if bool(torch.isfinite(lowest)) and bool(torch.isfinite(highest)):
         return
     nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())

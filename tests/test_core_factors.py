@@ -62,3 +62,16 @@ def test_large_finite_half_values_are_finite():
 def test_a_layer_without_factors():
     with pytest.raises(FactorError, match=f"^layer {LAYER}: no down and up factors$"):
         check_factors(LAYER, {"down": None, "up": None, "alpha": torch.tensor(1.0)})
+
+
+@pytest.mark.parametrize("dtype,value,counted", [(torch.float8_e4m3fn, float("nan"), "1 NaN value"),
+                                                 (torch.float8_e5m2, float("inf"), "1 infinite value"),
+                                                 (torch.float8_e5m2, 2.0, None)])
+def test_float8_factors_are_checked_too(dtype, value, counted):
+    down = torch.zeros(2, 8)
+    down[1, 3] = value
+    delta = [(LAYER, LowRankDelta(down.to(dtype), torch.ones(8, 2).to(dtype)))]
+    if counted is None:
+        check_deltas(delta)
+    else:
+        assert str(error_of(delta)) == f"layer {LAYER}: down factor holds {counted} (of 16)"
