@@ -215,7 +215,8 @@ def test_unloadable_models_turn_guidance_and_scores_off_with_one_message(host, m
         ("DynFuse: guidance: could not load the DINO model 'vit_small_patch16_224.dino' (file not found: "
          "/models/clip.pt). Set a local weights file in Settings > DynFuse > DINO weights path (a local file; "
          "overrides the timm download), or turn guidance off. Guidance is off for this generation and no CLIP/DINO "
-         "scores are written; the fusion still runs. Not tried or said again until a CLIP/DINO setting changes.")]
+         "scores are written; the fusion still runs. Not tried or said again until a CLIP/DINO setting changes or "
+         "the WebUI restarts.")]
     assert script.job.guidance is None and "DynFuse scores" not in processed.infotexts[0]
     assert 'DynFuse note: "guidance off: DINO weights not available offline"' in processed.infotexts[0]
     assert torch.equal(processed.latents[0], plain.latents[0])

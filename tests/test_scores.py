@@ -23,7 +23,7 @@ NO_REFERENCE = ("DynFuse: no CLIP/DINO scores for this generation: no reference 
                 f"in the DynFuse panel, or put a preview image beside the LoRA files). {SKIP} Not said again for these "
                 "LoRAs until the WebUI restarts.")
 UNTIL_SETTINGS_CHANGE = "Not said again until a CLIP/DINO setting changes."
-NOT_TRIED_AGAIN = "Not tried or said again until a CLIP/DINO setting changes."
+NOT_TRIED_AGAIN = "Not tried or said again until a CLIP/DINO setting changes or the WebUI restarts."
 
 
 @pytest.fixture

@@ -33,10 +33,10 @@ CONSOLE_PREFIX = "DynFuse: "
 # How the guidance package's messages begin.
 GUIDANCE_PREFIX = "DynFuse: guidance: "
 SKIP_SCORES = f"To skip the scores, turn off {options.where('dynfuse_scores')}."
-# Problems that would come back with every generation are said at the first only (and noted in its infotext).
+# Problems that would come back with every generation are said at the first only.
 UNTIL_SETTINGS_CHANGE = "Not said again until a CLIP/DINO setting changes."
 # A failed download is not tried again either (guidance.scorers): offline, each try takes most of a minute.
-NOT_TRIED_AGAIN = "Not tried or said again until a CLIP/DINO setting changes."
+NOT_TRIED_AGAIN = "Not tried or said again until a CLIP/DINO setting changes or the WebUI restarts."
 UNTIL_RESTART = "Not said again for these LoRAs until the WebUI restarts."
 # What the CFG callbacks keep in Job.host for the guidance step only (the denoiser holds the whole of p).
 GUIDANCE_STEP_STATE = ("denoiser", "x_t", "t", "uncond_out")
