@@ -10,7 +10,8 @@ with hires fix, Forge Neo twice):
    restores the original weights and re-merges only the other LoRAs. How a store files its entries and how the
    WebUI notices the change is the host adapter's part (forge.py, neo.py);
 2. turn each taken patch into a delta (lib_dynfuse.hosts.patch_store) on the module found by its path,
-   `unet.model.get_submodule(path)`;
+   `unet.model.get_submodule(path)`, and check the deltas' factors: a damaged LoRA turns DynFuse off before the
+   clone's store is rewritten, and the WebUI samples with the patcher it had;
 3. open a FusionSession whose hooks add the chosen delta to each layer's output. DynFuse's `model_function_wrapper`
    puts the hooks on the shared model around each UNet call and takes them off in its `finally`, and tells the
    session the call's row layout from the WebUI's `cond_or_uncond` list. Should another extension take the wrapper
@@ -154,6 +155,10 @@ class ForgeFamilyAdapter(HostAdapter):
                 return
             split = split_patches(unet.model, taken, strength_overrides(job),
                                   lambda key, module: self.base_weight(unet, key, module), self.merge)
+            # Before the clone's store is rewritten or handed over: on a damaged LoRA the WebUI keeps the patcher
+            # it had (Neo's patches_uuid included) and makes the image as it would without DynFuse.
+            if self.damaged_factors(p, job, split.targets):
+                return
             for note in split.notes:
                 say_once(job, note)
                 add_note(p, note)

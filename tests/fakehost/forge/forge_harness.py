@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from console_lines import dynfuse_console
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent
@@ -39,15 +40,16 @@ def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15", paths: list[
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        shared = importlib.import_module("modules.shared")
-        shared.cmd_opts.lora_dir = str(lora_dir)
-        shared.state.begin()
-        loader = importlib.import_module("backend.loader")
-        shared.sd_model = loader.forge_loader(seed, family)
-        extra_networks = importlib.import_module("modules.extra_networks")
-        extra_networks_lora = importlib.import_module("extra_networks_lora")
-        extra_networks.register_extra_network(extra_networks_lora.ExtraNetworkLora())
-        yield Host()
+        with dynfuse_console():  # what DynFuse prints must be one "DynFuse: " line per print
+            shared = importlib.import_module("modules.shared")
+            shared.cmd_opts.lora_dir = str(lora_dir)
+            shared.state.begin()
+            loader = importlib.import_module("backend.loader")
+            shared.sd_model = loader.forge_loader(seed, family)
+            extra_networks = importlib.import_module("modules.extra_networks")
+            extra_networks_lora = importlib.import_module("extra_networks_lora")
+            extra_networks.register_extra_network(extra_networks_lora.ExtraNetworkLora())
+            yield Host()
     finally:
         for k in [k for k in sys.modules if _is_host_module(k)]:
             del sys.modules[k]
