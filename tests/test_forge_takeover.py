@@ -594,35 +594,15 @@ def test_online_lora_mode_for_low_bit_unets(host):
 
 # ---- damaged factors: found before sampling, the LoRAs stay with Forge's merge ----------------------------------
 
-def write_damaged(tmp_path, host, name, keys, role, value):
-    """LoRA ``name`` over ``keys`` with the ``role`` factor of its first layer holding ``value`` at one place."""
-    model = host.sd_model.forge_objects_original.unet.model
-    first = keys[0]
-    shape = tuple(model.get_submodule(first.removesuffix(".weight")).weight.shape)
-    factor = torch.zeros(2, shape[1]) if role == "down" else torch.zeros(shape[0], 2)
-    factor[1, 0] = value
-    prefix = fh.kohya_keys()[first]
-    fh.write_lora(tmp_path / f"{name}.safetensors", host.sd_model, keys, seed=1 if name == "subj" else 2,
-                  extra={f"{prefix}.lora_{role}.weight": factor})
-    return first.removesuffix(".weight"), factor.numel()
-
-
-@pytest.mark.parametrize("name,role,value,problem", [
-    ("subj", "up", float("nan"), "1 NaN value"),
-    ("style", "down", float("-inf"), "1 infinite value"),
-])
+@pytest.mark.parametrize("name,role,value,problem", fh.NON_FINITE_FACTORS)
 def test_a_non_finite_factor_turns_dynfuse_off_and_forge_merges_every_lora(host, tmp_path, capsys, name, role, value,
                                                                            problem):
-    keys = list(fh.kohya_keys())[fh.SUBJECT_KEYS if name == "subj" else fh.STYLE_KEYS]
-    layer, size = write_damaged(tmp_path, host, name, keys, role, value)
+    line, note = fh.write_damaged(tmp_path, host.sd_model, name, role, value, problem)
     clean, _ = host.txt2img(fh.PROMPT, steps=2, enable_hr=True)
     script, runner = dynfuse(host)
     capsys.readouterr()
     processed, p = host.txt2img(fh.PROMPT, runner=runner, steps=2, enable_hr=True)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DynFuse")]
-    assert lines == [f"DynFuse: LoRA '{name}' has a damaged layer (layer {layer}: {role} factor holds {problem} (of "
-                     f"{size})). DynFuse is off for this generation and leaves the LoRAs to the WebUI."]
-    assert p.extra_generation_params[NOTE_KEY] == f"off: LoRA {name} has non-finite values in layer {layer}"
+    assert fh.dynfuse_lines(capsys) == [line] and p.extra_generation_params[NOTE_KEY] == note
     assert len(host.sd_model.forge_objects.unet.lora_patches) == 3 and script.job.session is None
     assert hooks_on(host.sd_model.forge_objects_original.unet.model) == 0
     torch.testing.assert_close(processed.images[0], clean.images[0], rtol=0, atol=0, equal_nan=True)

@@ -276,3 +276,46 @@ def test_a_patch_dynfuse_cannot_fuse_stays_with_neo_where_it_was_at_the_override
         torch.testing.assert_close(fused.latents[0], reference.latents[0], rtol=1e-4, atol=1e-4)
         assert [(e[0], e[2]) for e in kept["layer"]] == [(strength, 0.5), (0.5, 1.0)]  # subj first, then other
         assert "proj_in keeps the subject LoRA merged statically" in p.extra_generation_params[NOTE_KEY]
+
+
+# ---- damaged factors: found before DynFuse's clone is made Neo's, the LoRAs stay with Neo's merge ---------------
+
+@pytest.mark.parametrize("name,role,value,problem", nh.NON_FINITE_FACTORS)
+def test_a_non_finite_factor_turns_dynfuse_off_and_neo_keeps_its_merge_and_patches_uuid(host, tmp_path, capsys, name,
+                                                                                       role, value, problem):
+    """After a plain generation with the same LoRAs, Neo samples with its own patcher under its own patches_uuid:
+    no clone of DynFuse's, no merge, the image and weights of the plain generation; nothing is left behind."""
+    line, note = nh.write_damaged(tmp_path, host.sd_model, name, role, value, problem)
+    originals = nh.unet_weights(host.sd_model)
+    script, runner = nh.dynfuse(host)  # installed (its loader watched), off for the plain generation
+    clean, _ = host.txt2img(nh.PROMPT, steps=2, enable_hr=True)
+    model = host.sd_model.forge_objects_original.unet.model
+    cached = host.sd_model.forge_objects_after_applying_lora.unet
+    before, uuid, merges = store_snapshot(cached), cached.patches_uuid, model.merge_count
+    merged = nh.unet_weights(host.sd_model)
+    sampled = []
+    host.script_callbacks.on_cfg_denoiser(lambda params: sampled.append(host.sd_model.forge_objects.unet))
+    capsys.readouterr()
+    processed, p = host.txt2img(nh.PROMPT, runner=runner, steps=2, enable_hr=True)
+    assert nh.dynfuse_lines(capsys) == [line] and p.extra_generation_params[NOTE_KEY] == note
+    assert script.takeovers == 2 and script.job.session is None and hooks_on(host) == 0
+    assert host.sd_model.forge_objects_after_applying_lora.unet is cached and sampled and all(
+        unet.patches_uuid == uuid for unet in sampled)
+    assert store_snapshot(cached) == before and cached.patches_uuid == uuid and model.merge_count == merges
+    torch.testing.assert_close(processed.images[0], clean.images[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(nh.unet_weights(host.sd_model), merged, rtol=0, atol=0, equal_nan=True)
+    host.txt2img("a dog", steps=1)
+    assert equal_weights(nh.unet_weights(host.sd_model), originals)
+
+
+def test_each_lora_is_checked_once_per_job(host, monkeypatch):
+    """Neo takes the LoRAs over before each of its two sampling runs of a hires job; one check each."""
+    from lib_dynfuse import factors
+
+    checked = []
+    check = factors.check_deltas
+    monkeypatch.setattr(factors, "check_deltas", lambda deltas: checked.append(1) or check(deltas))
+    script, runner = nh.dynfuse(host)
+    host.txt2img(nh.PROMPT, runner=runner, steps=2, enable_hr=True)
+    assert script.takeovers == 2 and len(checked) == 2
+    assert [log.steps for log in script.job.logs(0)] == [[0, 1], [0, 1]]

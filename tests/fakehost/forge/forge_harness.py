@@ -223,6 +223,32 @@ def write_test_loras(lora_dir: Path, sd_model) -> dict[str, Path]:
     }
 
 
+# (LoRA, factor, value, what DynFuse's check finds): one value in the first layer's factor of the subject or style
+NON_FINITE_FACTORS = [("subj", "up", float("nan"), "1 NaN value"), ("style", "down", float("-inf"), "1 infinite value")]
+
+
+def write_damaged(lora_dir: Path, sd_model, name: str, role: str, value: float, problem: str) -> tuple[str, str]:
+    """write_test_loras's LoRA ``name`` ("subj" or "style") with the ``role`` ("down" or "up") factor of its first
+    layer replaced by zeros holding ``value`` at one place; the console line and the infotext note with which
+    DynFuse turns itself off for it."""
+    keys = list(kohya_keys())[SUBJECT_KEYS if name == "subj" else STYLE_KEYS]
+    first = keys[0]
+    layer = first.removesuffix(".weight")
+    shape = tuple(sd_model.forge_objects_original.unet.model.get_submodule(layer).weight.shape)
+    factor = torch.zeros(2, shape[1]) if role == "down" else torch.zeros(shape[0], 2)
+    factor[1, 0] = value
+    write_lora(lora_dir / f"{name}.safetensors", sd_model, keys, seed=1 if name == "subj" else 2,
+               extra={f"{kohya_keys()[first]}.lora_{role}.weight": factor})
+    return (f"DynFuse: LoRA '{name}' has a damaged layer (layer {layer}: {role} factor holds {problem} (of "
+            f"{factor.numel()})). DynFuse is off for this generation and leaves the LoRAs to the WebUI.",
+            f"off: LoRA {name} has non-finite values in layer {layer}")
+
+
+def dynfuse_lines(capsys) -> list[str]:
+    """DynFuse's console lines since the last read."""
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("DynFuse")]
+
+
 class AdapterScript:
     """An always-on script wired to a host adapter the way the entry script wires it (Script.process ->
     begin_job, process_before_every_sampling -> take_over, postprocess_batch -> score_batch, postprocess ->
