@@ -97,6 +97,8 @@ class A1111Adapter(HostAdapter):
             if found is None:
                 return
             targets, static = found
+            if self.damaged_factors(p, job, targets):
+                return
             overrides = (job.settings.subject_strength, job.settings.style_strength)
             self._remove_from_host(networks, loaded, list(zip(nets, static, overrides)), job)
             self._note_static(p, job, static)
