@@ -276,6 +276,30 @@ def test_settings_section(a1111):
     assert options.read_option("dynfuse_unload_after") is False
 
 
+def test_the_settings_tab_switches_the_compiled_divergence_on(a1111, monkeypatch):
+    import checks
+
+    from lib_dynfuse import compiled
+    from lib_dynfuse.session import FusionSession
+    from modules import shared
+
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")  # the graph capture, without code generation
+    seen = []
+    opened = FusionSession.__init__
+    monkeypatch.setattr(FusionSession, "__init__", lambda self, targets, options, **kw: (
+        seen.append(options.compiled), opened(self, targets, options, **kw))[1])
+    ui = a1111()
+    write_pair(ui)
+    shares = []
+    for flag in (False, True):
+        shared.opts.set("dynfuse_compiled_divergence", flag)
+        _, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
+        shares.append(res.infotexts[0].split("DynFuse selection: ")[1][:12])
+    compiled.reset()
+    assert seen == [False, True]
+    assert shares[0] == shares[1]  # the same share of decisions won by the subject
+
+
 def test_reload_ui_registers_everything_once(a1111):
     from modules import script_callbacks
 
