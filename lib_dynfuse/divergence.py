@@ -90,9 +90,10 @@ def _sums(base: Tensor, candidates: Tensor, channel_dim: int, options: MeasureOp
     tokens = base[0].numel() // channels
     stride = -(-tokens // options.max_tokens) if 0 < options.max_tokens < tokens else 1
     measured = -(-tokens // stride)
-    # The per-row sums of the chunks (and a standardising scale per token) are small but counted too.
+    # The per-row sums (the running total and a chunk's) and a standardising scale per token are small but
+    # counted too.
     token_bytes = 4 * rows * (channels * copies + _token_values(options, k))
-    chunk = max(1, (budget - 8 * k * rows) // token_bytes)
+    chunk = max(1, (budget - 2 * 4 * k * rows) // token_bytes)
     if stride == 1 and chunk >= tokens:
         return measure(base, candidates, channels_first, options), tokens
     # [rows, T, C] or [rows, C, T]: one token axis to subsample and to cut into chunks.
@@ -102,11 +103,10 @@ def _sums(base: Tensor, candidates: Tensor, channel_dim: int, options: MeasureOp
                stride)
     if chunk >= measured:
         return measure(a, z, channels_first, options), measured
-    parts = [measure(a_part, z_part, channels_first, options)
-             for a_part, z_part in zip(a.split(chunk, tdim), z.split(chunk, tdim + 1))]
-    total = parts[0]
-    for part in parts[1:]:
-        total += part
+    total = None
+    for a_part, z_part in zip(a.split(chunk, tdim), z.split(chunk, tdim + 1)):
+        part = measure(a_part, z_part, channels_first, options)
+        total = part if total is None else total.add_(part)
     return total, measured
 
 
