@@ -91,7 +91,8 @@ def test_xyz_axes_registered_once(a1111):
     a1111()
     labels = [o.label for o in _xyz().axis_options if o.label.startswith("[DynFuse]")]
     assert labels == ["[DynFuse] Enabled", "[DynFuse] Method", "[DynFuse] Subject strength",
-                      "[DynFuse] Style strength", "[DynFuse] KL temperature", "[DynFuse] Guidance strength",
+                      "[DynFuse] Style strength", "[DynFuse] KL temperature", "[DynFuse] Decide every",
+                      "[DynFuse] Divergence tokens", "[DynFuse] Guidance strength",
                       "[DynFuse] Guidance balance", "[DynFuse] Guidance start", "[DynFuse] Guidance end"]
     from modules import script_callbacks
 
@@ -115,6 +116,10 @@ def test_xyz_cells_override_ui_settings(a1111):
 
     cells = _xyz().run_axis(p, "[DynFuse] Subject strength", "0.5, 1.25")
     assert 'DynFuse subject: "subj:0.5"' in cells[0][2].infotexts[0]
+
+    cells = _xyz().run_axis(p, "[DynFuse] Divergence tokens", "0, 16")
+    assert "divergence tokens" not in cells[0][2].infotexts[0]
+    assert "DynFuse divergence tokens: 16" in cells[1][2].infotexts[0]
 
     cells = _xyz().run_axis(p, "[DynFuse] Enabled", "True, False", vals_dropdown=["True", "False"])
     assert "DynFuse method" in cells[0][2].infotexts[0]
@@ -269,6 +274,30 @@ def test_settings_section(a1111):
     config = options.scorer_config()
     assert (config.device, config.clip_pretrained, config.dino_model) == ("cpu", "openai", "vit_small_patch16_224.dino")
     assert options.read_option("dynfuse_unload_after") is False
+
+
+def test_the_settings_tab_switches_the_compiled_divergence_on(a1111, monkeypatch):
+    import checks
+
+    from lib_dynfuse import compiled
+    from lib_dynfuse.session import FusionSession
+    from modules import shared
+
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")  # the graph capture, without code generation
+    seen = []
+    opened = FusionSession.__init__
+    monkeypatch.setattr(FusionSession, "__init__", lambda self, targets, options, **kw: (
+        seen.append(options.compiled), opened(self, targets, options, **kw))[1])
+    ui = a1111()
+    write_pair(ui)
+    shares = []
+    for flag in (False, True):
+        shared.opts.set("dynfuse_compiled_divergence", flag)
+        _, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
+        shares.append(res.infotexts[0].split("DynFuse selection: ")[1][:12])
+    compiled.reset()
+    assert seen == [False, True]
+    assert shares[0] == shares[1]  # the same share of decisions won by the subject
 
 
 def test_reload_ui_registers_everything_once(a1111):

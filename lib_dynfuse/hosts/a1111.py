@@ -17,6 +17,7 @@ import copy
 import math
 from typing import Any
 
+from lib_dynfuse.hosts import options
 from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, say, say_once
 
 # The name of the proxy that carries what the host keeps merging of a taken LoRA: a cache key of its own.
@@ -104,7 +105,7 @@ class A1111Adapter(HostAdapter):
             self._note_static(p, job, static)
             from lib_dynfuse.session import FusionSession
 
-            session = FusionSession(targets, job.settings.engine_options(), log_errors=say)
+            session = FusionSession(targets, options.engine_options(job.settings), log_errors=say)
             session.install()
             job.session = session
             job.add_pass(p, session.log)

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from lib_dynfuse.hosts import options
 from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, refuse, say, say_once
 from lib_dynfuse.hosts.patch_store import ROLES, Split, Taken, split_patches
 
@@ -120,7 +121,6 @@ class ForgeFamilyAdapter(HostAdapter):
         if vae is None:
             return None
         from lib_dynfuse.guidance import private_module
-        from lib_dynfuse.hosts import options
 
         with torch.inference_mode(False):
             return private_module(vae).to(options.scorer_config().torch_device())
@@ -172,7 +172,7 @@ class ForgeFamilyAdapter(HostAdapter):
         """The layer targets -> the job's FusionSession, its hooks wired into the clone, the clone handed over."""
         from lib_dynfuse.session import FusionSession
 
-        session = FusionSession(targets, job.settings.engine_options(), log_errors=say)
+        session = FusionSession(targets, options.engine_options(job.settings), log_errors=say)
         # The factors go to the device at the first UNet call, after the WebUI has decided how much of the UNet
         # fits: ask it to leave room for them (it offloads more weights when memory is short).
         unet.add_extra_preserved_memory_during_sampling(_device_bytes(targets, unet.model.computation_dtype))
