@@ -28,8 +28,8 @@ IMPORT_NAMES = {"open_clip_torch": "open_clip"}
 _NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 _SEPARATORS = re.compile(r"[-_.]+")
 KEEP_NOTE = (
-    "    (that file pins every installed package to its installed version, so pip adds what is missing and "
-    "changes nothing else; where it cannot, its message names the package in the way)"
+    "(that file pins every installed package to its installed version, so pip adds what is missing and changes "
+    "nothing else; where it cannot, its message names the package in the way)"
 )
 _AUTO = object()
 
@@ -105,6 +105,19 @@ def manual_command(missing: Sequence[str], constraints: str) -> str:
     return " ".join([f'"{sys.executable}"', "-m", "pip", "install", *quoted, "-c", f'"{constraints}"'])
 
 
+def say(message: str) -> None:
+    """One console line starting with "DynFuse: ", as every line DynFuse prints in the WebUI's console."""
+    print("DynFuse: " + " ".join(line.strip() for line in message.splitlines() if line.strip()), flush=True)
+
+
+def pip_errors(text: str) -> str:
+    """What a failed pip run's report (the host's run_pip: description, command, exit code, pip's whole output)
+    says went wrong: its first line and pip's ERROR lines."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line[line.index("ERROR:"):] for line in lines[1:] if "ERROR:" in line]
+    return " ".join(lines[:1] + errors)
+
+
 def _import_launch() -> ModuleType | None:
     try:
         import launch
@@ -127,13 +140,13 @@ def _install(
         try:
             run_pip(command, desc=f"DynFuse requirements: {', '.join(missing)}")
         except Exception as e:  # noqa: BLE001 - run_pip raises RuntimeError, forks may raise others
-            print(e)
+            say(f"pip failed: {pip_errors(str(e)) or type(e).__name__}")
             return False
         return True
     try:
         result = run([sys.executable, "-m", "pip", "install", *missing, "-c", constraints], check=False)
     except OSError as e:
-        print(e)
+        say(f"pip could not start: {e}")
         return False
     return result.returncode == 0
 
@@ -155,18 +168,14 @@ def main(
         launch = _import_launch()
     constraints = write_constraints(installed_pins())
     if "--skip-install" in argv or getattr(getattr(launch, "args", None), "skip_install", False):
-        print(
-            f"DynFuse: {', '.join(missing)} missing and --skip-install given; guidance needs them. "
-            f"Install with:\n    {manual_command(missing, constraints)}\n{KEEP_NOTE}"
-        )
+        say(f"{', '.join(missing)} missing and --skip-install given; guidance needs them. Install with: "
+            f"{manual_command(missing, constraints)} {KEEP_NOTE}")
         return 0
     if _install(missing, constraints, launch, run):
         os.unlink(constraints)
     else:
-        print(
-            f"DynFuse: could not install {', '.join(missing)}; guidance stays off until they are installed. "
-            f"Install by hand with:\n    {manual_command(missing, constraints)}\n{KEEP_NOTE}"
-        )
+        say(f"could not install {', '.join(missing)}; guidance stays off until they are installed. Install by "
+            f"hand with: {manual_command(missing, constraints)} {KEEP_NOTE}")
     return 0
 
 

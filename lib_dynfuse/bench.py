@@ -2,29 +2,37 @@
 
     python -m lib_dynfuse.bench --model sd15            # 512x512, batch 2 (one image with CFG)
     python -m lib_dynfuse.bench --model sdxl --size 1024
+    python -m lib_dynfuse.bench --layers attention      # only the attention projections hooked
+    python -m lib_dynfuse.bench --engine decide_every=2 --engine max_tokens=1024   # cheaper decisions
     python -m lib_dynfuse.bench --guidance              # cost of one guided step, per decoder
 
 The UNet is diffusers' ``UNet2DConditionModel`` built from the model's config with random weights (diffusers is
-a benchmark-only dependency). Two random rank-64 LoRAs are attached to every attention projection. One UNet step
-is timed three ways: no LoRA, both LoRAs merged into the weights, dynamic ``kl``. The last line printed is one JSON
-object.
+a benchmark-only dependency). Two random rank-64 LoRAs are attached to every layer a kohya LoCon LoRA touches
+(``--layers all``: the transformers' linear and 1x1 layers, the resnets' and samplers' convolutions) or to the
+attention projections only. One UNet step is timed three ways: no LoRA, both LoRAs merged into the weights,
+dynamic ``kl``; on CUDA with CUDA events after warm-up. Then, on a tiny latent where the fixed cost of every
+operation dominates, the tensor operations each hooked layer call dispatches are counted for every method and the
+microseconds each costs are timed. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from lib_dynfuse.deltas import LayerGeometry, LowRankDelta
-from lib_dynfuse.policies import EngineOptions
+from lib_dynfuse.opcount import count_ops
+from lib_dynfuse.policies import METHODS, EngineOptions
 from lib_dynfuse.session import BatchLayout, FusionSession, LayerTarget, StepClock
 
 _COMMON = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, act_fn="silu", norm_num_groups=32)
@@ -44,6 +52,11 @@ CONFIGS = {
 }
 DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+# kohya's LoCon targets (networks/lora.py with conv_dim): every Linear and Conv2d inside the transformer blocks,
+# the resnets and the down/up samplers; not the time embedding, conv_in or conv_out.
+LOCON_PARENTS = (".attentions.", ".resnets.", ".downsamplers.", ".upsamplers.")
+LAYER_SETS = ("all", "attention")
+TINY_LATENT = 8  # the op-count and per-call runs: small enough that every operation costs its fixed overhead
 
 
 def build_unet(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -76,19 +89,26 @@ def _move(value, device, dtype):
     return value
 
 
-def attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in unet.named_modules() if name.endswith(ATTENTION_PROJECTIONS) and ".attn" in name}
+def lora_layers(unet: nn.Module, which: str = "all") -> dict[str, nn.Module]:
+    """The layers two LoRAs patch: ``all`` those a kohya LoCon LoRA touches, or the attention projections."""
+    if which == "attention":
+        return {name: m for name, m in unet.named_modules() if name.endswith(ATTENTION_PROJECTIONS) and ".attn" in name}
+    return {name: m for name, m in unet.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and any(part in name for part in LOCON_PARENTS)}
 
 
 def random_loras(layers: dict[str, nn.Module], rank: int, seed: int, device: str,
                  dtype: torch.dtype) -> dict[str, LowRankDelta]:
+    """LoRA on linear layers, LoCon (the layer's kernel on the down factor) on convolutions."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     deltas = {}
     for name, module in layers.items():
-        out_f, in_f = module.weight.shape
-        down = torch.randn(rank, in_f, generator=g) / in_f ** 0.5
-        up = torch.randn(out_f, rank, generator=g) * 0.01
-        deltas[name] = LowRankDelta(down, up, alpha=float(rank)).to(device=device, dtype=dtype)
+        out_f, in_f, *kernel = module.weight.shape
+        r = min(rank, out_f, in_f)
+        fan_in = in_f * (kernel[0] * kernel[1] if kernel else 1)
+        down = torch.randn(r, in_f, *kernel, generator=g) / fan_in ** 0.5
+        up = torch.randn(out_f, r, *([1, 1] if kernel else []), generator=g) * 0.01
+        deltas[name] = LowRankDelta(down, up, alpha=float(r)).to(device=device, dtype=dtype)
     return deltas
 
 
@@ -141,23 +161,35 @@ def _rss(field: str) -> int:
     return 0
 
 
+def _timed(run: Callable[[], object], device: str) -> float:
+    """Seconds of one call: CUDA events on the GPU (the host returns before the kernels finish), else wall time."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    start_s = time.perf_counter()
+    run()
+    return time.perf_counter() - start_s
+
+
 def time_modes(modes: dict[str, Callable[[], object]], enter: dict[str, Callable[[], object]], device: str,
-               repeats: int) -> dict[str, tuple[float, int]]:
+               repeats: int, warmup: int = 1) -> dict[str, tuple[float, int]]:
     """Median seconds of one step and peak memory above the level before it, per mode. The modes take turns
-    within each repeat, so that a machine that slows down or speeds up affects all of them alike."""
+    within each repeat, so that a machine that slows down or speeds up affects all of them alike. The first
+    ``warmup`` rounds (kernels chosen, factors prepared, caches filled) are not counted."""
     times: dict[str, list[float]] = {m: [] for m in modes}
     peaks: dict[str, int] = {m: 0 for m in modes}
     with torch.no_grad():
-        for round_ in range(repeats + 1):  # round 0 warms up
+        for round_ in range(repeats + warmup):
             for mode, run in modes.items():
                 with enter[mode]():
                     base = _reset_peak(device)
-                    start = time.perf_counter()
-                    run()
-                    _sync(device)
-                    elapsed = time.perf_counter() - start
+                    elapsed = _timed(run, device)
                     peaks[mode] = max(peaks[mode], _peak(device) - base)
-                if round_:
+                if round_ >= warmup:
                     times[mode].append(elapsed)
     return {m: (statistics.median(times[m]), peaks[m]) for m in modes}
 
@@ -185,38 +217,43 @@ def kl_flops(layers: dict[str, nn.Module], unet: nn.Module, run: Callable[[], ob
     return 2 * 12 * deciding_rows * sum(sizes.values())
 
 
-def benchmark(model: str, size: int, rank: int, device: str, dtype: torch.dtype, repeats: int) -> dict:
+def benchmark(model: str, size: int, rank: int, device: str, dtype: torch.dtype, repeats: int,
+              layer_set: str = "all", engine: dict[str, object] | None = None) -> dict:
     unet = build_unet(model, device, dtype)
     inputs = unet_inputs(model, size, batch=2, device=device, dtype=dtype)
-    layers = attention_layers(unet)
+    layers = lora_layers(unet, layer_set)
     subject = random_loras(layers, rank, 1, device, dtype)
     style = random_loras(layers, rank, 2, device, dtype)
     run = lambda: unet(**inputs)
+    options = EngineOptions(**{"method": "kl", **(engine or {})})
 
-    targets = [LayerTarget(name, layers[name], subject[name], style[name]) for name in layers]
-    session = FusionSession(targets, EngineOptions(method="kl"))
-    session.set_layout(BatchLayout.a1111(1))
-    session.set_step(StepClock(10, 20))
+    session = _session(layers, subject, style, options)
+    warmup = 3 if device.startswith("cuda") else 1
     results = time_modes({"base": run, "static": run, "dynamic": run},
                          {"base": nullcontext, "static": lambda: merged(layers, subject, style),
-                          "dynamic": lambda: session}, device, repeats)
+                          "dynamic": lambda: session}, device, repeats, warmup)
     (base_s, _), (static_s, static_mem), (dynamic_s, dynamic_mem) = results.values()
     unet_flops = count_flops(run)
     with session:
         dynamic_flops = count_flops(run)
     extra_flops = dynamic_flops - unet_flops + kl_flops(layers, unet, run, deciding_rows=1)
     factor_bytes = sum(d.factor_bytes() for d in (*subject.values(), *style.values()))
+    ops, micros = hooked_call_costs(unet, model, layers, subject, style, options, device, dtype, repeats, warmup)
     return {
         "model": model,
         "size": size,
-        "device": device,
+        "device": _device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
+        "layers": layer_set,
         "hooked_layers": len(layers),
         "lora_rank": rank,
+        "engine": {k: v for k, v in vars(options).items() if k != "method" and getattr(EngineOptions(), k) != v},
         "base_step_s": round(base_s, 4),
         "static_step_s": round(static_s, 4),
         "dynamic_step_s": round(dynamic_s, 4),
+        "ops_per_hooked_call": ops,
+        "us_per_hooked_call": micros,
         "ratio": round(dynamic_s / static_s, 4),
         "floor": round(1 + extra_flops / unet_flops, 4),
         "unet_gflops": round(unet_flops / 1e9, 1),
@@ -225,6 +262,54 @@ def benchmark(model: str, size: int, rank: int, device: str, dtype: torch.dtype,
         "extra_mem_mb": round((dynamic_mem - static_mem) / 2**20, 1),
         "memory_measure": "cuda max_memory_allocated" if device.startswith("cuda") else "peak RSS (VmHWM)",
     }
+
+
+def _session(layers: dict[str, nn.Module], subject: dict, style: dict, options: EngineOptions) -> FusionSession:
+    session = FusionSession([LayerTarget(name, layers[name], subject[name], style[name]) for name in layers], options)
+    session.set_layout(BatchLayout.a1111(1))
+    session.set_step(StepClock(10, 20))
+    return session
+
+
+def hooked_call_costs(unet: nn.Module, model: str, layers: dict[str, nn.Module], subject: dict, style: dict,
+                      options: EngineOptions, device: str, dtype: torch.dtype, repeats: int,
+                      warmup: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Per method: the tensor operations one hooked layer call dispatches, and the microseconds it adds to a UNet
+    call, on a tiny latent where the fixed cost of each operation dominates. Every counted or timed call is a step
+    of its own, so the choosing methods decide at each."""
+    inputs = unet_inputs(model, TINY_LATENT * 8, batch=2, device=device, dtype=dtype)
+    run = lambda: unet(**inputs)
+    with torch.no_grad():
+        base_ops = count_ops(run).total
+    ops: dict[str, float] = {}
+    micros: dict[str, float] = {}
+    sessions = {method: _session(layers, subject, style, replace(options, method=method)) for method in METHODS}
+    steps = itertools.count()
+
+    def stepping(session: FusionSession) -> Callable[[], object]:
+        def call() -> object:
+            session.set_step(StepClock(next(steps) % 1000, 1000))
+            return run()
+        return call
+
+    with torch.no_grad():
+        for method, session in sessions.items():
+            with session:
+                stepping(session)()  # factors prepared
+                # Deciding every n steps: the mean over n consecutive steps.
+                calls = options.decide_every
+                counted = sum(count_ops(stepping(session)).total - base_ops for _ in range(calls))
+                ops[method] = round(counted / calls / len(layers), 1)
+    timed = time_modes({"base": run, **{m: stepping(s) for m, s in sessions.items()}},
+                       {"base": nullcontext, **{m: (lambda s=s: s) for m, s in sessions.items()}}, device,
+                       max(repeats, 5), warmup)
+    base_s = timed.pop("base")[0]
+    micros = {m: round((seconds - base_s) / len(layers) * 1e6, 2) for m, (seconds, _) in timed.items()}
+    return ops, micros
+
+
+def _device_name(device: str) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else device
 
 
 def print_table(result: dict) -> None:
@@ -237,6 +322,10 @@ def print_table(result: dict) -> None:
         print(f"{label:<24}{seconds:>10.4f}")
     print(f"ratio dynamic/static {result['ratio']:.3f}   theoretical floor {result['floor']:.3f}   "
           f"extra memory {result['extra_mem_mb']:.1f} MB (LoRA factors {result['lora_factors_mb']:.1f} MB)")
+    print(f"per hooked layer call, {TINY_LATENT}x{TINY_LATENT} latent:")
+    print(f"{'method':<24}{'operations':>12}{'us':>10}")
+    for method, ops in result["ops_per_hooked_call"].items():
+        print(f"{method:<24}{ops:>12}{result['us_per_hooked_call'][method]:>10.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                         help="default float16 on CUDA, float32 on CPU")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", choices=LAYER_SETS, default="all",
+                        help="all: every layer a kohya LoCon LoRA touches; attention: the attention projections")
+    parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                        help="an engine option for the dynamic run, e.g. decide_every=2 or max_tokens=1024")
     parser.add_argument("--guidance", action="store_true", help="time one guided step per decoder instead")
     parser.add_argument("--quality", nargs=argparse.REMAINDER, default=None, metavar="...",
                         help="the scored comparison of every method in the bundled world model instead (--retrain "
@@ -266,10 +359,28 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     size = args.size or DEFAULT_SIZE[args.model]
-    result = benchmark(args.model, size, args.rank, args.device, dtype, args.repeats)
+    result = benchmark(args.model, size, args.rank, args.device, dtype, args.repeats, args.layers,
+                       _engine_options(parser, args.engine))
     print_table(result)
     print(json.dumps(result))
     return 0
+
+
+def _engine_options(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs as EngineOptions fields, each value of the field's default's type."""
+    defaults = EngineOptions()
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if not hasattr(defaults, key) or not value:
+            parser.error(f"--engine {pair!r}: use KEY=VALUE with KEY one of {', '.join(vars(defaults))}")
+        default = getattr(defaults, key)
+        options[key] = value.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(value)
+    try:
+        EngineOptions(**options).validate()
+    except ValueError as e:
+        parser.error(str(e))
+    return options
 
 
 if __name__ == "__main__":

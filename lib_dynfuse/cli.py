@@ -52,7 +52,7 @@ def describe(lora: LoraFile, label: str) -> list[str]:
 
 def inspect(subject_path: str, style_path: str, *, steps: int = 30, summary: bool = False,
             options: EngineOptions | None = None) -> list[str]:
-    subject, style = read_lora(subject_path), read_lora(style_path)
+    subject, style = read_lora(subject_path, text_encoder=True), read_lora(style_path, text_encoder=True)
     subject.require_unet_layers()
     style.require_unet_layers()
     lines = describe(subject, "subject") + describe(style, "style")

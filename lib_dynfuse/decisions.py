@@ -1,4 +1,8 @@
-"""The record of every decision of a generation: layer × step × image → subject weight and both divergences."""
+"""The record of every decision of a generation: layer × step × image → subject weight and both divergences.
+
+While sampling runs, the hooks only append the tensors their decisions already are (no operation, no host
+sync per layer); everything is brought to the host in one transfer when the log is first read.
+"""
 
 from __future__ import annotations
 
@@ -23,27 +27,56 @@ class Decision:
         return "subject" if self.subject_weight >= 0.5 else "style"
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """One call's decisions for ``units``, as the hook made them."""
+
+    units: tuple[int, ...]
+    value: Tensor | float  # the subject weight per unit (or for all units), or the winner index (0 = subject)
+    winners: bool  # value holds winner indices
+    sums: Tensor | None  # [2, units]: the divergences summed over `tokens` tokens
+    tokens: int
+
+
+@dataclass(frozen=True)
+class _Row:
+    units: tuple[int, ...]
+    weights: list[float]
+    d_subject: list[float | None]
+    d_style: list[float | None]
+
+
 class DecisionLog:
-    """Kept as device tensors while sampling runs (no host sync inside the hooks); read after it."""
-
     def __init__(self) -> None:
-        self._raw: dict[tuple[str, int], tuple[tuple[int, ...], Tensor, Tensor | None, Tensor | None]] = {}
+        self._entries: dict[tuple[str, int], list[_Entry]] = {}
         self._layers: dict[str, None] = {}
+        self._host: dict[tuple[str, int], _Row] | None = None
 
-    def record(self, layer: str, step: int, units: tuple[int, ...], subject_weight: Tensor,
-               d_subject: Tensor | None = None, d_style: Tensor | None = None) -> None:
+    def record(self, layer: str, step: int, units: tuple[int, ...], subject_weight: Tensor | float,
+               divergences: Tensor | None = None) -> None:
+        """``subject_weight``: one value per unit, or one for all; ``divergences``: ``[2, units]`` (subject,
+        style) per unit."""
+        self._add(layer, step, _Entry(units, _detach(subject_weight), False, _detach(divergences), 1))
+
+    def record_winners(self, layer: str, step: int, units: tuple[int, ...], winner: Tensor, sums: Tensor,
+                       tokens: int) -> None:
+        """A hard rule's decisions as the hook computed them: the winner's index per unit (0 = subject) and the
+        divergences summed over ``tokens`` tokens."""
+        self._add(layer, step, _Entry(units, _detach(winner), True, _detach(sums), tokens))
+
+    def record_sums(self, layer: str, step: int, units: tuple[int, ...], subject_weight: Tensor, sums: Tensor,
+                    tokens: int) -> None:
+        """A soft rule's decisions: the subject's weight per unit and the divergences summed over ``tokens``."""
+        self._add(layer, step, _Entry(units, _detach(subject_weight), False, _detach(sums), tokens))
+
+    def _add(self, layer: str, step: int, entry: _Entry) -> None:
         self._layers.setdefault(layer)
-        previous = self._raw.get((layer, step))
-        if previous is not None and previous[0] != units:
-            # A second call in the same step deciding for other images (chunked cond/uncond): keep both.
-            units = previous[0] + units
-            subject_weight = torch.cat([previous[1], subject_weight.to(previous[1].device)])
-            d_subject = _cat(previous[2], d_subject)
-            d_style = _cat(previous[3], d_style)
-        self._raw[(layer, step)] = (units, subject_weight.detach(), _detach(d_subject), _detach(d_style))
+        # A second call in the same step deciding for other images (chunked cond/uncond) adds an entry.
+        self._entries.setdefault((layer, step), []).append(entry)
+        self._host = None
 
     def __len__(self) -> int:
-        return sum(len(units) for units, *_ in self._raw.values())
+        return sum(len(e.units) for entries in self._entries.values() for e in entries)
 
     @property
     def layers(self) -> list[str]:
@@ -51,23 +84,19 @@ class DecisionLog:
 
     @property
     def steps(self) -> list[int]:
-        return sorted({step for _, step in self._raw})
+        return sorted({step for _, step in self._entries})
 
     def decisions(self) -> list[Decision]:
-        out = []
-        for (layer, step), (units, w, ds, dt) in self._raw.items():
-            w_list = w.float().cpu().tolist()
-            ds_list = ds.float().cpu().tolist() if ds is not None else [None] * len(units)
-            dt_list = dt.float().cpu().tolist() if dt is not None else [None] * len(units)
-            out += [Decision(layer, step, u, wi, a, b) for u, wi, a, b in zip(units, w_list, ds_list, dt_list)]
-        return out
+        return [Decision(layer, step, u, w, a, b)
+                for (layer, step), row in self._rows().items()
+                for u, w, a, b in zip(row.units, row.weights, row.d_subject, row.d_style)]
 
     def subject_share(self) -> float | None:
         """Share of layer-step-image decisions won by the subject (mean subject weight for soft rules)."""
-        if not self._raw:
+        rows = self._rows()
+        if not rows:
             return None
-        total = sum(float(w.float().sum()) for _, w, _, _ in self._raw.values())
-        return total / len(self)
+        return sum(sum(row.weights) for row in rows.values()) / len(self)
 
     def matrix(self, layers: list[str] | None = None) -> tuple[list[str], list[int], Tensor]:
         """Mean subject weight over the batch, as a ``[layers, steps]`` fp32 tensor (NaN: no decision)."""
@@ -76,9 +105,9 @@ class DecisionLog:
         grid = torch.full((len(layers), len(steps)), float("nan"))
         row_of = {name: i for i, name in enumerate(layers)}
         col_of = {step: j for j, step in enumerate(steps)}
-        for (layer, step), (_, w, _, _) in self._raw.items():
+        for (layer, step), row in self._rows().items():
             if layer in row_of:
-                grid[row_of[layer], col_of[step]] = float(w.float().mean())
+                grid[row_of[layer], col_of[step]] = sum(row.weights) / len(row.weights)
         return layers, steps, grid
 
     @classmethod
@@ -89,21 +118,68 @@ class DecisionLog:
         offset = 0
         for log in logs:
             out._layers.update(log._layers)
-            out._raw.update({(layer, step + offset): entry for (layer, step), entry in log._raw.items()})
-            if log._raw:
+            out._entries.update({(layer, step + offset): entries for (layer, step), entries in log._entries.items()})
+            if log._entries:
                 offset += max(log.steps) + 1
         return out
 
     def clear(self) -> None:
-        self._raw.clear()
+        self._entries.clear()
         self._layers.clear()
+        self._host = None
+
+    def _rows(self) -> dict[tuple[str, int], _Row]:
+        """Every entry on the host: the device values of all entries go over in one transfer per kind."""
+        if self._host is None:
+            flat = [(key, e) for key, entries in self._entries.items() for e in entries]
+            weights = _host_lists([_weights(e) for _, e in flat])
+            divergences = _host_lists([None if e.sums is None else (e.sums.float() / e.tokens).flatten()
+                                       for _, e in flat])
+            host: dict[tuple[str, int], _Row] = {}
+            for (key, entry), w, d in zip(flat, weights, divergences):
+                n = len(entry.units)
+                w = w if w is not None else [float(entry.value)] * n
+                d_s, d_t = (d[:n], d[n:]) if d is not None else ([None] * n, [None] * n)
+                previous = host.get(key)
+                if previous is not None:
+                    host[key] = _Row(previous.units + entry.units, previous.weights + w,
+                                     previous.d_subject + d_s, previous.d_style + d_t)
+                else:
+                    host[key] = _Row(entry.units, w, d_s, d_t)
+            self._host = host
+        return self._host
 
 
-def _detach(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach()
-
-
-def _cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    if a is None or b is None:
+def _weights(entry: _Entry) -> Tensor | None:
+    if not isinstance(entry.value, Tensor):
         return None
-    return torch.cat([a, b.to(a.device)])
+    value = entry.value.float()
+    if value.dim() == 0:
+        value = value.expand(len(entry.units))
+    return 1.0 - value if entry.winners else value
+
+
+def _host_lists(tensors: list[Tensor | None]) -> list[list[float] | None]:
+    """The tensors' values as lists, moved to the host together (one copy per device)."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return [None] * len(tensors)
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in present:
+        by_device.setdefault(t.device, []).append(t.reshape(-1))
+    values: dict[torch.device, list[float]] = {d: torch.cat(ts).cpu().tolist() for d, ts in by_device.items()}
+    offsets = {d: 0 for d in values}
+    out: list[list[float] | None] = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        start, n = offsets[t.device], t.numel()
+        out.append(values[t.device][start:start + n])
+        offsets[t.device] = start + n
+    return out
+
+
+def _detach(t: Tensor | float | None) -> Tensor | float | None:
+    # No detach op when there is no graph to let go of (sampling runs without gradients).
+    return t.detach() if isinstance(t, Tensor) and t.requires_grad else t

@@ -1,168 +1,200 @@
-"""How much a LoRA changes a layer's output, per batch row.
+"""How much each LoRA changes a layer's output, per batch row, for all LoRAs at once.
 
 For every token (a sequence position of a linear layer, a pixel of a conv layer) the output channels are
-turned into a distribution by a softmax at temperature τ; the divergence between the base distribution and
-the one with the LoRA's delta added is averaged over tokens. Everything is computed in fp32 whatever the
-layer's dtype (log-softmax underflows in fp16), in chunks of tokens small enough that all temporaries alive
-at once, the fp32 casts of fp16/bf16 inputs included, never exceed the size of the layer output itself.
+turned into a distribution by a softmax at temperature τ; the divergence between the base distribution and the
+distribution of each candidate output (base plus one LoRA's delta, as the layer would output it) is averaged
+over the row's tokens. All candidates are measured by the same few batched operations, because on a GPU every
+operation is a kernel launch whatever its size.
+
+Everything is computed in fp32 whatever the layer's dtype (log-softmax underflows in fp16), in chunks of tokens
+small enough that all temporaries alive at once, the fp32 casts of fp16/bf16 inputs included, never exceed the
+memory budget: by default the size of the layer output the rows come from.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 MEASURES = ("kl", "kl-reverse", "js", "dot")
 
-# Per-token fp32 vectors (maxima, sums, log-sum-exps, scales) alive at once beside the chunk-sized ones.
-_TOKEN_VECTORS = 8
 
 
-def row_divergence(
-    base: Tensor,
-    delta: Tensor,
-    *,
-    channel_dim: int,
-    measure: str = "kl",
-    temperature: float = 1.0,
-    standardize: bool = False,
-    budget_bytes: int | None = None,
-    rows: Sequence[int] | None = None,
-) -> Tensor:
-    """Divergence of ``base + delta`` from ``base`` for each row of the batch, as an fp32 tensor ``[rows]``.
+@dataclass(frozen=True)
+class MeasureOptions:
+    """How a per-token divergence is measured; the defaults are the engine's."""
 
-    ``channel_dim`` is 1 for conv outputs ``[B, C, H, W]`` and -1 for linear outputs ``[B, N, C]`` / ``[B, C]``.
-    ``budget_bytes`` caps the memory allocated at once (default: the byte size of ``base``); it is exceeded
-    only when one token alone does not fit. ``rows`` restricts the computation to those batch rows (the result
-    then has one entry per listed row).
+    measure: str = "kl"
+    temperature: float = 1.0
+    standardize: bool = False
+    max_tokens: int = 0  # 0: every token; else a fixed-stride subsample of at most this many tokens per row
+    compiled: bool = False  # measure with compiled kernels (lib_dynfuse.compiled), whole rows at once
+
+    def __post_init__(self) -> None:
+        if self.measure not in MEASURES:
+            raise ValueError(f"unknown divergence measure {self.measure!r}; use one of {', '.join(MEASURES)}")
+
+    @property
+    def scaled(self) -> bool:
+        return self.measure != "dot" and (self.standardize or self.temperature != 1.0)
+
+
+def divergences(base: Tensor, candidates: Tensor, *, channel_dim: int, options: MeasureOptions = MeasureOptions(),
+                budget_bytes: int | None = None) -> Tensor:
+    """Divergence of each candidate output from ``base``, per row: an fp32 tensor ``[K, rows]``.
+
+    ``base`` holds the rows that are measured, ``[rows, ...]``; ``candidates`` is ``[K, rows, ...]`` (the same
+    rows with each LoRA's delta added). ``channel_dim`` is 1 for conv outputs ``[rows, C, H, W]`` and -1 for
+    linear outputs ``[rows, N, C]`` / ``[rows, C]``. ``budget_bytes`` caps the memory allocated at once
+    (default: the byte size of ``base``); it is exceeded only when one token alone does not fit.
     """
-    if measure not in MEASURES:
-        raise ValueError(f"unknown divergence measure {measure!r}; use one of {', '.join(MEASURES)}")
-    if base.shape != delta.shape:
-        raise ValueError(f"base {list(base.shape)} and delta {list(delta.shape)} differ in shape")
-    rows = range(base.shape[0]) if rows is None else rows
-    # [rows, C, T] for conv, [rows, T, C] for linear: reduce over the channel axis, chunk over tokens.
-    base3, delta3 = _token_view(base, channel_dim), _token_view(delta, channel_dim)
-    cdim = 1 if _channels_first(base, channel_dim) else 2
-    tdim = 3 - cdim
-    channels, tokens = base3.shape[cdim], base3.shape[tdim]
+    sums, tokens = divergence_sums(base, candidates, channel_dim=channel_dim, options=options,
+                                   budget_bytes=budget_bytes)
+    return sums / tokens
+
+
+def divergence_sums(base: Tensor, candidates: Tensor, *, channel_dim: int, options: MeasureOptions,
+                    budget_bytes: int | None = None) -> tuple[Tensor, int]:
+    """The divergences summed over each row's tokens, ``[K, rows]``, and the number of tokens summed per row.
+
+    The sum is what the hooks need (comparing two LoRAs on the same row needs no division); :func:`divergences`
+    divides by the count.
+    """
+    if candidates.shape[1:] != base.shape:
+        raise ValueError(f"base {list(base.shape)} and candidates {list(candidates.shape)} differ in shape")
     budget = budget_bytes if budget_bytes is not None else base.numel() * base.element_size()
-    token_bytes = 4 * (_live_copies(measure, base.dtype) * channels + _TOKEN_VECTORS)
-    chunk = max(1, budget // token_bytes)
-    out = torch.empty(len(rows), dtype=torch.float32, device=base.device)
-    for i, r in enumerate(rows):
-        total = torch.zeros((), dtype=torch.float32, device=base.device)
-        for start, stop in _chunks(tokens, chunk):
-            a = base3[r].narrow(tdim - 1, start, stop - start)
-            d = delta3[r].narrow(tdim - 1, start, stop - start)
-            total += _token_measure(a, d, cdim - 1, measure, temperature, standardize).sum()
-        out[i] = total / tokens
-    return out
+    if options.compiled:
+        from lib_dynfuse import compiled
+
+        if compiled.failure is None:
+            try:
+                # The compiled kernels keep one fp32 copy of the rows (the base's probabilities), nothing per candidate.
+                return _sums(base, candidates, channel_dim, options, budget, 1, compiled.measure)
+            except compiled.Unavailable:
+                pass
+    copies = _live_copies(options, candidates.shape[0], base.dtype, base.device)
+    return _sums(base, candidates, channel_dim, options, budget, copies, measure_tokens)
 
 
-def _live_copies(measure: str, dtype: torch.dtype) -> int:
-    """How many fp32 tensors of a chunk's size :func:`_token_measure` holds at once, at most.
-
-    One working copy, plus the fp32 cast of the other input when the layer is not fp32; ``js`` holds
-    log p, log q and log m, and the casts are gone by then.
-    """
-    if measure == "js":
-        return 3
-    return 1 if dtype == torch.float32 else 2
-
-
-def _token_view(t: Tensor, channel_dim: int) -> Tensor:
-    if t.dim() == 2:
-        return t.unsqueeze(1)
-    if _channels_first(t, channel_dim):
-        return t.flatten(2)
-    return t.flatten(1, -2)
-
-
-def _channels_first(t: Tensor, channel_dim: int) -> bool:
-    return t.dim() > 2 and channel_dim % t.dim() == 1
-
-
-def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, n, size):
-        yield start, min(start + size, n)
-
-
-# Every full-size temporary below is an fp32 tensor this module allocated and then overwrites in place, and
-# each is dropped as soon as it is used up: _live_copies() counts them and the chunk size depends on it.
-# Mixed-dtype operations are avoided on purpose: on CPU they cast an input into a hidden temporary.
+def _sums(base: Tensor, candidates: Tensor, channel_dim: int, options: MeasureOptions, budget: int, copies: int,
+          measure: Callable[[Tensor, Tensor, bool, MeasureOptions], Tensor]) -> tuple[Tensor, int]:
+    """:func:`divergence_sums` by ``measure``, in chunks of tokens for which ``copies`` fp32 copies of the rows fit
+    the budget."""
+    rows, k = base.shape[0], candidates.shape[0]
+    channels_first = base.dim() > 2 and channel_dim % base.dim() == 1
+    channels = base.shape[1] if channels_first else base.shape[-1]
+    tokens = base[0].numel() // channels
+    stride = -(-tokens // options.max_tokens) if 0 < options.max_tokens < tokens else 1
+    measured = -(-tokens // stride)
+    # The per-row sums (the running total and a chunk's) and a standardising scale per token are small but
+    # counted too.
+    token_bytes = 4 * rows * (channels * copies + _token_values(options, k))
+    chunk = max(1, (budget - 2 * 4 * k * rows) // token_bytes)
+    if stride == 1 and chunk >= tokens:
+        return measure(base, candidates, channels_first, options), tokens
+    # [rows, T, C] or [rows, C, T]: one token axis to subsample and to cut into chunks.
+    tdim = 2 if channels_first else 1
+    a = _every(base.flatten(2) if channels_first else base.reshape(rows, tokens, channels), tdim, stride)
+    z = _every(candidates.flatten(3) if channels_first else candidates.reshape(k, rows, tokens, channels), tdim + 1,
+               stride)
+    if chunk >= measured:
+        return measure(a, z, channels_first, options), measured
+    total = None
+    for a_part, z_part in zip(a.split(chunk, tdim), z.split(chunk, tdim + 1)):
+        part = measure(a_part, z_part, channels_first, options)
+        total = part if total is None else total.add_(part)
+    return total, measured
 
 
-def _token_measure(a: Tensor, d: Tensor, dim: int, measure: str, temperature: float, standardize: bool) -> Tensor:
-    """Per-token divergence for base logits ``a`` and delta ``d`` (views of the layer output, any float dtype)."""
-    if measure == "dot":
-        # 1 - cosine between base and base + delta: a normalised dot-product score, zero for a zero delta. A
-        # cosine ignores the per-token temperature and standardisation scales.
-        shifted = _fp32_sum(a, d)
-        norm_shifted = torch.linalg.vector_norm(shifted, dim=dim)
-        a32 = _fp32(a)
-        cos = shifted.mul_(a32).sum(dim) / (torch.linalg.vector_norm(a32, dim=dim) * norm_shifted).clamp_min(1e-12)
-        return 1.0 - cos
-    scale = _scale(a, dim, temperature, standardize)
-    if measure == "js":
-        return _js(a, d, dim, scale)
-    # KL(p||q) = lse(a+d) - lse(a) - E_p[d] and KL(q||p) = E_q[d] - lse(a+d) + lse(a), logits scaled.
-    reverse = measure == "kl-reverse"
-    first = _scaled(_fp32_sum(a, d) if reverse else _fp32_copy(a), scale)
-    lse_first = _softmax_(first, dim)
-    # first now holds q (reverse) or p: the expectation of the scaled delta under it.
-    expected = _scaled(first.mul_(_fp32(d)), scale).sum(dim)
-    del first
-    second = _scaled(_fp32_copy(a) if reverse else _fp32_sum(a, d), scale)
-    lse_second = _softmax_(second, dim)
-    del second
-    if reverse:
-        return (expected - lse_first + lse_second).clamp_min(0.0)
-    return (lse_second - lse_first - expected).clamp_min(0.0)
+def _live_copies(options: MeasureOptions, k: int, dtype: torch.dtype, device: torch.device) -> int:
+    """How many fp32 tensors of one chunk's base size :func:`measure_tokens` holds at once, at most, for ``k``
+    candidates: the base's log-probabilities, ``k`` candidate ones and what each measure adds, or for ``dot`` the
+    products and the fp32 casts of the inputs."""
+    if options.measure == "dot":
+        return k + (0 if dtype == torch.float32 else 1 + k)
+    copies = {"kl": 1 + k, "kl-reverse": 1 + 2 * k, "js": 1 + 3 * k}[options.measure]
+    # A CUDA fp16 softmax writes fp32 directly; other dtypes, and scaled logits, take a copy of the candidates
+    # that lives beside their log-softmax for a moment.
+    native = dtype == torch.float32 or (dtype == torch.float16 and device.type == "cuda")
+    if options.scaled or not native:
+        copies = max(copies, 1 + 2 * k)
+    return copies
 
 
-def _js(a: Tensor, d: Tensor, dim: int, scale: float | Tensor) -> Tensor:
-    log_q = torch.log_softmax(_scaled(_fp32_sum(a, d), scale), dim=dim)
-    log_p = torch.log_softmax(_scaled(_fp32_copy(a), scale), dim=dim)
+def _token_values(options: MeasureOptions, k: int) -> int:
+    """fp32 values per token beside the chunk-sized tensors: for ``dot`` the norms, dot products and cosines of
+    each candidate, else a standardising scale and the std it comes from."""
+    return 4 * k + 1 if options.measure == "dot" else 2
+
+
+# Every full-size temporary below is an fp32 tensor made here and then overwritten in place, and each is dropped
+# as soon as it is used up: _live_copies() counts them and the chunk size depends on it. Mixed-dtype in-place
+# operations are avoided on purpose: on CPU they cast an input into a hidden temporary.
+
+
+def measure_tokens(a: Tensor, z: Tensor, channels_first: bool, options: MeasureOptions) -> Tensor:
+    """Per-token divergences of the candidates ``z`` ``[K, rows, ...]`` from ``a`` ``[rows, ...]``, summed over
+    every axis but the candidate and the row."""
+    dim = 1 if channels_first else -1
+    reduce = tuple(range(2, z.dim()))
+    if options.measure == "dot":
+        per_token = _dot(a, z, dim)
+        return per_token.sum(tuple(range(2, per_token.dim()))) if per_token.dim() > 2 else per_token
+    scale = _scale(a, dim, options)
+    log_p = _log_softmax32(a, dim, scale)
+    log_q = _log_softmax32(z, dim + 1 if channels_first else dim, scale)
+    if options.measure == "kl":
+        # Σ p (log p - log q), the difference written over log q
+        terms = torch.sub(log_p, log_q, out=log_q).mul_(log_p.exp_())
+    elif options.measure == "kl-reverse":
+        terms = torch.sub(log_q, log_p).mul_(log_q.exp_())
+    else:
+        terms = _js_terms(log_p, log_q)
+    return terms.sum(reduce)
+
+
+def _js_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
+    # JS = ½ Σ m (e^r_p r_p + e^r_q r_q) with r = log(p/m); e^r r is xlogy(e^r, e^r), so all stays in place.
     log_m = torch.logaddexp(log_p, log_q).sub_(math.log(2.0))
-    # KL(p||m) = Σ m·e^r·r with r = log(p/m); e^r·r is xlogy(e^r, e^r), so everything stays in place.
-    r_p, r_q = log_p.sub_(log_m), log_q.sub_(log_m)
-    terms = r_p.exp_().xlogy_(r_p).add_(r_q.exp_().xlogy_(r_q)).mul_(log_m.exp_())
-    return (0.5 * terms.sum(dim)).clamp_min(0.0)
+    r_p = torch.sub(log_p, log_m)
+    r_q = log_q.sub_(log_m)
+    terms = r_p.exp_().xlogy_(r_p).add_(r_q.exp_().xlogy_(r_q))
+    return terms.mul_(log_m.exp_()).mul_(0.5)
 
 
-def _scale(a: Tensor, dim: int, temperature: float, standardize: bool) -> float | Tensor:
+def _every(t: Tensor, dim: int, step: int) -> Tensor:
+    return t if step == 1 else t[(slice(None),) * dim + (slice(None, None, step),)]
+
+
+def _dot(a: Tensor, z: Tensor, dim: int) -> Tensor:
+    """1 - cosine between the base and each candidate, per token: a normalised dot-product score, zero for a
+    zero delta. A cosine ignores the per-token temperature and standardisation scales."""
+    a32, z32 = _fp32(a), _fp32(z)
+    zdim = dim + 1 if dim >= 0 else dim
+    norms = torch.linalg.vector_norm(z32, dim=zdim) * torch.linalg.vector_norm(a32, dim=dim)
+    cos = torch.mul(z32, a32).sum(zdim) / norms.clamp_min_(1e-12)
+    return torch.rsub(cos, 1.0)
+
+
+def _scale(a: Tensor, dim: int, options: MeasureOptions) -> float | Tensor:
     """1/τ, or 1/(τ·std) per token (keeping the channel axis, for broadcasting) when standardising."""
-    if not standardize:
-        return 1.0 / temperature
-    return _fp32(a).std(dim=dim, keepdim=True).clamp_min_(1e-6).mul_(temperature).reciprocal_()
+    if not options.standardize:
+        return 1.0 / options.temperature
+    return _fp32(a).std(dim=dim, keepdim=True).clamp_min_(1e-6).mul_(options.temperature).reciprocal_()
 
 
-def _scaled(t: Tensor, scale: float | Tensor) -> Tensor:
-    return t if isinstance(scale, float) and scale == 1.0 else t.mul_(scale)
-
-
-def _softmax_(t: Tensor, dim: int) -> Tensor:
-    """Turn logits ``t`` into their softmax in place; returns their log-sum-exp, one value per token."""
-    top = t.amax(dim, keepdim=True)
-    total = t.sub_(top).exp_().sum(dim, keepdim=True)
-    t.div_(total)
-    return total.log_().add_(top).squeeze(dim)
+def _log_softmax32(t: Tensor, dim: int, scale: float | Tensor) -> Tensor:
+    """log-softmax of ``t · scale`` over ``dim``, in fp32."""
+    if isinstance(scale, float) and scale == 1.0:
+        # One kernel: a CUDA fp16 softmax writes fp32 directly; others cast first.
+        return torch.log_softmax(t, dim) if t.dtype == torch.float32 else torch.log_softmax(t, dim, dtype=torch.float32)
+    scaled = t * scale if t.dtype == torch.float32 else t.float().mul_(scale)
+    return torch.log_softmax(scaled, dim)
 
 
 def _fp32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float32 else t.float()
-
-
-def _fp32_copy(t: Tensor) -> Tensor:
-    return t.clone() if t.dtype == torch.float32 else t.float()
-
-
-def _fp32_sum(a: Tensor, d: Tensor) -> Tensor:
-    if a.dtype == torch.float32:
-        return a + d
-    total = a.float()
-    return total.add_(d.float())

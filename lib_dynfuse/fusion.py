@@ -1,4 +1,10 @@
-"""The per-layer fusion: base output in, base + the chosen LoRA contribution out."""
+"""The per-layer fusion: base output in, base + the chosen LoRA contribution out.
+
+The hot path of a deciding layer is a fixed, small number of tensor operations whatever the batch, the number of
+deciding rows or the rule: both candidate outputs (base + each delta) from one batched product, both divergences
+of the deciding rows from one batched measure, the decision as one device tensor, and one select (or blend) of
+the candidates. Nothing in it waits for the device.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,9 @@ from torch import Tensor, nn
 
 from lib_dynfuse.decisions import DecisionLog
 from lib_dynfuse.deltas import Delta, LayerGeometry
-from lib_dynfuse.divergence import row_divergence
+from lib_dynfuse.divergence import MeasureOptions, divergence_sums
 from lib_dynfuse.layout import BatchLayout, StepClock
+from lib_dynfuse.pair import PairKernel, pair_kernel
 from lib_dynfuse.policies import EngineOptions, Policy
 
 
@@ -37,6 +44,11 @@ class DecisionPlan:
         return cls(tuple(layout.deciding_row[i] for i in images), images,
                    tuple(index[image] for image in layout.image_of_row), tied=True)
 
+    @property
+    def one_row_per_unit(self) -> bool:
+        """Every row is its own unit, in order: the units' decisions are the rows' decisions."""
+        return self.unit_of_row == tuple(range(len(self.unit_of_row)))
+
 
 @dataclass
 class StepState:
@@ -49,7 +61,10 @@ class StepState:
     layout: BatchLayout | None = None
     epoch: int = 0  # counts set_layout calls: the UNet calls after one cover its layout's rows in order
     _plans: dict[tuple[int, int], DecisionPlan] = field(default_factory=dict)
-    _indices: dict[tuple[int, torch.device], Tensor] = field(default_factory=dict)
+    _tensors: dict[tuple, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.measure: MeasureOptions = self.options.measure_options()
 
     def plan(self, rows: int, start: int = 0) -> DecisionPlan:
         """The plan of a UNet call of ``rows`` rows that are the layout's rows from ``start`` on."""
@@ -66,23 +81,35 @@ class StepState:
             self._plans[key] = plan
         return plan
 
-    def row_index(self, plan: DecisionPlan, device: torch.device) -> Tensor:
-        key = (id(plan), device)
-        index = self._indices.get(key)
-        if index is None:
-            index = self._indices[key] = torch.tensor(plan.unit_of_row, device=device)
-        return index
+    def index(self, values: tuple[int, ...], device: torch.device) -> Tensor:
+        """``values`` as a long tensor on ``device``, made once per layout (the hooks must not copy per call)."""
+        key = (values, device)
+        t = self._tensors.get(key)
+        if t is None:
+            t = self._tensors[key] = torch.tensor(values, dtype=torch.long, device=device)
+        return t
 
     def set_layout(self, layout: BatchLayout | None) -> None:
         self.epoch += 1
         if layout != self.layout:
             self.layout = layout
             self._plans.clear()
-            self._indices.clear()
+            self._tensors.clear()
+
+
+@dataclass(frozen=True)
+class _Decided:
+    """The decisions one call made: ``decision[i]`` for ``units[i]``, from divergences summed over ``tokens``."""
+
+    units: tuple[int, ...]
+    step: int
+    decision: Tensor
+    sums: Tensor
+    tokens: int
 
 
 class LayerFusion:
-    """One hooked layer: its two deltas (either may be absent) and the decisions it made this step."""
+    """One hooked layer: its two deltas (either may be absent) and the decisions it made."""
 
     def __init__(self, name: str, module: nn.Module, subject: Delta | None, style: Delta | None) -> None:
         if subject is None and style is None:
@@ -93,66 +120,44 @@ class LayerFusion:
         self.style = style
         self.geometry = LayerGeometry.of(module)
         self.channel_dim = -1 if self.geometry.kind == "linear" else 1
-        self._prepared: dict[tuple[torch.device, torch.dtype], tuple[Delta | None, Delta | None]] = {}
-        self._tied: dict[int, tuple[int, Tensor, Tensor]] = {}
+        self._kernels: dict[tuple[torch.device, torch.dtype], PairKernel] = {}
+        self._made: dict[int, tuple[_Decided, int]] = {}  # unit -> the call that last decided it, its position
+        self._last: _Decided | None = None
+        self._logged: tuple[int, set[int]] = (-1, set())  # the step and the units already in the log for it
         self._next_row = (-1, 0)  # (layout epoch, where this layer's next call starts in the layout's rows)
 
     @property
     def contested(self) -> bool:
         return self.subject is not None and self.style is not None
 
-    def deltas_for(self, x: Tensor) -> tuple[Delta | None, Delta | None]:
-        # Factors are moved once per device/dtype, not per call (Forge may compute on another device than
+    def kernel(self, x: Tensor) -> PairKernel:
+        # Factors are prepared once per device/dtype, not per call (Forge may compute on another device than
         # the one its weights are stored on).
         key = (x.device, x.dtype)
-        pair = self._prepared.get(key)
-        if pair is None:
-            pair = tuple(None if d is None else d.to(device=x.device, dtype=x.dtype) for d in (self.subject, self.style))
-            self._prepared[key] = pair
-        return pair
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = pair_kernel(self.subject, self.style, self.geometry, x.device, x.dtype)
+        return kernel
 
     def static_output(self, x: Tensor, base: Tensor) -> Tensor:
         """What the host's merge would give: base plus both deltas at their strengths."""
-        out = base
-        for delta in self.deltas_for(x):
-            if delta is not None:
-                out = out + delta.output(x, self.geometry)
-        return out
+        return self.kernel(x).weighted(x, base, 1.0, 1.0)
 
     def fuse(self, x: Tensor, base: Tensor, state: StepState) -> Tensor:
-        subject, style = self.deltas_for(x)
-        if subject is None or style is None:
+        if not self.contested:
             return self.static_output(x, base)
-        y_subject = subject.output(x, self.geometry)
-        y_style = style.output(x, self.geometry)
+        kernel = self.kernel(x)
         plan = state.plan(base.shape[0], self._start_row(base.shape[0], state))
-        step = state.clock.index
-        # The first call of a step that sees an image decides for all its rows in that step: A1111 runs cond and
-        # uncond rows in one call unless it splits them (cond chunks first), Forge may run an uncond chunk first.
-        reused = {}
-        if plan.tied:
-            reused = {u: hit for u in plan.units if (hit := self._tied.get(u)) is not None and hit[0] == step}
-        if reused:
-            fresh = tuple(u for u in plan.units if u not in reused)
-            rows = tuple(r for u, r in zip(plan.units, plan.deciding_rows) if u not in reused)
-            decided = self._decide(base, y_subject, y_style, rows, fresh, state) if fresh else None
-            w_subject, w_style = (
-                torch.stack([reused[u][k + 1] if u in reused else decided[k][fresh.index(u)] for u in plan.units])
-                for k in (0, 1))
-        else:
-            w_subject, w_style = self._decide(base, y_subject, y_style, plan.deciding_rows, plan.units, state)
-        if plan.tied:
-            for i, unit in enumerate(plan.units):
-                if unit not in reused:
-                    self._tied[unit] = (step, w_subject[i], w_style[i])
-        index = state.row_index(plan, base.device)
-        shape = (-1,) + (1,) * (base.dim() - 1)
-        if state.policy.one_hot:
-            # A select instead of two scaled copies; decided on the device, so no host sync per layer.
-            return base + torch.where(w_subject[index].view(shape) > 0.5, y_subject, y_style)
-        w_subject_rows = w_subject.to(base.dtype)[index].view(shape)
-        w_style_rows = w_style.to(base.dtype)[index].view(shape)
-        return base + y_subject.mul_(w_subject_rows).add_(y_style.mul_(w_style_rows))
+        policy, step = state.policy, state.clock.index
+        if not policy.needs_divergence:
+            weights = policy.fixed(self.name, state.clock.progress, step)
+            fresh = self._unlogged(plan.units, step)
+            if fresh:
+                state.log.record(self.name, step, fresh, weights[0])
+            return kernel.weighted(x, base, *weights)
+        candidates = kernel.candidates(x, base)
+        decision = self._decision(base, candidates, plan, state)
+        return self._apply(candidates, decision, plan, state)
 
     def _start_row(self, rows: int, state: StepState) -> int:
         """Where this call's rows start in the layout. A1111 splits one CFG step's rows over several UNet calls
@@ -166,15 +171,80 @@ class LayerFusion:
         self._next_row = (state.epoch, start + rows)
         return start
 
-    def _decide(self, base: Tensor, y_subject: Tensor, y_style: Tensor, rows: tuple[int, ...],
-                units: tuple[int, ...], state: StepState) -> tuple[Tensor, Tensor]:
-        d_subject = d_style = None
-        if state.policy.needs_divergence:
-            kwargs = dict(channel_dim=self.channel_dim, measure=state.options.measure,
-                          temperature=state.options.temperature, standardize=state.options.standardize, rows=rows)
-            d_subject = row_divergence(base, y_subject, **kwargs)
-            d_style = row_divergence(base, y_style, **kwargs)
-        w_subject, w_style = state.policy.weights(self.name, state.clock.progress, state.clock.index,
-                                                  d_subject, d_style, len(units), base.device)
-        state.log.record(self.name, state.clock.index, units, w_subject, d_subject, d_style)
-        return w_subject, w_style
+    def _unlogged(self, units: tuple[int, ...], step: int) -> tuple[int, ...]:
+        """The units not yet in the log for this step (a step's rows may come in several calls), now marked."""
+        logged_step, logged = self._logged
+        if logged_step != step:
+            logged = set()
+            self._logged = (step, logged)
+        fresh = tuple(u for u in units if u not in logged)
+        logged.update(fresh)
+        return fresh
+
+    def _decision(self, base: Tensor, candidates: Tensor, plan: DecisionPlan, state: StepState) -> Tensor:
+        """One decision per unit of the plan: made now from the deciding rows, or kept from an earlier call of this
+        step (the first call that sees an image decides for all its rows in that step: A1111 runs cond and uncond
+        rows in one call unless it splits them, cond chunks first; Forge may run an uncond chunk first), or from
+        an earlier step when deciding every n steps."""
+        step, every = state.clock.index, state.options.decide_every
+        kept = {u: made for u in plan.units if (made := self._made.get(u)) is not None and step - made[0].step < every}
+        if not kept:
+            return self._decide(base, candidates, plan.deciding_rows, plan.units, state).decision
+        last = self._last
+        if len(kept) == len(plan.units) and last is not None and last.units == plan.units:
+            # The common case: the units of the last decision, in the same order.
+            if self._unlogged(plan.units, step) == plan.units:
+                self._log(last, step, state)
+            return last.decision
+        fresh = tuple(u for u in plan.units if u not in kept)
+        if fresh:
+            rows = tuple(r for u, r in zip(plan.units, plan.deciding_rows) if u not in kept)
+            self._decide(base, candidates, rows, fresh, state)
+        again = self._unlogged(tuple(u for u in plan.units if u in kept), step)
+        if again:
+            # Decisions kept from an earlier step are this step's decisions too (the map shows every step).
+            weights = torch.stack([self._value(u) for u in again])
+            state.log.record(self.name, step, again, (1.0 - weights.float()) if state.policy.one_hot else weights)
+        return torch.stack([self._value(u) for u in plan.units])
+
+    def _value(self, unit: int) -> Tensor:
+        decided, position = self._made[unit]
+        return decided.decision[position]
+
+    def _decide(self, base: Tensor, candidates: Tensor, rows: tuple[int, ...], units: tuple[int, ...],
+                state: StepState) -> _Decided:
+        # A decision is never differentiated (the divergence works in place), whoever runs the model with gradients.
+        with torch.no_grad():
+            sums, tokens = divergence_sums(*_rows(base, candidates, rows, state), channel_dim=self.channel_dim,
+                                           options=state.measure, budget_bytes=base.numel() * base.element_size())
+            decided = _Decided(units, state.clock.index, state.policy.decide(sums, tokens), sums, tokens)
+        for position, unit in enumerate(units):
+            self._made[unit] = (decided, position)
+        self._last = decided
+        self._unlogged(units, decided.step)
+        self._log(decided, decided.step, state)
+        return decided
+
+    def _log(self, decided: _Decided, step: int, state: StepState) -> None:
+        record = state.log.record_winners if state.policy.one_hot else state.log.record_sums
+        record(self.name, step, decided.units, decided.decision, decided.sums, decided.tokens)
+
+    def _apply(self, candidates: Tensor, decision: Tensor, plan: DecisionPlan, state: StepState) -> Tensor:
+        """Each row's candidate: the winner's (hard rules), or the blend by the subject's weight (soft rules)."""
+        device = candidates.device
+        per_row = decision if plan.one_row_per_unit else decision[state.index(plan.unit_of_row, device)]
+        if state.policy.one_hot:
+            return candidates[per_row, state.index(tuple(range(len(plan.unit_of_row))), device)]
+        weight = per_row.to(candidates.dtype).view((-1,) + (1,) * (candidates.dim() - 2))
+        return torch.lerp(candidates[1], candidates[0], weight)
+
+
+def _rows(base: Tensor, candidates: Tensor, rows: tuple[int, ...], state: StepState) -> tuple[Tensor, Tensor]:
+    """The deciding rows of the base output and of the candidates: views when the rows are consecutive."""
+    if len(rows) == base.shape[0] and rows == tuple(range(len(rows))):
+        return base, candidates
+    first = rows[0]
+    if rows == tuple(range(first, first + len(rows))):
+        return base.narrow(0, first, len(rows)), candidates.narrow(1, first, len(rows))
+    index = state.index(rows, base.device)
+    return base.index_select(0, index), candidates.index_select(1, index)

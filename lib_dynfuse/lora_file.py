@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from lib_dynfuse.deltas import LayerGeometry, LowRankDelta
+from lib_dynfuse.factors import FactorError, check_factors
 
 
 class LoraFileError(ValueError):
@@ -76,11 +77,13 @@ _TENSOR_ROLES = (
 )
 
 
-def read_lora(path: str | os.PathLike) -> LoraFile:
+def read_lora(path: str | os.PathLike, *, text_encoder: bool = False) -> LoraFile:
     """Read a LoRA ``.safetensors`` file; every failure is a :class:`LoraFileError` with a one-line message.
 
     Tensor names are matched first and only the factors of UNet layers are loaded, so a checkpoint or another
-    large file that is not a LoRA is turned away without reading its data.
+    large file that is not a LoRA is turned away without reading its data. Every layer's factors are checked
+    (:func:`lib_dynfuse.factors.check_factors`): present, fitting each other, finite. ``text_encoder``: read and
+    check the text encoder's factors too (they are not kept: the host applies them).
     """
     from safetensors import SafetensorError, safe_open
 
@@ -91,52 +94,77 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     try:
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            layers, text_encoder = _group(name, list(f.keys()))
+            layers, text_encoder_layers = _group(name, list(f.keys()))
+            if text_encoder:
+                for raw, found in _with_factors(text_encoder_layers).items():
+                    _check(name, raw, {role: f.get_tensor(t) for role, t in found.items()}, found)
             tensors = {t: f.get_tensor(t) for found in layers.values() for t in found.values()}
     except LoraFileError:
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise LoraFileError(f"cannot read {name}: damaged or not a .safetensors file ({reason})") from None
-    return _lora_file(path, layers, text_encoder, tensors, metadata)
+    return _lora_file(path, layers, _text_encoder_keys(text_encoder_layers), tensors, metadata)
 
 
 def parse_lora_tensors(tensors: dict[str, Tensor], *, path: str = "<memory>",
                        metadata: dict[str, str] | None = None) -> LoraFile:
     """:func:`read_lora` for tensors already in memory, keyed by their names in the file."""
     layers, text_encoder = _group(os.path.basename(path), list(tensors))
-    return _lora_file(path, layers, text_encoder, tensors, dict(metadata or {}))
+    return _lora_file(path, layers, _text_encoder_keys(text_encoder), tensors, dict(metadata or {}))
 
 
-def _group(name: str, tensor_names: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
-    """The UNet layers' tensor names (layer name in the file → role → tensor name), and the text encoder's
-    layer keys; :class:`LoraFileError` when there are neither."""
-    layers: dict[str, dict[str, str]] = {}
-    text_encoder: set[str] = set()
+Groups = dict[str, dict[str, str]]  # layer name in the file -> role -> tensor name
+
+
+def _group(name: str, tensor_names: list[str]) -> tuple[Groups, Groups]:
+    """The tensor names of the UNet's layers that hold factors, and of the text encoder's layers;
+    :class:`LoraFileError` when there are neither."""
+    layers: Groups = {}
+    text_encoder: Groups = {}
     for tensor_name in tensor_names:
         for role, pattern in _TENSOR_ROLES:
             match = pattern.match(tensor_name)
             if match:
-                key = _normalise_key(match.group(1))
-                if key.startswith(_TEXT_ENCODER_PREFIXES):
-                    text_encoder.add(key)
-                else:
-                    layers.setdefault(match.group(1), {})[role] = tensor_name
+                raw = match.group(1)
+                side = text_encoder if _normalise_key(raw).startswith(_TEXT_ENCODER_PREFIXES) else layers
+                side.setdefault(raw, {})[role] = tensor_name
                 break
-    layers = {raw: found for raw, found in layers.items() if "down" in found and "up" in found}
+    # A layer with an alpha alone belongs to a network type this reader does not read (LoHa, LoKr).
+    layers = _with_factors(layers)
     if not layers and not text_encoder:
         raise LoraFileError(f"{name} is not a LoRA file: it has no lora_down/lora_up or lora_A/lora_B tensors")
-    return layers, sorted(text_encoder)
+    return layers, text_encoder
 
 
-def _lora_file(path: str, layers: dict[str, dict[str, str]], text_encoder: list[str], tensors: dict[str, Tensor],
+def _with_factors(groups: Groups) -> Groups:
+    return {raw: found for raw, found in groups.items() if found.keys() & {"down", "up", "mid"}}
+
+
+def _text_encoder_keys(groups: Groups) -> list[str]:
+    return sorted({_normalise_key(raw) for raw in groups})
+
+
+def _lora_file(path: str, layers: Groups, text_encoder: list[str], tensors: dict[str, Tensor],
                metadata: dict[str, str]) -> LoraFile:
     name = os.path.basename(path)
     parsed = {}
     for raw, names in layers.items():
         key = _strip_unet_prefix(_normalise_key(raw))
-        parsed[key] = _layer(name, raw, key, {role: tensors[t] for role, t in names.items()}, names)
+        found = {role: tensors[t] for role, t in names.items()}
+        _check(name, raw, found, names)
+        parsed[key] = LoraLayer(key, found["down"], found["up"], found.get("mid"),
+                                float(found["alpha"]) if "alpha" in found else None)
     return LoraFile(path, parsed, text_encoder, metadata)
+
+
+def _check(name: str, raw: str, found: dict[str, Tensor], names: dict[str, str]) -> None:
+    """One layer's factors, checked here so that a damaged file is named, not met as a shape error later."""
+    try:
+        # Tensors are named as in the file, without the layer part the message names already.
+        check_factors(raw, found, {role: t[len(raw):].lstrip("._") for role, t in names.items()})
+    except FactorError as error:
+        raise LoraFileError(f"{name}: {error}; the file is damaged") from None
 
 
 def _normalise_key(raw: str) -> str:
@@ -149,24 +177,6 @@ def _strip_unet_prefix(key: str) -> str:
         if key.startswith(prefix):
             return _strip_unet_prefix(key[len(prefix):])
     return key
-
-
-def _layer(name: str, raw: str, key: str, found: dict[str, Tensor], names: dict[str, str]) -> LoraLayer:
-    """One layer's factors, checked here so that a damaged file is named, not met as a shape error later."""
-    down, up, mid, alpha = found["down"], found["up"], found.get("mid"), found.get("alpha")
-    for role in ("down", "up", "mid"):
-        if role in found and not found[role].is_floating_point():
-            raise LoraFileError(f"{name}: {names[role]} holds {found[role].dtype} values, not floats; "
-                                "the file is damaged")
-    if alpha is not None and alpha.numel() != 1:
-        raise LoraFileError(f"{name}: {names['alpha']} holds {alpha.numel()} values instead of one; "
-                            "the file is damaged")
-    rank = down.shape[0] if down.dim() else 0
-    if (down.dim() not in (2, 4) or up.dim() not in (2, 4) or up.shape[1] != rank
-            or (mid is not None and (mid.dim() != 4 or tuple(mid.shape[:2]) != (rank, rank)))):
-        shapes = ", ".join(f"{role} {list(t.shape)}" for role, t in found.items() if role != "alpha")
-        raise LoraFileError(f"{name}: layer {raw} has mismatched factors ({shapes}); the file is damaged")
-    return LoraLayer(key, down, up, mid, float(alpha) if alpha is not None else None)
 
 
 # ---- mapping onto a model -------------------------------------------------------------------------------------

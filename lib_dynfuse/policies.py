@@ -1,7 +1,7 @@
 """Who wins a layer at a step: the rules that turn two LoRA contributions into one.
 
-A policy returns, for each decision unit (an image, or a batch row), the weight of the subject delta and the
-weight of the style delta. The hard rules return one-hot weights.
+A rule gives, for each decision unit (an image, or a batch row), the weight of the subject delta and the weight of
+the style delta. The hard rules give one LoRA weight 1 and the other 0.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lib_dynfuse.deltas import Delta, LayerGeometry
-from lib_dynfuse.divergence import MEASURES
+from lib_dynfuse.divergence import MEASURES, MeasureOptions
 from lib_dynfuse.layout import StepClock
 
 METHODS = ("kl", "kl-soft", "k-lora", "switch", "static", "subject-only", "style-only")
@@ -35,6 +35,11 @@ class EngineOptions:
     klora_alpha: float = 1.5
     klora_beta: float = 0.5
     klora_schedule: str = "S"
+    # Cheaper decisions: decide at every n-th step and keep the decision in between; measure the divergence on a
+    # fixed-stride subsample of at most this many tokens per row (0: all).
+    decide_every: int = 1
+    max_tokens: int = 0
+    compiled: bool = False  # the divergence as compiled kernels (lib_dynfuse.compiled); meant for CUDA
 
     def validate(self) -> None:
         checks = {
@@ -47,11 +52,16 @@ class EngineOptions:
             "klora_alpha": self.klora_alpha > 0,
             "klora_beta": self.klora_beta >= 0,
             "klora_schedule": self.klora_schedule in KLORA_SCHEDULES,
+            "decide_every": int(self.decide_every) == self.decide_every and self.decide_every >= 1,
+            "max_tokens": int(self.max_tokens) == self.max_tokens and self.max_tokens >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             raise ValueError(f"invalid DynFuse engine options: {values}")
+
+    def measure_options(self) -> MeasureOptions:
+        return MeasureOptions(self.measure, self.temperature, self.standardize, self.max_tokens, self.compiled)
 
     def non_defaults(self) -> dict[str, object]:
         default = EngineOptions()
@@ -68,6 +78,9 @@ class LayerPair:
 
 
 class Policy:
+    """A rule with the same weights for every unit of a layer and step gives them by :meth:`fixed`; a rule that
+    reads the divergences decides on the device by :meth:`decide`."""
+
     needs_divergence = False
     one_hot = True  # every unit gets exactly one of the two LoRAs, at weight 1
 
@@ -77,14 +90,14 @@ class Policy:
     def prepare(self, layers: Mapping[str, LayerPair]) -> None:
         """Called once per generation with every layer both LoRAs touch."""
 
-    def weights(self, layer: str, progress: float, step: int, d_subject: Tensor | None, d_style: Tensor | None,
-                units: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Weights ``[units]`` of the subject and of the style delta."""
+    def fixed(self, layer: str, progress: float, step: int) -> tuple[float, float]:
+        """The weights of the subject and of the style delta for every unit of ``layer`` at this step."""
         raise NotImplementedError
 
-
-def _constant(units: int, device: torch.device, subject: float, style: float) -> tuple[Tensor, Tensor]:
-    return (torch.full((units,), subject, device=device), torch.full((units,), style, device=device))
+    def decide(self, sums: Tensor, tokens: int) -> Tensor:
+        """From the divergences ``[2, units]`` summed over ``tokens`` tokens: the winner's index per unit
+        (0 = subject) for a hard rule, the subject's weight per unit for a soft one."""
+        raise NotImplementedError
 
 
 class StaticPolicy(Policy):
@@ -92,37 +105,38 @@ class StaticPolicy(Policy):
 
     def __init__(self, options: EngineOptions, subject: float = 1.0, style: float = 1.0) -> None:
         super().__init__(options)
-        self.subject, self.style = subject, style
+        self.weights = (subject, style)
 
-    def weights(self, layer, progress, step, d_subject, d_style, units, device):
-        return _constant(units, device, self.subject, self.style)
+    def fixed(self, layer, progress, step):
+        return self.weights
 
 
 class KLPolicy(Policy):
-    """The paper's rule: the LoRA that moves the layer's output distribution more wins (ties go to the subject)."""
+    """The paper's rule: the LoRA that moves the layer's output distribution more wins (ties go to the subject,
+    as argmax returns the first maximum)."""
 
     needs_divergence = True
 
-    def weights(self, layer, progress, step, d_subject, d_style, units, device):
-        subject_wins = (d_subject >= d_style).float()
-        return subject_wins, 1.0 - subject_wins
+    def decide(self, sums, tokens):
+        return sums.argmax(0)
 
 
 class KLSoftPolicy(Policy):
+    """Both LoRAs, weighted by softmax(divergence / soft temperature) over the two."""
+
     needs_divergence = True
     one_hot = False
 
-    def weights(self, layer, progress, step, d_subject, d_style, units, device):
-        w = torch.softmax(torch.stack([d_subject, d_style]) / self.options.soft_temperature, dim=0)
-        return w[0], w[1]
+    def decide(self, sums, tokens):
+        return torch.softmax(sums * (1.0 / (tokens * self.options.soft_temperature)), dim=0)[0]
 
 
 class SwitchPolicy(Policy):
     """LoRA Switch: the whole UNet alternates between the LoRAs every ``switch_every`` steps, subject first."""
 
-    def weights(self, layer, progress, step, d_subject, d_style, units, device):
+    def fixed(self, layer, progress, step):
         subject = (step // self.options.switch_every) % 2 == 0
-        return _constant(units, device, float(subject), float(not subject))
+        return float(subject), float(not subject)
 
 
 class KLoraPolicy(Policy):
@@ -170,9 +184,9 @@ class KLoraPolicy(Policy):
         decides them."""
         return [i for i in range(total) if not self.subject_wins(layer, StepClock(i, total).progress)]
 
-    def weights(self, layer, progress, step, d_subject, d_style, units, device):
+    def fixed(self, layer, progress, step):
         subject = self.subject_wins(layer, progress)
-        return _constant(units, device, float(subject), float(not subject))
+        return float(subject), float(not subject)
 
 
 def robust_mean(values: list[float]) -> float:

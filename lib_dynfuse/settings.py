@@ -160,6 +160,21 @@ class DynFuseSettings:
         "k-lora: step schedule S(t) = α·t/T + β, or S*(t) = (α·t/T + 0.85·α) mod α, which lets the style in early.",
         choices=KLORA_SCHEDULES,
     )
+    decide_every: int = _setting(
+        1,
+        "int",
+        "decide every",
+        "kl, kl-soft: decide at every n-th step and keep each layer's decision in between (1 = every step).",
+        low=1,
+    )
+    max_tokens: int = _setting(
+        0,
+        "int",
+        "divergence tokens",
+        "kl, kl-soft: measure the divergence on at most this many tokens per row, a fixed-stride subsample "
+        "(0 = every token).",
+        low=0,
+    )
     show_map: bool = _setting(False, "bool", "show map", "Add the selection map image to the outputs.")
     guidance: bool = _setting(
         False,
@@ -210,8 +225,10 @@ class DynFuseSettings:
         False, "bool", "show loss plot", "Add the guidance loss curve to the outputs."
     )
 
-    def engine_options(self) -> EngineOptions:
-        return EngineOptions(**{f.name: getattr(self, f.name) for f in fields(EngineOptions)})
+    def engine_options(self, *, compiled: bool = False) -> EngineOptions:
+        """The engine's share of the settings; ``compiled`` comes from the WebUI's Settings tab, not from here."""
+        shared = {f.name: getattr(self, f.name) for f in fields(EngineOptions) if f.name in FIELDS}
+        return EngineOptions(**shared, compiled=compiled)
 
     def validate(self) -> None:
         for f in fields(self):
@@ -501,6 +518,8 @@ INFOTEXT_KEYS: tuple[InfotextKey, ...] = (
     _simple("temperature", _uses_divergence),
     _simple("standardize", _uses_divergence),
     _simple("decide_per", _uses_divergence),
+    _simple("decide_every", _uses_divergence),
+    _simple("max_tokens", _uses_divergence),
     _simple("soft_temperature", _method_is("kl-soft")),
     _simple("switch_every", _method_is("switch")),
     _simple("klora_alpha", _method_is("k-lora")),

@@ -1,4 +1,4 @@
-"""DynFuse for the AUTOMATIC1111 and Forge WebUIs: the one file the host loads as a script.
+"""DynFuse for the AUTOMATIC1111, Forge and Forge Neo WebUIs: the one file the host loads as a script.
 
 It builds the accordion, turns UI / API / X/Y/Z values into settings and hands each generation to the adapter of
 the detected host (lib_dynfuse.hosts). Callbacks are registered here, at import, because a Reload UI clears them
@@ -119,4 +119,4 @@ script_callbacks.on_before_ui(_on_before_ui, name="dynfuse_xyz_axes")
 script_callbacks.on_app_started(api.add_routes, name="dynfuse_api")
 script_callbacks.on_ui_settings(options.register_options, name="dynfuse_options")
 script_callbacks.on_script_unloaded(_on_unload, name="dynfuse_unload")
-print(f"DynFuse v{__version__} loaded", flush=True)
+say(f"version {__version__} loaded")

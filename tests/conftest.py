@@ -1,4 +1,5 @@
-"""Fixtures shared by the test files: the fake AUTOMATIC1111 host on sys.path, removed again afterwards."""
+"""Fixtures shared by the test files: the fake AUTOMATIC1111 host on sys.path, removed again afterwards; what
+DynFuse prints meanwhile must be one "DynFuse: " line per print (console_lines)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from console_lines import dynfuse_console
 
 TESTS = os.path.dirname(os.path.realpath(__file__))
 PROJECT = os.path.dirname(TESTS)
@@ -51,7 +53,8 @@ def a1111(tmp_path):
         return ui
 
     try:
-        yield start
+        with dynfuse_console():
+            yield start
     finally:
         for ui in started:
             ui.unload()

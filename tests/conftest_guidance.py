@@ -52,6 +52,7 @@ CPU = scorers.ScorerConfig(device="cpu", precision="fp32")
 
 @pytest.fixture(autouse=True)
 def guidance_release_models():
-    """Empties the model cache after each test so no test sees another's models."""
+    """Empties the model cache and forgets failed downloads after each test so no test sees another's models."""
     yield
     scorers.unload()
+    scorers._UNAVAILABLE.clear()

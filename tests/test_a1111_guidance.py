@@ -160,7 +160,7 @@ def test_a_non_finite_gradient_is_noted_in_every_later_image_and_draws_no_plot(t
     _, res = ui.txt2img(PROMPT, steps=3, seed=5, n_iter=2,
                         dynfuse=checks.dynfuse_args(show_loss_plot=True, **GUIDED, **REFS))
     assert dynfuse_lines(capsys) == [
-        ("DynFuse guidance: the gradient was not finite at step 0; guidance is off for the rest of this generation. "
+        ("DynFuse: guidance: the gradient was not finite at step 0; guidance is off for the rest of this generation. "
          "Lower Guidance strength or choose Decoder 'approx'.")]
     assert [note(text) for text in res.infotexts] == ["guidance off: the gradient was not finite at step 0"] * 2
     assert len(res.images) == 2  # the two images, no empty loss plot
@@ -179,11 +179,11 @@ def test_missing_references_give_one_line_and_a_note_and_leave_the_sample_alone(
     assert "DynFuse method: kl" in res.infotexts[0]
     lines = dynfuse_lines(capsys)
     assert lines[0] == (
-        "DynFuse guidance: the subject side is off (no image under Subject references, and subj.safetensors has no "
+        "DynFuse: guidance: the subject side is off (no image under Subject references, and subj.safetensors has no "
         "preview image); the style side is off (no image under Style reference, and sty.safetensors has no preview "
         "image). Add an image under Subject references / Style reference in the DynFuse panel, or put a preview "
         "image beside the LoRA file.")
-    assert [line for line in lines if line.startswith("DynFuse guidance")] == lines[:1]  # once per job
+    assert [line for line in lines if line.startswith("DynFuse: guidance")] == lines[:1]  # once per job
     assert note(res.infotexts[1]) == ("guidance subject side off: no reference image; guidance style side off: no "
                                       "reference image")
 
@@ -201,7 +201,7 @@ def test_an_unreadable_upload_turns_off_only_its_side(tiny_encoders, tmp_path, c
     p1, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args(
         **{**GUIDED, "subject_refs": [str(upload)], "style_ref": REFS["style_ref"]}))
     assert dynfuse_lines(capsys) == [
-        (f"DynFuse guidance: the subject side is off (Subject references: '{upload}' is not a readable image "
+        (f"DynFuse: guidance: the subject side is off (Subject references: '{upload}' is not a readable image "
          "(unknown format)). Add an image under Subject references in the DynFuse panel, or put a preview image "
          "beside the LoRA file.")]
     text = res.infotexts[0]
@@ -230,7 +230,7 @@ def test_api_with_an_unreadable_style_reference_keeps_the_fusion(tiny_encoders, 
     capsys.readouterr()
     res = ui.api_txt2img({"prompt": PROMPT, "steps": 3, "seed": 5, "alwayson_scripts": {"DynFuse": {"args": [args]}}})
     lines = dynfuse_lines(capsys)
-    assert lines[0].startswith("DynFuse guidance: the style side is off (Style reference: style_ref is not a "
+    assert lines[0].startswith("DynFuse: guidance: the style side is off (Style reference: style_ref is not a "
                                "base64-encoded image (")
     assert len(lines) == 1 and "DynFuse selection: subject " in res["info"]
     assert note(res["infotexts"][0]) == "guidance style side off: unreadable reference"

@@ -91,7 +91,8 @@ def test_xyz_axes_registered_once(a1111):
     a1111()
     labels = [o.label for o in _xyz().axis_options if o.label.startswith("[DynFuse]")]
     assert labels == ["[DynFuse] Enabled", "[DynFuse] Method", "[DynFuse] Subject strength",
-                      "[DynFuse] Style strength", "[DynFuse] KL temperature", "[DynFuse] Guidance strength",
+                      "[DynFuse] Style strength", "[DynFuse] KL temperature", "[DynFuse] Decide every",
+                      "[DynFuse] Divergence tokens", "[DynFuse] Guidance strength",
                       "[DynFuse] Guidance balance", "[DynFuse] Guidance start", "[DynFuse] Guidance end"]
     from modules import script_callbacks
 
@@ -115,6 +116,10 @@ def test_xyz_cells_override_ui_settings(a1111):
 
     cells = _xyz().run_axis(p, "[DynFuse] Subject strength", "0.5, 1.25")
     assert 'DynFuse subject: "subj:0.5"' in cells[0][2].infotexts[0]
+
+    cells = _xyz().run_axis(p, "[DynFuse] Divergence tokens", "0, 16")
+    assert "divergence tokens" not in cells[0][2].infotexts[0]
+    assert "DynFuse divergence tokens: 16" in cells[1][2].infotexts[0]
 
     cells = _xyz().run_axis(p, "[DynFuse] Enabled", "True, False", vals_dropdown=["True", "False"])
     assert "DynFuse method" in cells[0][2].infotexts[0]
@@ -271,6 +276,30 @@ def test_settings_section(a1111):
     assert options.read_option("dynfuse_unload_after") is False
 
 
+def test_the_settings_tab_switches_the_compiled_divergence_on(a1111, monkeypatch):
+    import checks
+
+    from lib_dynfuse import compiled
+    from lib_dynfuse.session import FusionSession
+    from modules import shared
+
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")  # the graph capture, without code generation
+    seen = []
+    opened = FusionSession.__init__
+    monkeypatch.setattr(FusionSession, "__init__", lambda self, targets, options, **kw: (
+        seen.append(options.compiled), opened(self, targets, options, **kw))[1])
+    ui = a1111()
+    write_pair(ui)
+    shares = []
+    for flag in (False, True):
+        shared.opts.set("dynfuse_compiled_divergence", flag)
+        _, res = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
+        shares.append(res.infotexts[0].split("DynFuse selection: ")[1][:12])
+    compiled.reset()
+    assert seen == [False, True]
+    assert shares[0] == shares[1]  # the same share of decisions won by the subject
+
+
 def test_reload_ui_registers_everything_once(a1111):
     from modules import script_callbacks
 
@@ -298,24 +327,44 @@ def test_detect_hosts(a1111, tmp_path, monkeypatch, capsys):
     a1111()
     assert detect.detect_host() == detect.A1111
     root = tmp_path / "forge"
-    _package(str(root), "modules_forge")
+    _package(str(root), "modules_forge", ("__init__.py", "forge_version.py"))
     _package(str(root), "ldm_patched")
     monkeypatch.setattr(paths, "script_path", str(root))
     monkeypatch.syspath_prepend(str(root))
-    for name in ("modules_forge", "ldm_patched", "backend"):
-        sys.modules.pop(name, None)
-    assert detect.detect_host() == detect.OLD_FORGE
+
+    def detect_with(version: str = "", lora_module: str = "") -> str:
+        (root / "modules_forge" / "forge_version.py").write_text(f"version = {version!r}\n")
+        if (root / "backend").is_dir():
+            (root / "backend" / "patcher" / "lora.py").write_text(lora_module)
+        for name in [n for n in sys.modules if n.split(".")[0] in ("modules_forge", "ldm_patched", "backend")]:
+            del sys.modules[name]
+        return detect.detect_host()
+
+    assert detect_with("0.0.17v1.8.0rc") == detect.OLD_FORGE
+    assert detect_with("classic") == detect.FORGE_CLASSIC
+    _package(str(root), "ldm_patched", ("modules/__init__.py", "modules/weight_adapter/__init__.py"))
+    assert detect_with("1.0.0v2-v1.10.1RC") == detect.REFORGE
     _package(str(root), "backend", ("__init__.py", "patcher/__init__.py", "patcher/lora.py",
                                     "diffusion_engine/__init__.py", "diffusion_engine/base.py"))
-    assert detect.detect_host() == detect.FORGE
+    # Forge merges per file with its LoraLoader; Forge Neo's backend has ComfyUI's patcher instead.
+    assert detect_with("2.0.1v1.10.1", "class LoraLoader:\n    pass\n") == detect.FORGE
+    assert detect_with("neo", "def merge_lora_to_weight(patches, weight, key, computation_dtype=None):\n"
+                              "    return weight\n") == detect.NEO
 
-    adapter = detect.UnsupportedHost(detect.OLD_FORGE_MESSAGE)
-    from modules import processing
+    messages = {}
+    for host in (detect.REFORGE, detect.FORGE_CLASSIC, detect.OLD_FORGE):
+        adapter = detect.UnsupportedHost(detect.UNSUPPORTED[host], host)
+        from modules import processing
 
-    p = processing.StableDiffusionProcessingTxt2Img(prompt=PROMPT)
-    settings = dataclasses.replace(__import__("lib_dynfuse.settings", fromlist=["DEFAULTS"]).DEFAULTS, enabled=True)
-    capsys.readouterr()
-    assert adapter.begin_job(p, settings) is None
-    assert capsys.readouterr().out.startswith("DynFuse: this WebUI is old Forge, reForge or Forge Classic")
-    assert p.extra_generation_params["DynFuse note"] == "off: unsupported WebUI"
+        p = processing.StableDiffusionProcessingTxt2Img(prompt=PROMPT)
+        settings = dataclasses.replace(__import__("lib_dynfuse.settings", fromlist=["DEFAULTS"]).DEFAULTS,
+                                       enabled=True)
+        capsys.readouterr()
+        assert adapter.begin_job(p, settings) is None
+        messages[host] = capsys.readouterr().out
+        assert p.extra_generation_params["DynFuse note"] == "off: unsupported WebUI"
+    assert messages[detect.REFORGE].startswith("DynFuse: this WebUI is reForge (")
+    assert messages[detect.FORGE_CLASSIC].startswith("DynFuse: this WebUI is Forge Classic (")
+    assert messages[detect.OLD_FORGE].startswith("DynFuse: this WebUI is old Forge (")
+    assert all("supports AUTOMATIC1111 1.9-1.10.1, Forge (main) and Forge Neo" in m for m in messages.values())
     assert checks  # fixture bookkeeping

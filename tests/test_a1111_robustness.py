@@ -333,3 +333,127 @@ def test_no_shared_layers_only_warns(a1111, capsys):
                      "DynFuse.")]
     assert "DynFuse note: no shared layers" in text and "DynFuse method: kl" in text
     assert torch.allclose(ours, host, atol=1e-4, rtol=1e-4)
+
+
+# ---- damaged factors: found before sampling, the LoRAs stay with the host's merge -------------------------------
+
+TO_Q = "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+TO_V = "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_v"  # the first layer both LoRAs touch
+CONV1 = "down_blocks_0_resnets_0_conv1"  # a 3x3 conv only the style LoRA touches
+
+
+def _damaged(name, damage):
+    """write_pair, then ``damage(tensors)`` edits LoRA ``name``'s tensors in place before it is written back."""
+    def files(ui):
+        import safetensors.torch
+
+        write_pair(ui)
+        path = os.path.join(ui.lora_dir, f"{name}.safetensors")
+        tensors = safetensors.torch.load_file(path)
+        damage(tensors)
+        safetensors.torch.save_file(tensors, path)
+
+    return files
+
+
+def _nan_up(tensors):
+    tensors[f"lora_unet_{TO_Q}.lora_up.weight"][1, 0] = float("nan")
+
+
+def _inf_down(tensors):
+    tensors[f"lora_unet_{TO_V}.lora_down.weight"][:] = float("inf")
+
+
+def _rank_3_up(tensors):
+    up = tensors[f"lora_unet_{TO_Q}.lora_up.weight"]
+    tensors[f"lora_unet_{TO_Q}.lora_up.weight"] = torch.randn(up.shape[0], 3)
+
+
+def _locon_mid_of_other_rank(tensors):
+    """A LoCon layer: 1x1 down and up of rank 2 around a mid factor of rank 3."""
+    down = tensors[f"lora_unet_{CONV1}.lora_down.weight"]
+    tensors[f"lora_unet_{CONV1}.lora_down.weight"] = down[:, :, :1, :1].contiguous()
+    tensors[f"lora_unet_{CONV1}.lora_mid.weight"] = torch.randn(3, 3, 3, 3)
+
+
+def _host_layer(kohya_key):
+    import loras
+
+    return {r["kohya_key"]: r["a1111_layer_name"] for r in loras.unet_rows()}[kohya_key]
+
+
+def _damaged_line(name, layer, problem):
+    return (f"DynFuse: LoRA '{name}' has a damaged layer (layer {layer}: {problem}). DynFuse is off for this "
+            "generation and leaves the LoRAs to the WebUI.")
+
+
+@pytest.mark.parametrize("name,damage,layer,problem", [
+    ("subj", _rank_3_up, TO_Q, "mismatched factors: down factor [2, 8] has rank 2, up factor [8, 3] has rank 3"),
+    ("sty", _locon_mid_of_other_rank, CONV1, "mismatched factors: mid factor has shape [3, 3, 3, 3]; between "
+     "factors of rank 2 it is [2, 2, kernel height, kernel width]"),
+])
+def test_mismatched_factors_turn_dynfuse_off_and_the_host_merges_what_it_can(a1111, capsys, name, damage, layer,
+                                                                             problem):
+    """The host's merge skips a layer whose factors cannot be multiplied and merges the rest: the same image."""
+    lines, text = _bad(a1111, capsys, PROMPT, files=_damaged(name, damage))
+    host_layer = _host_layer(f"lora_unet_{layer}")
+    assert lines == [_damaged_line(name, host_layer, problem)]
+    assert f'DynFuse note: "off: LoRA {name} has mismatched factors in layer {host_layer}"' in text
+    assert "DynFuse selection" not in text
+
+
+@pytest.mark.parametrize("name,damage,layer,problem", [
+    ("subj", _nan_up, TO_Q, "up factor holds 1 NaN value (of 16)"),
+    ("sty", _inf_down, TO_V, "down factor holds 16 infinite values (of 16)"),
+])
+def test_non_finite_factors_turn_dynfuse_off_and_the_host_meets_them_as_without_it(a1111, capsys, name, damage,
+                                                                                  layer, problem):
+    """The host merges the LoRAs and stops at its NaN check, with DynFuse as without it; nothing is left behind."""
+    import checks
+
+    from modules import devices, processing
+
+    files = _damaged(name, damage)
+    ui0 = a1111(with_dynfuse=False)
+    files(ui0)
+    with pytest.raises(devices.NansException):
+        ui0.txt2img(PROMPT, steps=3, seed=5)
+    ui = a1111()
+    files(ui)
+    capsys.readouterr()
+    p = ui.make_p(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args())
+    with pytest.raises(devices.NansException):
+        processing.process_images(p)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DynFuse")]
+    host_layer = _host_layer(f"lora_unet_{layer}")
+    assert lines == [_damaged_line(name, host_layer, problem)]
+    assert p.extra_generation_params["DynFuse note"] == f"off: LoRA {name} has non-finite values in layer {host_layer}"
+    import networks
+
+    assert [net.name for net in networks.loaded_networks] == ["subj", "sty"]  # as the host activated them
+    assert checks.dynfuse_hooks() == 0
+
+
+def test_a_layer_without_its_up_factor_is_refused_by_the_host_itself(a1111, capsys):
+    """The host turns the whole file away; DynFuse says that it is not loaded, and the host merges the other."""
+    lines, text = _bad(a1111, capsys, PROMPT, files=_damaged("subj", lambda t: t.pop(f"lora_unet_{TO_Q}.lora_up.weight")))
+    assert lines == [("DynFuse: LoRA 'subj' is not loaded (file missing, failed to load, or not in this pass's "
+                      "prompt; see the console above). DynFuse is off for this generation.")]
+    assert 'DynFuse note: "off: LoRA subj not loaded"' in text
+
+
+def test_each_lora_is_checked_once_per_job(a1111, monkeypatch):
+    """Every batch and the hires pass take the LoRAs over again; their factors are checked at the first."""
+    import checks
+
+    from lib_dynfuse import factors
+
+    ui = a1111()
+    write_pair(ui)
+    checked = []
+    check = factors.check_deltas
+    monkeypatch.setattr(factors, "check_deltas", lambda deltas: checked.append(1) or check(deltas))
+    _p, res = ui.txt2img(PROMPT, steps=2, seed=5, n_iter=2, enable_hr=True, dynfuse=checks.dynfuse_args())
+    assert "DynFuse selection" in res.infotexts[0] and len(checked) == 2
+    ui.txt2img(PROMPT, steps=2, seed=5, dynfuse=checks.dynfuse_args())
+    assert len(checked) == 4  # a new job checks again

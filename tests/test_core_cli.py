@@ -156,8 +156,9 @@ def write_broken(path, case):
     ("data_cut", f"cannot read data_cut.safetensors: {DAMAGED}"),
     ("checkpoint", "checkpoint.safetensors is not a LoRA file: it has no lora_down/lora_up or lora_A/lora_B tensors"),
     ("te_only", "te_only.safetensors has no UNet layers (text encoder only): there is nothing for DynFuse to fuse"),
-    ("two_alphas", f"two_alphas.safetensors: {KEY}.alpha holds 2 values instead of one; the file is damaged"),
-    ("ranks", f"ranks.safetensors: layer {KEY} has mismatched factors (down [2, 8], up [8, 3]); the file is damaged"),
+    ("two_alphas", f"two_alphas.safetensors: layer {KEY}: alpha holds 2 values instead of one; the file is damaged"),
+    ("ranks", f"ranks.safetensors: layer {KEY}: mismatched factors: lora_down.weight [2, 8] has rank 2, "
+              "lora_up.weight [8, 3] has rank 3; the file is damaged"),
     ("missing", "LoRA file not found: "),
 ])
 def test_bad_files_give_exactly_one_line_and_exit_code_2(pair, tmp_path, case, expected):
@@ -178,3 +179,62 @@ def test_an_unexpected_error_is_cut_to_its_first_line(pair, monkeypatch, capsys)
     monkeypatch.setattr("lib_dynfuse.cli.KLoraPolicy.prepare", fail)
     assert main(["inspect", str(pair[0]), str(pair[1])]) == 2
     assert capsys.readouterr().err == "error: RuntimeError: first line\n"
+
+
+CONV = "model.diffusion_model.input_blocks.1.0.in_layers.2"  # a 3x3 conv, fused through a LoCon mid factor
+CONV_KEY = kohya_key(CONV)
+TE_KEY = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+
+
+def good_tensors():
+    """Two linear layers, a LoCon conv layer with a mid factor and a text-encoder layer."""
+    model = TinyUNet()
+    return {**lora_tensors(model, ALL[3:5], seed=3), **lora_tensors(model, [CONV], mid=True, seed=4),
+            f"{TE_KEY}.lora_down.weight": torch.randn(2, 12), f"{TE_KEY}.lora_up.weight": torch.randn(12, 2)}
+
+
+def damaged(case):
+    """good_tensors() with one layer damaged as ``case`` says."""
+    tensors = good_tensors()
+    nan_up = tensors[f"{KEY}.lora_up.weight"].clone()
+    nan_up[3, 1] = float("nan")
+    change = {
+        "nan": {f"{KEY}.lora_up.weight": nan_up},
+        "inf": {f"{KEY}.lora_down.weight": torch.full((2, 8), float("inf")).half()},
+        "no_up": {f"{KEY}.lora_up.weight": None},
+        "no_down": {f"{KEY}.lora_down.weight": None},
+        "rank": {f"{KEY}.lora_down.weight": torch.randn(3, 8)},
+        "mid_shape": {f"{CONV_KEY}.lora_mid.weight": torch.randn(2, 3, 3, 3)},
+        "te_nan": {f"{TE_KEY}.lora_down.weight": torch.full((2, 12), float("nan"))},
+    }[case]
+    for name, tensor in change.items():
+        if tensor is None:
+            del tensors[name]
+        else:
+            tensors[name] = tensor
+    return tensors
+
+
+@pytest.mark.parametrize("case,message", [
+    ("nan", f"layer {KEY}: lora_up.weight holds 1 NaN value (of 16)"),
+    ("inf", f"layer {KEY}: lora_down.weight holds 16 infinite values (of 16)"),
+    ("no_up", f"layer {KEY}: lora_down.weight without its up factor"),
+    ("no_down", f"layer {KEY}: lora_up.weight without its down factor"),
+    ("rank", f"layer {KEY}: mismatched factors: lora_down.weight [3, 8] has rank 3, lora_up.weight [8, 2] has rank 2"),
+    ("mid_shape", f"layer {CONV_KEY}: mismatched factors: lora_mid.weight has shape [2, 3, 3, 3]; between factors "
+                  "of rank 2 it is [2, 2, kernel height, kernel width]"),
+    ("te_nan", f"layer {TE_KEY}: lora_down.weight holds 24 NaN values (of 24)"),
+])
+@pytest.mark.parametrize("side", ["subject", "style"])
+def test_a_damaged_layer_is_one_error_line_naming_it_and_exit_code_2(pair, tmp_path, capsys, case, message, side):
+    broken = write(tmp_path / f"{case}.safetensors", damaged(case))
+    files = [str(pair[0]), str(broken)] if side == "style" else [str(broken), str(pair[1])]
+    assert main(["inspect", *files]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"error: {case}.safetensors: {message}; the file is damaged\n"
+
+
+def test_the_undamaged_file_of_those_cases_passes(pair, tmp_path, capsys):
+    assert main(["inspect", str(pair[0]), str(write(tmp_path / "good.safetensors", good_tensors()))]) == 0
+    assert "(LoCon/Tucker mid factors)" in capsys.readouterr().out

@@ -3,49 +3,76 @@ import weakref
 
 import pytest
 import torch
-import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch._decomp import decomposition_table
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lib_dynfuse import divergence
-from lib_dynfuse.divergence import row_divergence
+from lib_dynfuse.divergence import MeasureOptions, divergences
+from lib_dynfuse.policies import EngineOptions
+from tests.reference_fusion import row_divergence
 
 
-def reference_kl(base, delta, temperature=1.0):
-    """Per row: mean over tokens of KL(softmax(base) || softmax(base + delta)), channels last."""
-    p = F.log_softmax(base.double() / temperature, -1)
-    q = F.log_softmax((base + delta).double() / temperature, -1)
-    return (p.exp() * (p - q)).sum(-1).flatten(1).mean(1).float()
+def measured(base, delta, channel_dim=-1, **options):
+    """The divergence of ``base + delta`` from ``base`` per row, through the batched measure (one candidate)."""
+    return divergences(base, (base + delta)[None], channel_dim=channel_dim, options=MeasureOptions(**options))[0]
 
 
-def test_matches_reference_kl_for_linear_outputs():
+def reference(base, delta, channel_dim=-1, **options):
+    return torch.tensor([row_divergence(base[r], base[r] + delta[r], channel_dim, EngineOptions(**options))
+                         for r in range(base.shape[0])], dtype=torch.float32)
+
+
+def test_matches_the_reference_for_linear_outputs():
     g = torch.Generator().manual_seed(0)
     base, delta = torch.randn(3, 17, 10, generator=g), torch.randn(3, 17, 10, generator=g)
-    torch.testing.assert_close(row_divergence(base, delta, channel_dim=-1), reference_kl(base, delta))
-    torch.testing.assert_close(row_divergence(base, delta, channel_dim=-1, temperature=2.5),
-                               reference_kl(base, delta, 2.5))
+    torch.testing.assert_close(measured(base, delta), reference(base, delta))
+    torch.testing.assert_close(measured(base, delta, temperature=2.5), reference(base, delta, temperature=2.5))
 
 
 def test_conv_outputs_reduce_over_the_channel_axis():
     g = torch.Generator().manual_seed(1)
     base, delta = torch.randn(2, 6, 4, 5, generator=g), torch.randn(2, 6, 4, 5, generator=g)
-    as_tokens = lambda t: t.flatten(2).transpose(1, 2)
-    torch.testing.assert_close(row_divergence(base, delta, channel_dim=1),
-                               reference_kl(as_tokens(base), as_tokens(delta)))
+    torch.testing.assert_close(measured(base, delta, 1), reference(base, delta, 1))
 
 
 def test_two_dimensional_outputs_have_one_token():
     base, delta = torch.randn(4, 9), torch.randn(4, 9)
-    torch.testing.assert_close(row_divergence(base, delta, channel_dim=-1), reference_kl(base[:, None], delta[:, None]))
+    torch.testing.assert_close(measured(base, delta), reference(base, delta))
+
+
+@pytest.mark.parametrize("measure", divergence.MEASURES)
+@pytest.mark.parametrize("standardize", [False, True])
+def test_every_measure_matches_the_reference(measure, standardize):
+    g = torch.Generator().manual_seed(2)
+    base, delta = torch.randn(2, 9, 12, generator=g) * 3, torch.randn(2, 9, 12, generator=g)
+    got = measured(base, delta, measure=measure, temperature=0.7, standardize=standardize)
+    torch.testing.assert_close(got, reference(base, delta, measure=measure, temperature=0.7, standardize=standardize))
+
+
+def test_both_candidates_are_measured_as_each_alone():
+    g = torch.Generator().manual_seed(3)
+    base, d1, d2 = (torch.randn(3, 5, 8, generator=g) for _ in range(3))
+    both = divergences(base, torch.stack([base + d1, base + d2]), channel_dim=-1)
+    torch.testing.assert_close(both, torch.stack([measured(base, d1), measured(base, d2)]))
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_max_tokens_measures_a_fixed_stride_subsample(conv):
+    g = torch.Generator().manual_seed(4)
+    shape = (2, 6, 5, 7) if conv else (2, 35, 6)
+    base, delta = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    got = measured(base, delta, 1 if conv else -1, max_tokens=8)  # 35 tokens: every 5th, 7 of them
+    torch.testing.assert_close(got, reference(base, delta, 1 if conv else -1, max_tokens=8))
+    assert not torch.allclose(got, measured(base, delta, 1 if conv else -1))
 
 
 @pytest.mark.parametrize("measure", divergence.MEASURES)
 def test_zero_for_a_zero_delta(measure):
     base = torch.randn(2, 7, 5)
-    assert torch.all(row_divergence(base, torch.zeros_like(base), channel_dim=-1, measure=measure).abs() < 1e-6)
+    assert torch.all(measured(base, torch.zeros_like(base), measure=measure).abs() < 1e-6)
 
 
 @settings(max_examples=20, deadline=None)
@@ -53,7 +80,7 @@ def test_zero_for_a_zero_delta(measure):
 def test_grows_with_the_scale_of_the_delta(seed, measure):
     g = torch.Generator().manual_seed(seed)
     base, delta = torch.randn(1, 6, 8, generator=g), torch.randn(1, 6, 8, generator=g)
-    values = [float(row_divergence(base, s * delta, channel_dim=-1, measure=measure)) for s in (0.1, 0.5, 1.0, 2.0)]
+    values = [float(measured(base, s * delta, measure=measure)) for s in (0.1, 0.5, 1.0, 2.0)]
     assert values == sorted(values)
     assert values[0] < values[-1]
 
@@ -94,10 +121,10 @@ class AllocationTracker(TorchDispatchMode):
         del self._alive[key]
 
 
-def peak_extra_bytes(*args, **kwargs) -> int:
+def peak_extra_bytes(base, candidates, **kwargs) -> int:
     tracker = AllocationTracker()
     with tracker:
-        row_divergence(*args, **kwargs)
+        divergence.divergence_sums(base, candidates, **kwargs)
     return tracker.peak
 
 
@@ -109,68 +136,76 @@ def test_the_tracker_sees_temporaries_made_inside_composite_operators():
     assert tracker.peak >= x.numel() * 4
 
 
+def hook_inputs(shape, dtype, deciding_rows, g=None):
+    """A layer output of ``shape`` and the two candidates of its first ``deciding_rows`` rows, as a hook sees
+    them: the budget is one copy of the whole output, whatever part of it decides."""
+    base = torch.randn(shape, generator=g).to(dtype)
+    deltas = (torch.randn((2, *shape), generator=g) * 0.1).to(dtype)
+    return base, (base + deltas)[:, :deciding_rows], base.numel() * base.element_size()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,channel_dim", [((2, 4096, 320), -1), ((2, 320, 64, 64), 1)])
 @pytest.mark.parametrize("measure", divergence.MEASURES)
-def test_sd_sized_outputs_allocate_at_most_one_copy_of_the_output(measure, shape, channel_dim, dtype):
-    base, delta = torch.randn(shape).to(dtype), (torch.randn(shape) * 0.1).to(dtype)
-    assert peak_extra_bytes(base, delta, channel_dim=channel_dim, measure=measure) <= base.numel() * base.element_size()
+@pytest.mark.parametrize("deciding_rows", [1, 2])  # the cond row of one image with CFG; every row
+def test_sd_sized_outputs_allocate_at_most_one_copy_of_the_output(measure, shape, channel_dim, dtype, deciding_rows):
+    base, candidates, budget = hook_inputs(shape, dtype, deciding_rows)
+    peak = peak_extra_bytes(base[:deciding_rows], candidates, channel_dim=channel_dim,
+                            options=MeasureOptions(measure), budget_bytes=budget)
+    assert peak <= budget
 
 
 @settings(max_examples=40, deadline=None)
 @given(measure=st.sampled_from(divergence.MEASURES), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
-       conv=st.booleans(), batch=st.integers(1, 3), tokens=st.integers(8, 300), channels=st.integers(8, 96),
-       temperature=st.sampled_from([1.0, 0.5, 3.0]), standardize=st.booleans(), seed=st.integers(0, 1000))
+       conv=st.booleans(), batch=st.integers(1, 4), tokens=st.integers(8, 300), channels=st.integers(8, 96),
+       temperature=st.sampled_from([1.0, 0.5, 3.0]), standardize=st.booleans(), max_tokens=st.sampled_from([0, 5, 64]),
+       seed=st.integers(0, 1000), data=st.data())
 def test_peak_extra_allocation_is_at_most_the_output(measure, dtype, conv, batch, tokens, channels, temperature,
-                                                       standardize, seed):
+                                                       standardize, max_tokens, seed, data):
     g = torch.Generator().manual_seed(seed)
     shape = (batch, channels, tokens // 8, 8) if conv else (batch, tokens, channels)
-    base, delta = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
-    peak = peak_extra_bytes(base, delta, channel_dim=1 if conv else -1, measure=measure, temperature=temperature,
-                            standardize=standardize)
-    assert peak <= base.numel() * base.element_size()
+    rows = data.draw(st.integers(1, batch))
+    base, candidates, budget = hook_inputs(shape, dtype, rows, g)
+    # The budget is exceeded only when one token alone does not fit: leave out outputs of a few tokens.
+    assume(budget >= 2 * 4 * rows * (8 * channels + 16))
+    options = MeasureOptions(measure, temperature, standardize, max_tokens)
+    peak = peak_extra_bytes(base[:rows], candidates, channel_dim=1 if conv else -1, options=options, budget_bytes=budget)
+    assert peak <= budget
 
 
 @pytest.mark.parametrize("measure", divergence.MEASURES)
 def test_chunked_equals_unchunked_and_respects_the_budget(monkeypatch, measure):
-    base, delta = torch.randn(2, 8, 9, 9), torch.randn(2, 8, 9, 9)
-    whole = row_divergence(base, delta, channel_dim=1, measure=measure, budget_bytes=1 << 30)
+    base, candidates = torch.randn(2, 8, 9, 9), torch.randn(2, 2, 8, 9, 9)
+    options = MeasureOptions(measure)
+    whole = divergences(base, candidates, channel_dim=1, options=options, budget_bytes=1 << 30)
     calls = []
-    original = divergence._token_measure
-    monkeypatch.setattr(divergence, "_token_measure", lambda *a: calls.append(1) or original(*a))
+    original = divergence.measure_tokens
+    monkeypatch.setattr(divergence, "measure_tokens", lambda *a: calls.append(1) or original(*a))
     budget = 3 * 1024
-    chunked = row_divergence(base, delta, channel_dim=1, measure=measure, budget_bytes=budget)
+    chunked = divergences(base, candidates, channel_dim=1, options=options, budget_bytes=budget)
     torch.testing.assert_close(chunked, whole)
     assert len(calls) > 2
-    assert peak_extra_bytes(base, delta, channel_dim=1, measure=measure, budget_bytes=budget) <= budget
+    assert peak_extra_bytes(base, candidates, channel_dim=1, options=options, budget_bytes=budget) <= budget
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_are_measured_in_fp32(dtype):
-    base, delta = torch.randn(2, 5, 16) * 4, torch.randn(2, 5, 16) * 0.05
-    result = row_divergence(base.to(dtype), delta.to(dtype), channel_dim=-1)
+def test_half_outputs_are_measured_in_fp32(dtype):
+    base, delta = (torch.randn(2, 5, 16) * 4).to(dtype), (torch.randn(2, 5, 16) * 0.05).to(dtype)
+    result = measured(base, delta)
     assert result.dtype == torch.float32
-    torch.testing.assert_close(result, reference_kl(base.to(dtype).float(), delta.to(dtype).float()),
-                               rtol=1e-3, atol=1e-6)
-
-
-def test_rows_selects_rows():
-    base, delta = torch.randn(4, 3, 6), torch.randn(4, 3, 6)
-    full = row_divergence(base, delta, channel_dim=-1)
-    torch.testing.assert_close(row_divergence(base, delta, channel_dim=-1, rows=[2, 0]), full[[2, 0]])
+    # the candidate is what the layer outputs: base + delta rounded to the layer's dtype
+    torch.testing.assert_close(result, reference(base.float(), (base + delta).float() - base.float()),
+                               rtol=1e-4, atol=1e-7)
 
 
 def test_js_is_symmetric_and_reverse_kl_swaps_the_arguments():
     a, b = torch.randn(1, 4, 6), torch.randn(1, 4, 6)
-    js_ab = row_divergence(a, b - a, channel_dim=-1, measure="js")
-    js_ba = row_divergence(b, a - b, channel_dim=-1, measure="js")
-    torch.testing.assert_close(js_ab, js_ba)
-    torch.testing.assert_close(row_divergence(a, b - a, channel_dim=-1, measure="kl-reverse"),
-                               row_divergence(b, a - b, channel_dim=-1, measure="kl"))
+    torch.testing.assert_close(measured(a, b - a, measure="js"), measured(b, a - b, measure="js"))
+    torch.testing.assert_close(measured(a, b - a, measure="kl-reverse"), measured(b, a - b, measure="kl"))
 
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="unknown divergence measure 'x'"):
-        row_divergence(torch.zeros(1, 2), torch.zeros(1, 2), channel_dim=-1, measure="x")
+        MeasureOptions("x")
     with pytest.raises(ValueError, match="differ in shape"):
-        row_divergence(torch.zeros(1, 2), torch.zeros(1, 3), channel_dim=-1)
+        divergences(torch.zeros(1, 2), torch.zeros(2, 1, 3), channel_dim=-1)

@@ -108,7 +108,7 @@ def test_mismatched_factors(tmp_path):
     tensors = lora_tensors(TinyUNet(), ALL[3:4], seed=6)
     key = next(k for k in tensors if k.endswith("lora_up.weight"))
     tensors[key] = torch.randn(8, 5)
-    with pytest.raises(LoraFileError, match="mismatched factors"):
+    with pytest.raises(LoraFileError, match="layer lora_unet_.*: mismatched factors"):
         read_lora(write(tmp_path / "bad.safetensors", tensors))
 
 
@@ -173,21 +173,98 @@ def test_a_text_encoder_only_lora_has_no_unet_layers(tmp_path):
 
 
 KEY = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+TO_Q = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+CONV = "model.diffusion_model.input_blocks.1.0.in_layers.2"  # 8 -> 8 channels, 3x3
+CONV_KEY = "lora_unet_input_blocks_1_0_in_layers_2"
+NAN_UP = torch.randn(8, 2).index_put_((torch.tensor([1, 4]), torch.tensor([0, 1])), torch.tensor(float("nan")))
 
 
 @pytest.mark.parametrize("change,message", [
-    ({f"{KEY}.alpha": torch.tensor([4.0, 4.0])}, f"{KEY}.alpha holds 2 values instead of one"),
-    ({f"{KEY}.lora_up.weight": torch.randn(8, 5)}, f"layer {KEY} has mismatched factors (down [2, 8], up [8, 5])"),
-    ({f"{KEY}.lora_down.weight": torch.randn(8)}, f"layer {KEY} has mismatched factors (down [8], up [8, 2])"),
+    ({f"{KEY}.alpha": torch.tensor([4.0, 4.0])}, f"layer {KEY}: alpha holds 2 values instead of one"),
+    ({f"{KEY}.alpha": torch.tensor(float("nan"))}, f"layer {KEY}: alpha is nan"),
+    ({f"{KEY}.lora_up.weight": torch.randn(8, 5)},
+     f"layer {KEY}: mismatched factors: lora_down.weight [2, 8] has rank 2, lora_up.weight [8, 5] has rank 5"),
+    ({f"{KEY}.lora_down.weight": torch.randn(8)},
+     f"layer {KEY}: mismatched factors: lora_down.weight has shape [8]; a factor has 2 dimensions (linear) or 4 "
+     "(conv)"),
     ({f"{KEY}.lora_down.weight": torch.ones(2, 8, dtype=torch.int64)},
-     f"{KEY}.lora_down.weight holds torch.int64 values, not floats"),
+     f"layer {KEY}: lora_down.weight holds torch.int64 values, not floats"),
+    ({f"{KEY}.lora_up.weight": NAN_UP}, f"layer {KEY}: lora_up.weight holds 2 NaN values (of 16)"),
+    ({f"{KEY}.lora_down.weight": torch.tensor([[float("inf")] * 8, [0.0] * 7 + [float("-inf")]])},
+     f"layer {KEY}: lora_down.weight holds 9 infinite values (of 16)"),
+    ({f"{KEY}.lora_down.weight": torch.tensor([[float("nan")] * 8, [float("inf")] * 8]).half()},
+     f"layer {KEY}: lora_down.weight holds 8 NaN and 8 infinite values (of 16)"),
 ])
 def test_damaged_factors_are_named(tmp_path, change, message):
-    model = TinyUNet()
-    tensors = lora_tensors(model, ["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"], seed=6)
+    tensors = lora_tensors(TinyUNet(), [TO_Q], seed=6)
     tensors.update(change)
     with pytest.raises(LoraFileError, match="^" + re.escape(f"bad.safetensors: {message}") + "; the file is damaged$"):
         read_lora(write(tmp_path / "bad.safetensors", tensors))
+
+
+@pytest.mark.parametrize("dropped,message", [
+    ("lora_up.weight", "lora_down.weight without its up factor"),
+    ("lora_down.weight", "lora_up.weight without its down factor"),
+])
+def test_a_layer_missing_a_factor_is_named(tmp_path, dropped, message):
+    """The host refuses such a file; among many good layers, the one without its pair is the one named."""
+    tensors = lora_tensors(TinyUNet(), ALL, seed=6)
+    del tensors[f"{KEY}.{dropped}"]
+    with pytest.raises(LoraFileError, match="^" + re.escape(f"bad.safetensors: layer {KEY}: {message}; the file "
+                                                                "is damaged") + "$"):
+        read_lora(write(tmp_path / "bad.safetensors", tensors))
+
+
+def test_a_peft_layer_missing_a_factor_is_named(tmp_path):
+    tensors = lora_tensors(TinyUNet(), [TO_Q], layout="peft", seed=6)
+    (name,) = [k for k in tensors if k.endswith("lora_A.weight")]
+    del tensors[name]
+    layer = name.removesuffix(".lora_A.weight")
+    with pytest.raises(LoraFileError, match=re.escape(f"layer {layer}: lora_B.weight without its down factor")):
+        read_lora(write(tmp_path / "bad.safetensors", tensors))
+
+
+def test_a_mid_factor_alone_is_named(tmp_path):
+    tensors = {**lora_tensors(TinyUNet(), [TO_Q], seed=6), f"{CONV_KEY}.lora_mid.weight": torch.randn(2, 2, 3, 3)}
+    with pytest.raises(LoraFileError, match=re.escape(f"layer {CONV_KEY}: lora_mid.weight without its down and up factors")):
+        read_lora(write(tmp_path / "bad.safetensors", tensors))
+
+
+def test_an_alpha_alone_belongs_to_a_layer_of_another_type_and_is_left_out(tmp_path):
+    tensors = {**lora_tensors(TinyUNet(), [TO_Q], seed=6), f"{CONV_KEY}.alpha": torch.tensor(1.0),
+               f"{CONV_KEY}.hada_w1_a": torch.randn(8, 2)}
+    assert list(read_lora(write(tmp_path / "loha_mix.safetensors", tensors)).layers) == [
+        KEY.removeprefix("lora_unet_")]
+
+
+@pytest.mark.parametrize("role,factor,message", [
+    ("mid", torch.randn(2, 3, 3, 3),
+     "lora_mid.weight has shape [2, 3, 3, 3]; between factors of rank 2 it is [2, 2, kernel height, kernel width]"),
+    ("mid", torch.randn(2, 2, 9),
+     "lora_mid.weight has shape [2, 2, 9]; between factors of rank 2 it is [2, 2, kernel height, kernel width]"),
+    ("down", torch.randn(2, 8, 3, 3),
+     "lora_down.weight [2, 8, 3, 3] has a 3x3 kernel; beside a mid factor, which holds the kernel, it is 1x1"),
+    ("up", torch.randn(8, 2, 3, 3),
+     "lora_up.weight [8, 2, 3, 3] has a 3x3 kernel; an up factor's kernel is 1x1"),
+])
+def test_a_locon_layer_whose_factors_do_not_fit_is_named(tmp_path, role, factor, message):
+    tensors = lora_tensors(TinyUNet(), [CONV], mid=True, seed=6)
+    tensors[f"{CONV_KEY}.lora_{role}.weight"] = factor
+    with pytest.raises(LoraFileError, match="^" + re.escape(f"bad.safetensors: layer {CONV_KEY}: mismatched "
+                                                                f"factors: {message}; the file is damaged") + "$"):
+        read_lora(write(tmp_path / "bad.safetensors", tensors))
+
+
+TE_KEY = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+
+
+def test_text_encoder_factors_are_checked_when_asked(tmp_path):
+    tensors = {**lora_tensors(TinyUNet(), [TO_Q], seed=6), f"{TE_KEY}.lora_down.weight": torch.randn(2, 12),
+               f"{TE_KEY}.lora_up.weight": torch.full((12, 2), float("nan"))}
+    path = write(tmp_path / "te_nan.safetensors", tensors)
+    assert read_lora(path).text_encoder_keys == [TE_KEY]  # the host's part, not read by default
+    with pytest.raises(LoraFileError, match=re.escape(f"layer {TE_KEY}: lora_up.weight holds 24 NaN values")):
+        read_lora(path, text_encoder=True)
 
 
 class SpyOpen:

@@ -6,37 +6,29 @@ from hypothesis import strategies as st
 from lib_dynfuse.deltas import DenseDelta, LayerGeometry, LowRankDelta
 from lib_dynfuse.policies import METHODS, EngineOptions, KLoraPolicy, LayerPair, make_policy, robust_mean
 
-CPU = torch.device("cpu")
-
-
-def weights(policy, d_s, d_t, step=0, progress=0.0, layer="l"):
-    w = policy.weights(layer, progress, step, torch.tensor(d_s), torch.tensor(d_t), len(d_s), CPU)
-    return w[0].tolist(), w[1].tolist()
-
-
-def test_kl_hard_switch_picks_the_larger_divergence_per_unit():
+def test_kl_hard_switch_picks_the_larger_divergence_per_unit_ties_to_the_subject():
     policy = make_policy(EngineOptions())
-    assert weights(policy, [0.3, 0.1, 0.2], [0.2, 0.4, 0.2]) == ([1.0, 0.0, 1.0], [0.0, 1.0, 0.0])
+    sums = torch.tensor([[0.3, 0.1, 0.2], [0.2, 0.4, 0.2]])
+    assert policy.one_hot and policy.decide(sums, tokens=5).tolist() == [0, 1, 0]  # winner index, 0 = subject
 
 
-def test_kl_soft_blends_by_softmax_of_divergence():
+def test_kl_soft_blends_by_softmax_of_the_mean_divergence():
     policy = make_policy(EngineOptions(method="kl-soft", soft_temperature=0.5))
-    w_s, w_t = weights(policy, [0.3], [0.1])
+    w_s = policy.decide(torch.tensor([[0.3 * 4], [0.1 * 4]]), tokens=4)
     expected = torch.softmax(torch.tensor([0.3, 0.1]) / 0.5, 0)
-    assert w_s == pytest.approx([float(expected[0])]) and w_t == pytest.approx([float(expected[1])])
+    assert not policy.one_hot and w_s.tolist() == pytest.approx([float(expected[0])])
 
 
 @pytest.mark.parametrize("method,expected", [("static", (1, 1)), ("subject-only", (1, 0)), ("style-only", (0, 1))])
 def test_constant_rules(method, expected):
     policy = make_policy(EngineOptions(method=method))
     assert not policy.needs_divergence
-    w = policy.weights("l", 0.5, 3, None, None, 2, CPU)
-    assert [w[0].tolist(), w[1].tolist()] == [[expected[0]] * 2, [expected[1]] * 2]
+    assert policy.fixed("l", 0.5, 3) == expected
 
 
 def test_switch_alternates_every_k_steps_subject_first():
     policy = make_policy(EngineOptions(method="switch", switch_every=3))
-    winners = [policy.weights("l", 0, step, None, None, 1, CPU)[0].item() for step in range(9)]
+    winners = [policy.fixed("l", 0, step)[0] for step in range(9)]
     assert winners == [1, 1, 1, 0, 0, 0, 1, 1, 1]
 
 
@@ -94,7 +86,7 @@ def test_klora_switch_matches_brute_force(seed, schedule, alpha, beta, steps):
     for step in range(steps):
         progress = step / steps
         expected = brute_force_klora(pairs, alpha, beta, progress, schedule)
-        got = {name: policy.weights(name, progress, step, None, None, 1, CPU)[0].item() == 1.0 for name in pairs}
+        got = {name: policy.fixed(name, progress, step)[0] == 1.0 for name in pairs}
         assert got == expected
 
 
@@ -109,7 +101,7 @@ def test_klora_style_steps_are_where_the_schedule_passes_the_ratio(ratio, total,
     policy = KLoraPolicy(EngineOptions(method="k-lora"))
     policy.ratio = {"l": ratio}
     assert policy.style_steps("l", total) == style_steps
-    engine = [policy.weights("l", step / total, step, None, None, 1, CPU)[1].item() == 1.0 for step in range(total)]
+    engine = [policy.fixed("l", step / total, step)[1] == 1.0 for step in range(total)]
     assert [step for step, style in enumerate(engine) if style] == style_steps
 
 

@@ -1,13 +1,13 @@
 import torch
 
-from lib_dynfuse.decisions import DecisionLog
+from lib_dynfuse.decisions import Decision, DecisionLog
 from lib_dynfuse.report import EMPTY_RGB, STYLE_RGB, SUBJECT_RGB, cell_colour, selection_map, selection_summary
 
 
 def make_log():
     log = DecisionLog()
     for step in range(4):
-        log.record("a", step, (0, 1), torch.tensor([1.0, 1.0]), torch.tensor([0.2, 0.3]), torch.tensor([0.1, 0.1]))
+        log.record("a", step, (0, 1), torch.tensor([1.0, 1.0]), torch.tensor([[0.2, 0.3], [0.1, 0.1]]))
         log.record("b", step, (0, 1), torch.tensor([0.0, 1.0 if step < 2 else 0.0]))
     return log
 
@@ -61,3 +61,14 @@ def test_a_first_pass_and_its_hires_pass_are_joined_in_order():
     assert image.getpixel((4 * cell_w - 5, 18 + 10)) == SUBJECT_RGB
     assert image.getpixel((4 * cell_w + 5, 18 + 10)) == STYLE_RGB
     assert image.getpixel((5 * cell_w + 5, 18 + 60)) == EMPTY_RGB
+
+
+def test_hard_decisions_are_read_from_winner_indices_and_divergence_sums():
+    log = DecisionLog()
+    log.record_winners("a", 0, (3, 5), torch.tensor([0, 1]), torch.tensor([[8.0, 2.0], [4.0, 6.0]]), tokens=4)
+    log.record_sums("a", 1, (3,), torch.tensor([0.25]), torch.tensor([[1.0], [3.0]]), tokens=2)
+    log.record("b", 0, (3, 5), 1.0)
+    assert sorted(log.decisions(), key=lambda d: (d.layer, d.step, d.unit)) == [
+        Decision("a", 0, 3, 1.0, 2.0, 1.0), Decision("a", 0, 5, 0.0, 0.5, 1.5),
+        Decision("a", 1, 3, 0.25, 0.5, 1.5), Decision("b", 0, 3, 1.0, None, None), Decision("b", 0, 5, 1.0, None, None)]
+    assert log.subject_share() == (1.0 + 0.0 + 0.25 + 2.0) / 5

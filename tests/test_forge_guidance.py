@@ -127,26 +127,7 @@ def test_guidance_leaves_weights_and_forges_structures_as_a_run_without_the_exte
 
 
 def test_the_step_is_sized_by_forges_unconditional_estimate(host, monkeypatch):
-    from lib_dynfuse.guidance import Guidance
-    from modules import sd_samplers_cfg_denoiser
-
-    forge_uncond, given = [], []
-    sampling_function = sd_samplers_cfg_denoiser.sampling_function
-
-    def record_forge(*args, **kwargs):
-        denoised, cond_pred, uncond_pred = sampling_function(*args, **kwargs)
-        forge_uncond.append(uncond_pred.clone())
-        return denoised, cond_pred, uncond_pred
-
-    correct = Guidance.correct
-
-    def record_dynfuse(self, x0, x0_uncond=None, **kwargs):
-        assert torch.is_inference_mode_enabled() and x0.is_inference()
-        given.append(x0_uncond.clone())
-        return correct(self, x0, x0_uncond, **kwargs)
-
-    monkeypatch.setattr(sd_samplers_cfg_denoiser, "sampling_function", record_forge)
-    monkeypatch.setattr(Guidance, "correct", record_dynfuse)
+    forge_uncond, given = fh.record_unconditional_estimates(monkeypatch)
     run(host, **GUIDED)
     assert len(given) == len(forge_uncond) == 3
     assert all(torch.equal(a, b) for a, b in zip(given, forge_uncond))
@@ -177,7 +158,7 @@ def test_a_non_finite_gradient_turns_guidance_off_once_and_the_image_says_so(hos
     capsys.readouterr()
     script, processed, _ = run(host, show_loss_plot=True, **GUIDED)
     assert dynfuse_lines(capsys) == [
-        ("DynFuse guidance: the gradient was not finite at step 0; guidance is off for the rest of this generation. "
+        ("DynFuse: guidance: the gradient was not finite at step 0; guidance is off for the rest of this generation. "
          "Lower Guidance strength or choose Decoder 'approx'.")]
     assert script.job.guided.off_reason == "the gradient was not finite at step 0"
     assert torch.equal(processed.latents[0], plain.latents[0])
@@ -212,13 +193,37 @@ def test_unloadable_models_turn_guidance_and_scores_off_with_one_message(host, m
     capsys.readouterr()
     script, processed, _ = run(host, **GUIDED)
     assert dynfuse_lines(capsys) == [
-        ("DynFuse guidance: could not load the DINO model 'vit_small_patch16_224.dino' (file not found: "
+        ("DynFuse: guidance: could not load the DINO model 'vit_small_patch16_224.dino' (file not found: "
          "/models/clip.pt). Set a local weights file in Settings > DynFuse > DINO weights path (a local file; "
          "overrides the timm download), or turn guidance off. Guidance is off for this generation and no CLIP/DINO "
-         "scores are written; the fusion still runs.")]
+         "scores are written; the fusion still runs. Not tried or said again until a CLIP/DINO setting changes or "
+         "the WebUI restarts.")]
     assert script.job.guidance is None and "DynFuse scores" not in processed.infotexts[0]
-    assert "DynFuse note: guidance off" in processed.infotexts[0]
+    assert 'DynFuse note: "guidance off: DINO weights not available offline"' in processed.infotexts[0]
     assert torch.equal(processed.latents[0], plain.latents[0])
+
+
+def test_offline_the_scores_are_given_up_once_per_session(host, monkeypatch, capsys):
+    """Scores on, guidance off (the defaults), no internet: one line and one note in the session's first
+    generation; later ones are quiet and do not wait for the hub again. A new session (a reloaded UI) says it once
+    more."""
+    def offline(config):
+        offline.calls += 1
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    offline.calls = 0
+    monkeypatch.setattr(adapter_class(), "guidance_factories", {"clip_factory": offline, "dino_factory": offline})
+    session = adapter_class()()
+    capsys.readouterr()
+    found = []
+    for adapter in (session, session, adapter_class()()):
+        script = fh.AdapterScript(host, adapter, DynFuseSettings(enabled=True, **REFS))
+        processed, _ = host.txt2img(fh.PROMPT, runner=host.scripts.ScriptRunner([script]), steps=2)
+        assert "DynFuse method: kl" in processed.infotexts[0] and "DynFuse scores" not in processed.infotexts[0]
+        found.append((len(dynfuse_lines(capsys)), 'DynFuse note: "no scores: DINO weights not available offline"'
+                      in processed.infotexts[0]))
+    assert found == [(1, True), (0, False), (1, True)]
+    assert offline.calls == 1
 
 
 def test_a_model_without_a_guidance_decoder_keeps_the_fusion_and_the_scores(host, capsys):
@@ -226,7 +231,8 @@ def test_a_model_without_a_guidance_decoder_keeps_the_fusion_and_the_scores(host
     capsys.readouterr()
     script, processed, _ = run(host, **GUIDED)
     assert dynfuse_lines(capsys) == [
-        ("DynFuse guidance: this model has no latent decoder for guidance (SD 1.5, SD 2 and SDXL models are "
+        ("DynFuse: guidance: this model has no latent decoder for guidance (SD 1.5, SD 2 and SDXL models are "
          "supported). Guidance is off for this generation; the fusion still runs.")]
     assert script.job.guidance is None and script.job.last_log is not None
+    assert 'DynFuse note: "guidance off: no decoder for this model"' in processed.infotexts[0]
     assert SCORES.search(processed.infotexts[0])

@@ -336,36 +336,9 @@ def test_forge_keeps_device_memory_free_for_the_hooks_factors(host, tmp_path, mo
     assert preserved == [0, fp32 * sum(t.numel() for t in factors), fp32 * sum(t.numel() for t in factors), 0]
 
 
-LOHA_PROMPT = "a cat <lora:hada:0.7> <lora:style:1> <lora:other:0.5>"
-
-
-def write_loha(host, tmp_path, rank: int = 2) -> list[str]:
-    """hada.safetensors: LoHa factors of ``rank`` on the Linear layers among keys 8-13 (which the style LoRA
-    shares from key 10 on), and a bias diff; returns the LoHa layers' module paths."""
-    keys = list(fh.kohya_keys())
-    g = torch.Generator().manual_seed(7)
-    names = fh.kohya_keys()
-    loha, paths = {}, []
-    for key in keys[8:14]:
-        shape = tuple(host.sd_model.forge_objects.unet.model.get_submodule(key[:-7]).weight.shape)
-        if len(shape) != 2:
-            continue
-        prefix = names[key]
-        paths.append(key[:-7])
-        loha.update({f"{prefix}.hada_w1_a": torch.randn(shape[0], rank, generator=g) * 0.5,
-                     f"{prefix}.hada_w1_b": torch.randn(rank, shape[1], generator=g) * 0.5,
-                     f"{prefix}.hada_w2_a": torch.randn(shape[0], rank, generator=g) * 0.5,
-                     f"{prefix}.hada_w2_b": torch.randn(rank, shape[1], generator=g) * 0.5,
-                     f"{prefix}.alpha": torch.tensor(1.0)})
-    bias_key = names["diffusion_model.input_blocks.1.1.transformer_blocks.0.ff.net.2.weight"]
-    loha[f"{bias_key}.diff_b"] = torch.randn(8, generator=g)
-    fh.write_lora(tmp_path / "hada.safetensors", host.sd_model, [], extra=loha)
-    return paths
-
-
 def test_loha_and_bias_patches_become_dense_deltas_matching_forge(host, tmp_path):
-    write_loha(host, tmp_path)
-    prompt = LOHA_PROMPT
+    fh.write_loha(host.sd_model, tmp_path)
+    prompt = fh.LOHA_PROMPT
     merged, _ = host.txt2img(prompt, steps=2)
     _script, runner = dynfuse(host, method="static")
     fused, _ = host.txt2img(prompt, runner=runner, steps=2)
@@ -375,9 +348,9 @@ def test_loha_and_bias_patches_become_dense_deltas_matching_forge(host, tmp_path
 def test_k_lora_takes_a_loha_layers_rank_from_forges_patch(host, tmp_path, klora_ranks):
     """K = r_subject·r_style: a LoHa layer's dense delta carries the rank Forge's merge takes (w1b's rows), not the
     bound of the matrix."""
-    loha = write_loha(host, tmp_path, rank=3)
+    loha = fh.write_loha(host.sd_model, tmp_path, rank=3)
     _script, runner = dynfuse(host, method="k-lora")
-    host.txt2img(LOHA_PROMPT, runner=runner, steps=2)
+    host.txt2img(fh.LOHA_PROMPT, runner=runner, steps=2)
     shared = [path for path in loha if path in klora_ranks]
     assert len(shared) >= 2
     assert {klora_ranks[path] for path in shared} == {(3, 2)}
@@ -387,12 +360,12 @@ def test_k_lora_takes_a_loha_layers_rank_from_forges_patch(host, tmp_path, klora
                                                ("w1_a w1_b w2_a w2_b", 4)])
 def test_a_lokr_patch_has_the_rank_forges_merge_takes(factors, rank):
     """Forge's merge takes a LoKr's dim from a factorised w2 (w2_b's rows), else from a factorised w1 (w1_b's)."""
-    from lib_dynfuse.hosts.forge import _nominal_rank
+    from lib_dynfuse.hosts.patch_store import nominal_rank
 
     shapes = {"w1": (2, 2), "w1_a": (2, 3), "w1_b": (3, 2), "w2": (4, 6), "w2_a": (4, 4), "w2_b": (4, 6)}
     t = {name: torch.ones(shape) if name in factors.split() else None for name, shape in shapes.items()}
     patch = ("lokr", (t["w1"], t["w2"], 1.0, t["w1_a"], t["w1_b"], t["w2_a"], t["w2_b"], None, None))
-    assert _nominal_rank([[1.0, patch, 1.0, None, None]]) == rank
+    assert nominal_rank([[1.0, patch, 1.0, None, None]]) == rank
 
 
 class Rescaler:
@@ -485,7 +458,8 @@ def test_old_forge_patcher_is_refused_once_with_a_clear_message(host, capsys):
     p.setup_prompts()
     assert adapter.begin_job(p, DynFuseSettings(enabled=True)) is None
     out = capsys.readouterr().out
-    assert out.count("\n") == 1 and "reForge or Forge Classic" in out
+    assert out.count("\n") == 1
+    assert "keeps its LoRAs in the ldm_patched store of old Forge and Forge Classic" in out
     assert p.extra_generation_params[NOTE_KEY] == "off: " + adapter.unsupported_reason(p)
 
 
@@ -616,3 +590,32 @@ def test_online_lora_mode_for_low_bit_unets(host):
     assert online == [True, True]             # "other" still patched online on the contested layer
     torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-3, atol=1e-3)
     assert all(torch.equal(original[k], v) for k, v in fh.unet_weights(host.sd_model).items())
+
+
+# ---- damaged factors: found before sampling, the LoRAs stay with Forge's merge ----------------------------------
+
+@pytest.mark.parametrize("name,role,value,problem", fh.NON_FINITE_FACTORS)
+def test_a_non_finite_factor_turns_dynfuse_off_and_forge_merges_every_lora(host, tmp_path, capsys, name, role, value,
+                                                                           problem):
+    line, note = fh.write_damaged(tmp_path, host.sd_model, name, role, value, problem)
+    clean, _ = host.txt2img(fh.PROMPT, steps=2, enable_hr=True)
+    script, runner = dynfuse(host)
+    capsys.readouterr()
+    processed, p = host.txt2img(fh.PROMPT, runner=runner, steps=2, enable_hr=True)
+    assert fh.dynfuse_lines(capsys) == [line] and p.extra_generation_params[NOTE_KEY] == note
+    assert len(host.sd_model.forge_objects.unet.lora_patches) == 3 and script.job.session is None
+    assert hooks_on(host.sd_model.forge_objects_original.unet.model) == 0
+    torch.testing.assert_close(processed.images[0], clean.images[0], rtol=0, atol=0, equal_nan=True)
+
+
+def test_each_lora_is_checked_once_per_job(host, monkeypatch):
+    """Forge takes the LoRAs over before each of its three sampling runs of a hires job; one check each."""
+    from lib_dynfuse import factors
+
+    checked = []
+    check = factors.check_deltas
+    monkeypatch.setattr(factors, "check_deltas", lambda deltas: checked.append(1) or check(deltas))
+    script, runner = dynfuse(host)
+    host.txt2img(fh.PROMPT, runner=runner, steps=2, enable_hr=True)
+    assert script.takeovers == 3 and len(checked) == 2
+    assert [log.steps for log in script.job.logs(0)] == [[0, 1], [0, 1]]

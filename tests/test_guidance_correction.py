@@ -23,7 +23,7 @@ from lib_dynfuse.settings import UnreadableImage
 
 SUBJECT = Image.new("RGB", (40, 40), (220, 40, 30))
 STYLE = Image.new("RGB", (48, 32), (20, 60, 210))
-NOT_FINITE = ("DynFuse guidance: the gradient was not finite at step 7; guidance is off for the rest of this "
+NOT_FINITE = ("DynFuse: guidance: the gradient was not finite at step 7; guidance is off for the rest of this "
               "generation. Lower Guidance strength or choose Decoder 'approx'.")
 
 
@@ -143,7 +143,7 @@ def test_the_host_module_itself_cannot_be_differentiated_and_guidance_stops_clea
         x0 = x0.clone()
         assert g.correct(x0, uncond, progress=0.5, step=2) is x0
     assert not g.active and len(g.messages) == 1 and g.off_reason == "failed at step 2 (RuntimeError)"
-    assert g.messages[0].startswith("DynFuse guidance: failed at step 2 (RuntimeError: Inference tensors ")
+    assert g.messages[0].startswith("DynFuse: guidance: failed at step 2 (RuntimeError: Inference tensors ")
     assert g.messages[0].endswith("); guidance is off for the rest of this generation. If it happens again, choose "
                                   "Decoder 'approx'.")
 
@@ -158,7 +158,7 @@ def test_running_out_of_memory_in_a_step_names_the_device_setting(monkeypatch):
     x0, uncond = latents()
     assert g.correct(x0, uncond, progress=0.5, step=3) is x0
     assert g.messages == [
-        ("DynFuse guidance: out of memory at step 3; guidance is off for the rest of this generation. Choose Decoder "
+        ("DynFuse: guidance: out of memory at step 3; guidance is off for the rest of this generation. Choose Decoder "
          "'approx', or set Settings > DynFuse > CLIP/DINO device (auto, cpu, cuda:0, ...) to cpu.")]
     assert not g.active and g.off_reason == "out of memory at step 3"
 
@@ -211,7 +211,7 @@ def test_missing_references_switch_their_side_off_with_one_message(tmp_path):
     lora.write_bytes(b"")
     g = guidance(subject_refs=[], subject_lora=str(lora), style_ref="not-an-image")
     assert g.messages == [
-        ("DynFuse guidance: the subject side is off (no image under Subject references, and dog.safetensors has no "
+        ("DynFuse: guidance: the subject side is off (no image under Subject references, and dog.safetensors has no "
          "preview image); the style side is off (Style reference: 'not-an-image' is neither an image file nor "
          "base64 image data). Add an image under Subject references / Style reference in the DynFuse panel, or put "
          "a preview image beside the LoRA file.")]
@@ -226,7 +226,7 @@ def test_only_sides_that_count_are_reported_and_skipped_references_are_named():
     g = guidance(subject_refs=[SUBJECT, UnreadableImage("subject_refs[1] is not a base64-encoded image")],
                  style_ref=None, params=GuidanceParams(balance=1.0))
     # balance 1 gives the style no weight: its missing reference is no loss
-    assert g.messages == [("DynFuse guidance: Subject references: subject_refs[1] is not a base64-encoded image; "
+    assert g.messages == [("DynFuse: guidance: Subject references: subject_refs[1] is not a base64-encoded image; "
                            "skipped.")]
     assert g.reference_notes() == ["guidance: 1 unreadable subject reference(s) skipped"]
     assert g.subject_embedding is not None and g.due(0.5, 0)

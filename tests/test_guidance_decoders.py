@@ -81,6 +81,21 @@ def test_unknown_kind_and_vae_without_a_model_are_refused():
         make_decoder("vae", "SD1.5")
 
 
+@pytest.mark.parametrize("kind,family,files,reason", [
+    ("taesd", "SD1.5", {}, "TAESD file missing"),
+    ("taesd", "SD1.5", {"taesd_decoder.pth": b"not a checkpoint"}, "TAESD file does not load"),
+    ("vae", "SD1.5", {}, "no VAE for decoder 'vae'"),
+    ("full", "SD1.5", {}, "unknown decoder 'full'"),
+    ("approx", "Flux", {}, "no decoder for this model"),
+])
+def test_each_refusal_says_why_in_a_few_words_for_the_infotext(tmp_path, kind, family, files, reason):
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(DecoderError) as info:
+        make_decoder(kind, family, taesd_dir=tmp_path)
+    assert info.value.reason == reason and "\n" not in str(info.value)
+
+
 class FakeVae(nn.Module):
     """Stands in for a host first_stage_model: decode(z) -> pixels in [-1, 1]."""
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest_guidance import CPU, FULL, TINY, guidance_release_models  # noqa: F401
 
-from lib_dynfuse.guidance import ScorerConfig, ScorerLoadError, Scorers, loaded_models, unload
+from lib_dynfuse.guidance import ModelDownloadError, ScorerConfig, ScorerLoadError, Scorers, loaded_models, unload
 from lib_dynfuse.guidance.scorers import CLIP_MEAN, CLIP_STD, open_clip_arguments, preprocess
 
 DEVICE = "Settings > DynFuse > CLIP/DINO device (auto, cpu, cuda:0, ...)"
@@ -60,7 +60,7 @@ def test_precision_and_device_resolution():
     assert ScorerConfig(device="cpu", precision="bf16").torch_dtype() == torch.bfloat16
     with pytest.raises(ScorerLoadError) as info:
         ScorerConfig(precision="fp8").torch_dtype()
-    assert str(info.value) == ("DynFuse guidance: unknown CLIP/DINO precision 'fp8'. Set Settings > DynFuse > "
+    assert str(info.value) == ("DynFuse: guidance: unknown CLIP/DINO precision 'fp8'. Set Settings > DynFuse > "
                                "CLIP/DINO precision to one of auto, fp32, fp16, bf16, or turn guidance off.")
     assert info.value.setting == "precision"
 
@@ -68,7 +68,7 @@ def test_precision_and_device_resolution():
 def test_a_device_that_is_no_device_name_names_the_device_setting():
     with pytest.raises(ScorerLoadError) as info:
         Scorers(ScorerConfig(device="gpu"), **TINY)
-    assert str(info.value) == (f"DynFuse guidance: the CLIP/DINO device 'gpu' is not a device name. Set {DEVICE} "
+    assert str(info.value) == (f"DynFuse: guidance: the CLIP/DINO device 'gpu' is not a device name. Set {DEVICE} "
                                "to auto, cpu or cuda:0, or turn guidance off.")
     assert info.value.setting == "device" and loaded_models() == []
 
@@ -78,7 +78,7 @@ def test_a_device_this_machine_lacks_names_the_device_setting():
     with pytest.raises(ScorerLoadError) as info:
         Scorers(ScorerConfig(device="cuda:99"), **TINY)
     text = str(info.value)
-    assert text.startswith("DynFuse guidance: the CLIP/DINO device 'cuda:99' cannot be used on this machine (")
+    assert text.startswith("DynFuse: guidance: the CLIP/DINO device 'cuda:99' cannot be used on this machine (")
     assert text.endswith(f"). Set {DEVICE} to auto or cpu, or turn guidance off.")
     assert info.value.setting == "device"
 
@@ -89,7 +89,7 @@ def test_running_out_of_memory_while_loading_names_the_device_setting():
 
     with pytest.raises(ScorerLoadError) as info:
         Scorers(CPU, clip_factory=too_big).clip_model()
-    assert str(info.value) == ("DynFuse guidance: could not load the CLIP model 'ViT-B-32': not enough memory on "
+    assert str(info.value) == ("DynFuse: guidance: could not load the CLIP model 'ViT-B-32': not enough memory on "
                                f"cpu. Set {DEVICE} to cpu, or turn guidance off.")
     assert info.value.setting == "device" and loaded_models() == []
 
@@ -100,7 +100,7 @@ def test_a_failed_download_asks_for_a_local_weights_file():
 
     with pytest.raises(ScorerLoadError) as info:
         Scorers(CPU, clip_factory=offline).clip_model()
-    assert str(info.value) == ("DynFuse guidance: could not load the CLIP model 'ViT-B-32' (Failed to download "
+    assert str(info.value) == ("DynFuse: guidance: could not load the CLIP model 'ViT-B-32' (Failed to download "
                                "weights for tag 'openai': connection refused). Set a local weights file in "
                                f"{CLIP_WEIGHTS}, or turn guidance off.")
     assert info.value.setting == "clip_weights"
@@ -160,7 +160,7 @@ def test_embedding_shapes_and_text():
 
 
 def message(label: str, name: str, reason: str, advice: str) -> str:
-    return f"DynFuse guidance: could not load the {label} model '{name}' ({reason}). {advice}, or turn guidance off."
+    return f"DynFuse: guidance: could not load the {label} model '{name}' ({reason}). {advice}, or turn guidance off."
 
 
 @pytest.mark.parametrize(("config", "label", "name", "reason", "setting"), [
@@ -235,3 +235,64 @@ def test_full_size_architectures_build_and_differentiate():
         assert torch.isfinite(grad).all()
     finally:
         unload()
+
+
+def raising(error):
+    """A model factory that counts its calls and raises ``error``."""
+    def factory(config):
+        factory.calls += 1
+        raise error
+
+    factory.calls = 0
+    return factory
+
+
+OFFLINE = OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in "
+                  "the cached files.")
+
+
+@pytest.mark.parametrize("config,factory,reason", [
+    (ScorerConfig(device="gpu"), None, "CLIP/DINO device name unknown"),
+    (ScorerConfig(device="cuda:99"), None, "CLIP/DINO device not available"),
+    (ScorerConfig(device="cpu", precision="fp8"), None, "CLIP/DINO precision unknown"),
+    (CPU, raising(torch.cuda.OutOfMemoryError("CUDA out of memory")), "not enough memory for the CLIP model"),
+    (CPU, raising(OFFLINE), "CLIP weights not available offline"),
+    (ScorerConfig(device="cpu", clip_weights="/nowhere/clip.pt"), None, "CLIP weights file not found"),
+    (ScorerConfig(device="cpu", clip_weights=__file__), None, "CLIP weights file does not load"),
+    (ScorerConfig(device="cpu", clip_model="ViT-Nope"), None, "CLIP model name unknown"),
+    (ScorerConfig(device="cpu", clip_pretrained="openia"), None, "CLIP pretrained tag unknown"),
+])
+def test_each_load_failure_says_why_in_a_few_words_for_the_infotext(config, factory, reason):
+    with pytest.raises(ScorerLoadError) as info:
+        Scorers(config, clip_factory=factory).clip_model()
+    assert info.value.reason == reason
+    assert isinstance(info.value, ModelDownloadError) == reason.endswith("not available offline")
+
+
+def test_a_failed_download_is_not_tried_again_until_a_setting_changes():
+    """Offline, each try waits through the hub's retries: the same settings fail at once with the same message."""
+    offline = raising(OFFLINE)
+    with pytest.raises(ModelDownloadError) as first:
+        Scorers(CPU, dino_factory=offline).dino_model()
+    with pytest.raises(ModelDownloadError) as again:
+        Scorers(CPU, dino_factory=offline).dino_model()
+    assert offline.calls == 1 and str(again.value) == str(first.value) and again.value.reason == first.value.reason
+    moved = ScorerConfig(device="cpu", precision="fp32", cache_dir="/models/cache")
+    with pytest.raises(ModelDownloadError):
+        Scorers(moved, dino_factory=offline).dino_model()
+    assert offline.calls == 2
+    unload()  # releasing the models does not forget the failure
+    with pytest.raises(ModelDownloadError):
+        Scorers(moved, dino_factory=offline).dino_model()
+    assert offline.calls == 2
+
+
+def test_other_load_failures_are_tried_again_each_time():
+    """A weights file may be fixed in place, and memory may be free next time."""
+    broken = raising(RuntimeError("unexpected key in state dict"))
+    config = ScorerConfig(device="cpu", precision="fp32", dino_weights=__file__)
+    for _ in range(2):
+        with pytest.raises(ScorerLoadError) as info:
+            Scorers(config, dino_factory=broken).dino_model()
+        assert info.value.reason == "DINO weights file does not load"
+    assert broken.calls == 2

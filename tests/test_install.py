@@ -160,13 +160,15 @@ def test_skip_install_means_no_pip(argv, launch, capsys):
 
 
 def assert_manual_command_is_runnable(out: str, requirement: str = "timm>=0.9.2") -> None:
-    """The printed pip command names a constraints file that is still there and pins the host's packages."""
-    (constraints,) = re.findall(rf'-m pip install "{re.escape(requirement)}" -c "([^"]+)"\n', out)
+    """The printed pip command names a constraints file that is still there and pins the host's packages; every
+    line is one line of DynFuse's."""
+    (constraints,) = re.findall(rf'-m pip install "{re.escape(requirement)}" -c "([^"]+)" \(', out)
     try:
         assert_pins_host_versions(Path(constraints).read_text(encoding="utf-8"))
     finally:
         Path(constraints).unlink()
-    assert out.endswith(install.KEEP_NOTE + "\n")
+    assert out.endswith(f'-c "{constraints}" {install.KEEP_NOTE}\n')
+    assert all(line.startswith("DynFuse: ") for line in out.splitlines())
 
 
 @pytest.mark.parametrize(
@@ -179,8 +181,22 @@ def test_pip_failure_prints_the_manual_command_and_lets_the_host_start(launch, c
     out = capsys.readouterr().out
     assert (
         "DynFuse: could not install timm>=0.9.2; guidance stays off until they are installed. "
-        f'Install by hand with:\n    "{sys.executable}" -m pip install "timm>=0.9.2" -c "'
+        f'Install by hand with: "{sys.executable}" -m pip install "timm>=0.9.2" -c "'
     ) in out
+    assert_manual_command_is_runnable(out)
+
+
+def test_the_hosts_pip_report_is_cut_to_its_first_line_and_pips_errors(capsys):
+    """The host's run_pip raises with its whole report: description, command, exit code and pip's output."""
+    report = ("Couldn't install DynFuse requirements: timm>=0.9.2.\nCommand: \"python\" -m pip install timm\n"
+              "Error code: 1\nstdout: Collecting timm\n  Downloading timm-1.0.whl\nstderr: ERROR: Could not find a "
+              "version that satisfies the requirement timm>=0.9.2\nERROR: No matching distribution found for timm\n")
+    launch = SimpleNamespace(run_pip=Recorder(error=RuntimeError(report)), args=SimpleNamespace())
+    install.main([], run=Recorder(), launch=launch, installed=missing_timm)
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == (
+        "DynFuse: pip failed: Couldn't install DynFuse requirements: timm>=0.9.2. ERROR: Could not find a version "
+        "that satisfies the requirement timm>=0.9.2 ERROR: No matching distribution found for timm")
     assert_manual_command_is_runnable(out)
 
 

@@ -20,7 +20,10 @@ REFS = {"subject_refs": (Image.new("RGB", (32, 32), (250, 10, 10)),),
         "style_ref": Image.new("RGB", (32, 32), (10, 10, 250))}
 SKIP = "To skip the scores, turn off Settings > DynFuse > Write CLIP/DINO scores to the infotext."
 NO_REFERENCE = ("DynFuse: no CLIP/DINO scores for this generation: no reference image (add subject or style images "
-                f"in the DynFuse panel, or put a preview image beside the LoRA files). {SKIP}")
+                f"in the DynFuse panel, or put a preview image beside the LoRA files). {SKIP} Not said again for these "
+                "LoRAs until the WebUI restarts.")
+UNTIL_SETTINGS_CHANGE = "Not said again until a CLIP/DINO setting changes."
+NOT_TRIED_AGAIN = "Not tried or said again until a CLIP/DINO setting changes or the WebUI restarts."
 
 
 @pytest.fixture
@@ -119,7 +122,7 @@ def test_lora_preview_images_are_the_default_references(webui):
     assert re.search(r'DynFuse scores: "subject-DINO -?\d\.\d{3}, clip-T -?\d\.\d{3}"', res.infotexts[0])
 
 
-def test_no_reference_writes_no_scores_and_says_so_once(webui, capsys):
+def test_no_reference_writes_no_scores_and_says_so_once_per_pair_of_loras(webui, capsys):
     import checks
 
     from lib_dynfuse.guidance import loaded_models
@@ -129,7 +132,15 @@ def test_no_reference_writes_no_scores_and_says_so_once(webui, capsys):
     assert all("DynFuse scores" not in text for text in res.infotexts)
     assert "DynFuse method: kl" in res.infotexts[0]
     assert dynfuse_lines(capsys) == [NO_REFERENCE]
+    assert [note(text) for text in res.infotexts] == [None, None]  # the common case: not worth a note
     assert loaded_models() == []
+    _, res = webui.txt2img(PROMPT, steps=2, seed=5, dynfuse=checks.dynfuse_args())  # the same LoRAs again
+    assert dynfuse_lines(capsys) == [] and note(res.infotexts[0]) is None
+    _, res = webui.txt2img("a dog <lora:sty:1> <lora:subj:1>", steps=2, seed=5, dynfuse=checks.dynfuse_args())
+    assert dynfuse_lines(capsys) == []  # the same LoRAs in the other roles
+    write_pair(webui, third=True)
+    _, res = webui.txt2img("a dog <lora:subj:1> <lora:third:1>", steps=2, seed=5, dynfuse=checks.dynfuse_args())
+    assert dynfuse_lines(capsys) == [NO_REFERENCE]  # another pair
 
 
 def test_a_job_dynfuse_turned_off_writes_no_scores(webui, capsys):
@@ -178,7 +189,75 @@ def test_models_that_cannot_load_give_one_line_naming_the_setting(webui, capsys)
     assert dynfuse_lines(capsys) == [
         ("DynFuse: no CLIP/DINO scores for this generation: could not load the DINO model "
          "'vit_small_patch16_224.dino' (no such file). Set a local weights file in Settings > DynFuse > DINO "
-         f"weights path (a local file; overrides the timm download). {SKIP}")]
+         f"weights path (a local file; overrides the timm download). {SKIP} {NOT_TRIED_AGAIN}")]
+
+
+def note(infotext: str) -> str | None:
+    from modules import infotext_utils
+
+    return infotext_utils.parse_generation_parameters(infotext).get("DynFuse note")
+
+
+def offline_factory():
+    """A model factory as on a machine without internet: the hub cannot be reached. Counts its calls."""
+    def offline(config):
+        offline.calls += 1
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in "
+                      "the cached files.")
+
+    offline.calls = 0
+    return offline
+
+
+OFFLINE_LINE = (
+    "DynFuse: no CLIP/DINO scores for this generation: could not load the DINO model 'vit_small_patch16_224.dino' "
+    "(We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.). "
+    "Set a local weights file in Settings > DynFuse > DINO weights path (a local file; overrides the timm download). "
+    f"{SKIP} {NOT_TRIED_AGAIN}")
+
+
+def test_offline_the_models_are_tried_and_said_once_until_a_setting_changes(webui, capsys):
+    """The scores are on by default: without internet, every generation would wait for the hub and say so."""
+    import checks
+
+    from lib_dynfuse.hosts import a1111 as adapter
+    from modules import shared
+
+    offline = offline_factory()
+    adapter.A1111Adapter.guidance_factories = {"clip_factory": offline, "dino_factory": offline}
+    capsys.readouterr()
+
+    def generate(**fields):
+        _, res = webui.txt2img(PROMPT, steps=2, seed=5, dynfuse=checks.dynfuse_args(**REFS, **fields))
+        assert "DynFuse method: kl" in res.infotexts[0] and "DynFuse scores" not in res.infotexts[0]
+        return dynfuse_lines(capsys), note(res.infotexts[0])
+
+    assert generate() == ([OFFLINE_LINE], "no scores: DINO weights not available offline")
+    assert generate() == ([], None)
+    assert generate(guidance=True) == ([], "guidance off: DINO weights not available offline")
+    assert offline.calls == 1
+    shared.opts.set("dynfuse_cache_dir", "/models/cache")
+    assert generate() == ([OFFLINE_LINE], "no scores: DINO weights not available offline")
+    assert generate(guidance=True) == ([], "guidance off: DINO weights not available offline")
+    assert offline.calls == 2
+
+
+def test_offline_with_guidance_on_says_why_guidance_is_off(webui, capsys):
+    import checks
+
+    from lib_dynfuse.hosts import a1111 as adapter
+
+    adapter.A1111Adapter.guidance_factories = {"clip_factory": offline_factory(), "dino_factory": offline_factory()}
+    said = ("DynFuse: guidance: could not load the DINO model 'vit_small_patch16_224.dino' (We couldn't connect to "
+            "'https://huggingface.co' to load the files, and couldn't find them in the cached files.). Set a local "
+            "weights file in Settings > DynFuse > DINO weights path (a local file; overrides the timm download), or "
+            "turn guidance off. Guidance is off for this generation and no CLIP/DINO scores are written; the fusion "
+            f"still runs. {NOT_TRIED_AGAIN}")
+    capsys.readouterr()
+    for lines in ([said], []):
+        _, res = webui.txt2img(PROMPT, steps=2, seed=5, dynfuse=checks.dynfuse_args(guidance=True, **REFS))
+        assert dynfuse_lines(capsys) == lines
+        assert note(res.infotexts[0]) == "guidance off: DINO weights not available offline"
 
 
 def test_a_device_torch_does_not_know_names_the_device_setting(webui, capsys):
@@ -190,9 +269,9 @@ def test_a_device_torch_does_not_know_names_the_device_setting(webui, capsys):
     capsys.readouterr()
     _, res = webui.txt2img(PROMPT, steps=2, seed=5, dynfuse=checks.dynfuse_args(guidance=True, **REFS))
     assert dynfuse_lines(capsys) == [
-        ("DynFuse guidance: the CLIP/DINO device 'gpu' is not a device name. Set Settings > DynFuse > CLIP/DINO device "
+        ("DynFuse: guidance: the CLIP/DINO device 'gpu' is not a device name. Set Settings > DynFuse > CLIP/DINO device "
          "(auto, cpu, cuda:0, ...) to auto, cpu or cuda:0, or turn guidance off. Guidance is off for this generation "
-         "and no CLIP/DINO scores are written; the fusion still runs.")]
+         f"and no CLIP/DINO scores are written; the fusion still runs. {UNTIL_SETTINGS_CHANGE}")]
     assert "DynFuse selection: subject " in res.infotexts[0] and "DynFuse scores" not in res.infotexts[0]
 
 

@@ -97,7 +97,7 @@ def png_base64(color=(255, 0, 0), mode="RGB") -> str:
 
 
 def test_engine_options_carry_the_same_values():
-    s = replace(DEFAULTS, method="k-lora", klora_alpha=2.0, klora_schedule="S*", temperature=3.0)
+    s = replace(DEFAULTS, method="k-lora", klora_alpha=2.0, klora_schedule="S*", temperature=3.0, decide_every=2)
     options = s.engine_options()
     assert isinstance(options, EngineOptions)
     assert {f.name: getattr(options, f.name) for f in fields(EngineOptions)} == {
@@ -111,7 +111,11 @@ def test_engine_options_carry_the_same_values():
         "klora_alpha": 2.0,
         "klora_beta": 0.5,
         "klora_schedule": "S*",
+        "decide_every": 2,
+        "max_tokens": 0,
+        "compiled": False,  # a WebUI setting, not a generation's
     }
+    assert s.engine_options(compiled=True).compiled
 
 
 def test_defaults_are_valid():
@@ -345,6 +349,19 @@ def test_infotext_through_the_host_line():
         "style_strength": -0.5,
         "switch_every": 2,
     }
+
+
+def test_cheaper_decisions_round_trip_through_the_host_line_for_the_choosing_rules_only():
+    s = replace(DEFAULTS, enabled=True, decide_every=3, max_tokens=512)
+    text = host_infotext(to_infotext(s, subject=tag("dog", 1.0), style=tag("ink", 1.0)))
+    assert "DynFuse decide every: 3, DynFuse divergence tokens: 512" in text
+    parsed = from_infotext(host_parse(text), warn=pytest.fail)
+    assert (parsed["decide_every"], parsed["max_tokens"]) == (3, 512)
+    assert "decide every" not in str(to_infotext(replace(s, method="k-lora"), subject=tag("dog", 1), style=tag("ink", 1)))
+    with pytest.raises(SettingsError, match="decide_every is 0; use a value >= 1"):
+        coerce("decide_every", 0)
+    with pytest.raises(SettingsError, match="max_tokens is -5; use a value >= 0"):
+        coerce("max_tokens", -5)
 
 
 @pytest.mark.parametrize(

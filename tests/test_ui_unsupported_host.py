@@ -1,6 +1,6 @@
-"""On a Forge variant DynFuse does not support (old Forge, reForge, Forge Classic) the accordion says so at its
-top and the console says it once at load; the rest of the UI is built as usual, so pasted infotext and API
-arguments keep their places. Runs under gradio 3.41 and, through test_gradio4_environment.py, 4.40."""
+"""On a Forge variant DynFuse does not support (reForge, Forge Classic, old Forge) the accordion says so, naming
+that WebUI, at its top and the console says it once at load; the rest of the UI is built as usual, so pasted
+infotext and API arguments keep their places. Runs under gradio 3.41 and, through test_gradio4_environment.py, 4.40."""
 
 from __future__ import annotations
 
@@ -42,23 +42,24 @@ def test_a_supported_host_gets_no_notice():
     assert not any(getattr(child, "elem_id", None) == "dynfuse_txt2img_notice" for child in content(built))
 
 
-@pytest.fixture
-def entry_on_old_forge(tmp_path, monkeypatch):
-    """The entry script in a WebUI detected as old Forge (the fake Forge's script front end)."""
+@pytest.fixture(params=["reforge", "forge-classic", "old-forge"])
+def entry_on_old_forge(tmp_path, monkeypatch, request):
+    """The entry script in a WebUI detected as reForge, Forge Classic or old Forge (the fake Forge's script front
+    end); yields the host, the entry script and the message that names that WebUI."""
     from lib_dynfuse.hosts import detect
 
     detect.reset_adapter()
-    monkeypatch.setattr(detect, "detect_host", lambda: detect.OLD_FORGE)
+    monkeypatch.setattr(detect, "detect_host", lambda: request.param)
     with fh.forge_host(tmp_path) as host:
         fh.write_test_loras(tmp_path, host.sd_model)
-        yield host, fh.load_entry_script(PROJECT)
+        yield host, fh.load_entry_script(PROJECT), detect.UNSUPPORTED[request.param]
     detect.reset_adapter()
 
 
 def test_the_entry_script_shows_the_message_in_both_tabs_and_prints_it_once(entry_on_old_forge, capsys):
     from lib_dynfuse.hosts import detect
 
-    host, entry = entry_on_old_forge
+    host, entry, message = entry_on_old_forge
     capsys.readouterr()
     notices = []
     for is_img2img in (False, True):
@@ -67,10 +68,10 @@ def test_the_entry_script_shows_the_message_in_both_tabs_and_prints_it_once(entr
             components = script.ui(is_img2img)
         accordion = components[0].accordion
         notices.append(next(c for c in accordion.children if c.elem_id and c.elem_id.endswith("_notice")))
-    expected = detect.OLD_FORGE_MESSAGE[0].upper() + detect.OLD_FORGE_MESSAGE[1:]
+    expected = message[0].upper() + message[1:]
     assert all(notice.value == f"<p><strong>{expected} {detect.STAYS_OFF}</strong></p>" for notice in notices)
     out = capsys.readouterr().out.splitlines()
-    assert out == [f"DynFuse: {detect.OLD_FORGE_MESSAGE} {detect.STAYS_OFF}"]
+    assert out == [f"DynFuse: {message} {detect.STAYS_OFF}"]
 
     runner = host.scripts.ScriptRunner()
     runner.add(script, n_args=1)
@@ -79,5 +80,5 @@ def test_the_entry_script_shows_the_message_in_both_tabs_and_prints_it_once(entr
     assert "DynFuse" not in processed.infotexts[0]
     processed, _ = host.txt2img(fh.PROMPT, runner=runner, script_args=({"enabled": True},), steps=1)
     assert capsys.readouterr().out.splitlines() == [
-        f"DynFuse: {detect.OLD_FORGE_MESSAGE} DynFuse is off for this generation."]  # turned on through the API
+        f"DynFuse: {message} DynFuse is off for this generation."]  # turned on through the API
     assert 'DynFuse note: "off: unsupported WebUI"' in processed.infotexts[0]

@@ -5,7 +5,12 @@ import torch
 
 
 class GuidanceError(RuntimeError):
-    """Guidance cannot run for this job; the generation goes on without it."""
+    """Guidance cannot run for this job; the generation goes on without it. ``reason`` says why in a few words,
+    for the infotext ("guidance off: <reason>")."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class DecoderError(GuidanceError):
@@ -15,9 +20,13 @@ class DecoderError(GuidanceError):
 class ScorerLoadError(GuidanceError):
     """A CLIP or DINO model could not be loaded; ``setting`` is the ScorerConfig field the message names."""
 
-    def __init__(self, message: str, setting: str) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, setting: str, reason: str) -> None:
+        super().__init__(message, reason)
         self.setting = setting
+
+
+class ModelDownloadError(ScorerLoadError):
+    """No local weights were set and the download failed (offline machine, blocked host, full disk)."""
 
 
 class ScorerSettingError(ValueError):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ScorerLoadError, ScorerSettingError, out_of_memory, short
+from .errors import ModelDownloadError, ScorerLoadError, ScorerSettingError, out_of_memory, short
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -71,24 +71,24 @@ class ScorerConfig:
         try:
             device = torch.device(self.device)
         except RuntimeError:
-            raise ScorerLoadError(f"DynFuse guidance: the CLIP/DINO device '{self.device}' is not a device name. "
+            raise ScorerLoadError(f"DynFuse: guidance: the CLIP/DINO device '{self.device}' is not a device name. "
                                   f"Set {where('device')} to auto, cpu or cuda:0, or turn guidance off.",
-                                  "device") from None
+                                  "device", "CLIP/DINO device name unknown") from None
         if device.type != "cpu":
             try:
                 torch.empty(0, device=device)  # a missing GPU fails here rather than in the middle of a load
             except Exception as error:  # noqa: BLE001 -- RuntimeError, or AssertionError from a CPU-only build
                 raise ScorerLoadError(
-                    f"DynFuse guidance: the CLIP/DINO device '{self.device}' cannot be used on this machine "
+                    f"DynFuse: guidance: the CLIP/DINO device '{self.device}' cannot be used on this machine "
                     f"({short(error)}). Set {where('device')} to auto or cpu, or turn guidance off.",
-                    "device") from None
+                    "device", "CLIP/DINO device not available") from None
         return device
 
     def torch_dtype(self) -> torch.dtype:
         if self.precision not in PRECISIONS:
-            raise ScorerLoadError(f"DynFuse guidance: unknown CLIP/DINO precision '{self.precision}'. Set "
+            raise ScorerLoadError(f"DynFuse: guidance: unknown CLIP/DINO precision '{self.precision}'. Set "
                                   f"{where('precision')} to one of {', '.join(PRECISIONS)}, or turn guidance off.",
-                                  "precision")
+                                  "precision", "CLIP/DINO precision unknown")
         if self.precision == "auto":
             return torch.float16 if self.torch_device().type == "cuda" else torch.float32
         return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
@@ -157,6 +157,9 @@ def timm_dino_factory(config: ScorerConfig) -> nn.Module:
 
 
 _CACHE: dict[str, tuple[tuple, nn.Module]] = {}
+# Per slot, the key and error of a download that failed. Offline, each try waits through the hub's retries (most
+# of a minute) before it fails: it is not tried again with the same settings until the process ends.
+_UNAVAILABLE: dict[str, tuple[tuple, ModelDownloadError]] = {}
 
 
 def _load(slot: str, name: str, key: tuple, factory: ModelFactory, config: ScorerConfig,
@@ -164,6 +167,10 @@ def _load(slot: str, name: str, key: tuple, factory: ModelFactory, config: Score
     cached = _CACHE.get(slot)
     if cached is not None and cached[0] == key:
         return cached[1]
+    failed = _UNAVAILABLE.get(slot)
+    if failed is not None and failed[0] == key:
+        error = failed[1]
+        raise ModelDownloadError(str(error), error.setting, error.reason)
     _CACHE.pop(slot, None)  # one model per slot: a changed setting replaces the old model
     try:
         # Forge generates under inference_mode; parameters made there could never be differentiated.
@@ -171,7 +178,11 @@ def _load(slot: str, name: str, key: tuple, factory: ModelFactory, config: Score
             model = factory(config).to(device, dtype)
             model = model.eval().requires_grad_(False)
     except Exception as error:
-        raise _load_error(slot, name, error, config, device) from error
+        load_error = _load_error(slot, name, error, config, device)
+        if isinstance(load_error, ModelDownloadError):
+            _UNAVAILABLE[slot] = (key, load_error)
+        raise load_error from error
+    _UNAVAILABLE.pop(slot, None)
     _CACHE[slot] = (key, model)
     return model
 
@@ -179,20 +190,27 @@ def _load(slot: str, name: str, key: tuple, factory: ModelFactory, config: Score
 def _load_error(slot: str, name: str, error: Exception, config: ScorerConfig,
                 device: torch.device) -> ScorerLoadError:
     """The message for a model that did not load, naming the option that most likely fixes it."""
-    failed = f"DynFuse guidance: could not load the {slot.upper()} model '{name}'"
+    label = slot.upper()
+    failed = f"DynFuse: guidance: could not load the {label} model '{name}'"
     if isinstance(error, ScorerSettingError):
         return ScorerLoadError(f"{failed} ({error}). Check {where(error.setting)}, or turn guidance off.",
-                               error.setting)
+                               error.setting, f"{_SETTING_NAMES[error.setting]} unknown")
     if out_of_memory(error):
         return ScorerLoadError(f"{failed}: not enough memory on {device}. Set {where('device')} to cpu, or turn "
-                               "guidance off.", "device")
+                               "guidance off.", "device", f"not enough memory for the {label} model")
     weights = f"{slot}_weights"
     if getattr(config, weights):
+        missing = isinstance(error, FileNotFoundError)
         return ScorerLoadError(f"{failed} ({short(error)}). Check the file in {where(weights)}, or turn guidance "
-                               "off.", weights)
+                               "off.", weights, f"{label} weights file {'not found' if missing else 'does not load'}")
     # Nothing local to blame: the download failed (offline machine, blocked host, full disk).
-    return ScorerLoadError(f"{failed} ({short(error)}). Set a local weights file in {where(weights)}, or turn "
-                           "guidance off.", weights)
+    return ModelDownloadError(f"{failed} ({short(error)}). Set a local weights file in {where(weights)}, or turn "
+                              "guidance off.", weights, f"{label} weights not available offline")
+
+
+# How a reason names the setting a model factory found wrong.
+_SETTING_NAMES = {"clip_model": "CLIP model name", "clip_pretrained": "CLIP pretrained tag",
+                  "dino_model": "DINO model name"}
 
 
 def unload() -> None:

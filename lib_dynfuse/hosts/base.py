@@ -4,7 +4,8 @@ The entry script (scripts/dynfuse.py) calls, per generation:
 
     job = adapter.begin_job(p, settings)        # Script.process: tags resolved, settings validated
     adapter.take_over(p, job)                   # A1111: after_extra_networks_activate (every activation)
-                                                # Forge: process_before_every_sampling (every sampling run)
+                                                # Forge, Forge Neo: process_before_every_sampling (every
+                                                #   sampling run)
     adapter.on_cfg_denoiser(params)             # CFG callback: step clock and batch layout
     adapter.on_cfg_after_cfg(params)            # CFG callback: guidance seam
     adapter.score_batch(p, job, images, n)      # Script.postprocess_batch: CLIP/DINO scores of the decoded batch
@@ -30,9 +31,14 @@ SELECTION_KEY = "DynFuse selection"
 SCORES_KEY = "DynFuse scores"
 VERSION_KEY = "DynFuse version"
 CONSOLE_PREFIX = "DynFuse: "
-# Messages of the guidance package name themselves already.
-GUIDANCE_PREFIX = "DynFuse guidance: "
+# How the guidance package's messages begin.
+GUIDANCE_PREFIX = "DynFuse: guidance: "
 SKIP_SCORES = f"To skip the scores, turn off {options.where('dynfuse_scores')}."
+# Problems that would come back with every generation are said at the first only.
+UNTIL_SETTINGS_CHANGE = "Not said again until a CLIP/DINO setting changes."
+# A failed download is not tried again either (guidance.scorers): offline, each try takes most of a minute.
+NOT_TRIED_AGAIN = "Not tried or said again until a CLIP/DINO setting changes or the WebUI restarts."
+UNTIL_RESTART = "Not said again for these LoRAs until the WebUI restarts."
 # What the CFG callbacks keep in Job.host for the guidance step only (the denoiser holds the whole of p).
 GUIDANCE_STEP_STATE = ("denoiser", "x_t", "t", "uncond_out")
 
@@ -43,9 +49,9 @@ def plain(message: str) -> str:
 
 
 def say(message: str) -> None:
-    """One console line the user can search for."""
-    text = plain(message)
-    print(text if text.startswith(GUIDANCE_PREFIX) else f"{CONSOLE_PREFIX}{text}", flush=True)
+    """One console line the user can search for: "DynFuse: " and the message, its line breaks (an error's text may
+    hold several lines) made spaces."""
+    print(CONSOLE_PREFIX + " ".join(plain(message).split()), flush=True)
 
 
 def say_once(job: Job, message: str, key: str | None = None) -> bool:
@@ -117,11 +123,11 @@ class Job:
 
 
 class HostAdapter(abc.ABC):
-    """What a host (A1111, Forge) must provide. Subclasses implement the three abstract hooks."""
+    """What a host (A1111, Forge, Forge Neo) must provide. Subclasses implement the three abstract hooks."""
 
     name: str = "host"
-    # The Script method that calls take_over: A1111 after every activation of extra networks, Forge before
-    # every sampling run (its LoRAs are patched into a fresh UNet clone there).
+    # The Script method that calls take_over: A1111 after every activation of extra networks, Forge and Forge Neo
+    # before every sampling run (its LoRAs are patched into a fresh UNet clone there).
     takeover_at: str = "after_extra_networks_activate"
     # Replace the open_clip / timm model loaders (tests pass random-weight models): {"clip_factory": ...}.
     guidance_factories: ClassVar[dict[str, Any]] = {}
@@ -129,6 +135,7 @@ class HostAdapter(abc.ABC):
     def __init__(self) -> None:
         self.job: Job | None = None
         self.last_job: Job | None = None  # the latest finished job, for inspection
+        self.said: set[tuple] = set()  # keys of what say_once_per_session has said (one adapter per WebUI session)
 
     # ---- shared by every host -------------------------------------------------------------------
     def begin_job(self, p: Any, settings: Any) -> Job | None:
@@ -234,7 +241,7 @@ class HostAdapter(abc.ABC):
 
     def fail(self, p: Any, what: str, error: BaseException) -> None:
         """An unexpected error: one line, a note, and the rest of the job runs as without dynfuse."""
-        say(f"{what}: {type(error).__name__}: {error}. The generation continues without DynFuse.")
+        say(f"{what}: {type(error).__name__}: {str(error).rstrip('.')}. The generation continues without DynFuse.")
         if _debug():
             traceback.print_exc()
         add_note(p, f"off: {what} ({type(error).__name__})")
@@ -245,6 +252,30 @@ class HostAdapter(abc.ABC):
                 self.release(job, keep_job=True)
             except Exception as e:  # noqa: BLE001
                 say(f"cleanup failed: {e}")
+
+    def damaged_factors(self, p: Any, job: Job, targets: list) -> bool:
+        """Check the two LoRAs' parsed deltas (lib_dynfuse.factors) before anything is taken from the host: a
+        missing, mismatched or non-finite factor turns DynFuse off for the job, with one line and a note naming the
+        LoRA and the layer, and leaves both LoRAs to the host's merge. Whether it did.
+
+        Each LoRA is checked once per job at its strength: every batch and hires pass takes the LoRAs over anew."""
+        from lib_dynfuse.factors import FactorError, check_deltas
+
+        checked = job.host.setdefault("checked factors", set())
+        for role in ("subject", "style"):
+            tag = getattr(job, role)
+            key = (tag.name, tag.unet, getattr(job.settings, f"{role}_strength"))
+            if key in checked:
+                continue
+            try:
+                check_deltas((t.name, delta) for t in targets if (delta := getattr(t, role)) is not None)
+            except FactorError as e:
+                job.failed = True
+                refuse(p, f"LoRA '{tag.name}' has a damaged layer ({e}). DynFuse is off for this generation and "
+                          "leaves the LoRAs to the WebUI.", f"off: LoRA {tag.name} has {e.kind} in layer {e.layer}")
+                return True
+            checked.add(key)
+        return False
 
     # ---- guidance and scores ----------------------------------------------------------------------
     def prepare(self, p: Any, job: Job) -> None:
@@ -271,20 +302,25 @@ class HostAdapter(abc.ABC):
         try:
             if family is None:
                 raise GuidanceError(f"{GUIDANCE_PREFIX}this model has no latent decoder for guidance (SD 1.5, SD 2 "
-                                    "and SDXL models are supported).")
+                                    "and SDXL models are supported).", "no decoder for this model")
             job.guidance = self._guidance(p, job, family=family, decoder=job.settings.guidance_decoder, log=say)
             for note in job.guidance.reference_notes():
                 add_note(p, note)
             return None
+        except ScorerLoadError as e:
+            scores = " and no CLIP/DINO scores are written" if want_scores else ""
+            self.say_once_per_session(_models_key(e), f"{plain(str(e))} Guidance is off for this generation{scores}; "
+                                                      f"the fusion still runs. {_until(e)}")
+            add_note(p, f"guidance off: {e.reason}")
+            return e
         except GuidanceError as e:
-            scores = " and no CLIP/DINO scores are written" if want_scores and isinstance(e, ScorerLoadError) else ""
-            say(f"{plain(str(e))} Guidance is off for this generation{scores}; the fusion still runs.")
-            add_note(p, "guidance off")
-            return e if isinstance(e, ScorerLoadError) else None
+            say(f"{plain(str(e))} Guidance is off for this generation; the fusion still runs.")
+            add_note(p, f"guidance off: {e.reason}")
+            return None
         except Exception as e:  # noqa: BLE001 - a host object we did not expect: the fusion still runs
             say(f"guidance could not start ({type(e).__name__}: {e}); it is off for this generation, the fusion "
                 "still runs.")
-            add_note(p, "guidance off")
+            add_note(p, f"guidance off: could not start ({type(e).__name__})")
             return None
 
     def _start_scorer(self, p: Any, job: Job, load_error: BaseException | None) -> None:
@@ -302,19 +338,32 @@ class HostAdapter(abc.ABC):
                 scorer = self._guidance(p, job, family=self.model_family(p) or "SD1.5", decoder="approx",
                                         log=lambda message: None)
             except ScorerLoadError as e:
-                why = plain(str(e)).removeprefix(GUIDANCE_PREFIX).replace(", or turn guidance off.", ".")
-                job.host["scores_off"] = f"no CLIP/DINO scores for this generation: {why} {SKIP_SCORES}"
+                why = str(e).removeprefix(GUIDANCE_PREFIX).replace(", or turn guidance off.", ".")
+                job.host["scores_off"] = ScoresOff(
+                    f"no CLIP/DINO scores for this generation: {why} {SKIP_SCORES} {_until(e)}",
+                    f"no scores: {e.reason}", _models_key(e))
                 return
             except Exception as e:  # noqa: BLE001 - the scores are extras: never stop the generation for them
-                job.host["scores_off"] = (f"no CLIP/DINO scores for this generation ({type(e).__name__}: {e}). "
-                                          f"{SKIP_SCORES}")
+                job.host["scores_off"] = ScoresOff(
+                    f"no CLIP/DINO scores for this generation ({type(e).__name__}: {e}). {SKIP_SCORES}")
                 return
         if scorer.subject_embedding is None and scorer.style_embedding is None:
-            job.host["scores_off"] = (
+            job.host["scores_off"] = ScoresOff(
                 "no CLIP/DINO scores for this generation: no reference image (add subject or style images in the "
-                f"DynFuse panel, or put a preview image beside the LoRA files). {SKIP_SCORES}")
+                f"DynFuse panel, or put a preview image beside the LoRA files). {SKIP_SCORES} {UNTIL_RESTART}",
+                key=("no reference", frozenset(job.labels)))
             return
         job.scorer = scorer
+
+    def say_once_per_session(self, key: tuple | None, message: str) -> bool:
+        """Say ``message`` unless this adapter (one per WebUI session) said one under ``key`` already; None: say
+        it. Whether it was said now."""
+        if key is not None:
+            if key in self.said:
+                return False
+            self.said.add(key)
+        say(message)
+        return True
 
     def _guidance(self, p: Any, job: Job, *, family: str, decoder: str, log: LogFn) -> Any:
         """Guidance.prepare with this host's paths, VAE and prompt. Raises GuidanceError."""
@@ -360,9 +409,9 @@ class HostAdapter(abc.ABC):
         kept for their infotexts (built by the host right after this, image by image)."""
         if job is None or job.failed:
             return
-        reason = job.host.pop("scores_off", None)
-        if reason:
-            say(reason)
+        off = job.host.pop("scores_off", None)
+        if off is not None and self.say_once_per_session(off.key, off.message) and off.note:
+            add_note(p, off.note)
         scorer = job.scorer
         if scorer is None or images is None:
             return
@@ -427,7 +476,54 @@ class HostAdapter(abc.ABC):
         """CFG-denoised callback: what guidance needs from the raw UNet outputs (read only)."""
 
     def on_cfg_after_cfg(self, params: Any) -> None:
-        """After-CFG callback: the guidance step, when guidance is on."""
+        """After-CFG callback: the guidance step, when guidance is on. The WebUI hands the after-CFG estimate
+        ([B, C, h, w], an inference tensor on Forge); the corrected one assigned back is what the sampler uses."""
+        job = self.job
+        guidance = job.guidance if job is not None and not job.failed else None
+        if guidance is None or "clock" not in job.host or not guidance.active:
+            return
+        denoiser = job.host.get("denoiser")
+        try:
+            uncond = self.uncond_estimate(job)
+            if uncond is not None and uncond.shape != params.x.shape:
+                uncond = None
+            params.x = self.corrected(job, params.x, uncond, denoiser)
+        except Exception as e:  # noqa: BLE001
+            self.guidance_failed(getattr(denoiser, "p", None), job, e)
+        else:
+            self.guidance_step_done(getattr(denoiser, "p", None), job)
+
+    def uncond_estimate(self, job: Job) -> Any | None:
+        """This step's unconditional estimate, which sets the size of the guidance step; None when unknown."""
+        return None
+
+    def corrected(self, job: Job, x: Any, uncond: Any | None, denoiser: Any) -> Any:
+        """The after-CFG estimate ``x`` moved by one guidance step (in the space the sampler hands it)."""
+        return self.guided_x0(job, x, uncond, denoiser)
+
+
+@dataclass(frozen=True)
+class ScoresOff:
+    """Why a job writes no scores, said at its first batch: the console line, an infotext note (for a failure,
+    not for the common case of no reference image), and the key under which it is said once per session (None:
+    every time)."""
+
+    message: str
+    note: str | None = None
+    key: tuple | None = None
+
+
+def _models_key(error: Any) -> tuple:
+    """A CLIP/DINO load failure comes back with every generation (the scores are on by default; an offline machine
+    cannot download the models) until one of the settings that say which model to load, from where and on which
+    device changes: those settings and the failure are the key it is said once under."""
+    return ("models", options.scorer_config(), error.setting, error.reason)
+
+
+def _until(error: Any) -> str:
+    from lib_dynfuse.guidance import ModelDownloadError
+
+    return NOT_TRIED_AGAIN if isinstance(error, ModelDownloadError) else UNTIL_SETTINGS_CHANGE
 
 
 def scores_text(job: Job, p: Any = None, index: int | None = None, all_prompts: Any = None,

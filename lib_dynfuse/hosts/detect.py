@@ -1,7 +1,11 @@
-"""Which WebUI hosts us, decided by capability (never by git tag or version string).
+"""Which WebUI hosts us, decided by capability (never by git tag):
 
-* new Forge: the webui root holds `modules_forge` and the `backend` package (backend.patcher.lora);
-* old Forge, reForge, Forge Classic: `modules_forge` with `ldm_patched` and no `backend` -> unsupported;
+* Forge (main): the webui root holds `modules_forge` and the `backend` package, whose LoRA module has Forge's
+  per-file LoraLoader;
+* Forge Neo: the same packages, with ComfyUI's per-weight patch store instead (no LoraLoader);
+* reForge, Forge Classic, old Forge: `modules_forge` with `ldm_patched` and no `backend` -> unsupported, each named
+  in its message (reForge by its ComfyUI weight adapters; Classic and old Forge, whose code is the same, by the
+  version file they ship);
 * otherwise AUTOMATIC1111.
 
 Each host's adapter lives in its own module and is imported only when that host is detected.
@@ -18,18 +22,24 @@ from lib_dynfuse.hosts.base import HostAdapter, Job, refuse, say
 
 A1111 = "a1111"
 FORGE = "forge"
+NEO = "forge-neo"
+REFORGE = "reforge"
+FORGE_CLASSIC = "forge-classic"
 OLD_FORGE = "old-forge"
 
 # host -> "module:Class"
 ADAPTERS = {
     A1111: "lib_dynfuse.hosts.a1111:A1111Adapter",
     FORGE: "lib_dynfuse.hosts.forge:ForgeAdapter",
+    NEO: "lib_dynfuse.hosts.neo:NeoAdapter",
 }
 
-OLD_FORGE_MESSAGE = (
-    "this WebUI is old Forge, reForge or Forge Classic (it has ldm_patched and no backend package); DynFuse "
-    "supports AUTOMATIC1111 1.9-1.10.1 and current Forge only."
-)
+SUPPORTED = "DynFuse supports AUTOMATIC1111 1.9-1.10.1, Forge (main) and Forge Neo."
+UNSUPPORTED = {
+    REFORGE: f"this WebUI is reForge (ldm_patched with ComfyUI's patch store); {SUPPORTED}",
+    FORGE_CLASSIC: f"this WebUI is Forge Classic (ldm_patched, the patch store of old Forge); {SUPPORTED}",
+    OLD_FORGE: f"this WebUI is old Forge (ldm_patched, from before Forge's backend rewrite); {SUPPORTED}",
+}
 STAYS_OFF = "It stays off; the WebUI works as usual."
 
 
@@ -71,19 +81,37 @@ def detect_host() -> str:
     if not _spec_under_root("modules_forge", root):
         return A1111
     if _spec_under_root("backend.patcher.lora", root) and _spec_under_root("backend.diffusion_engine.base", root):
-        return FORGE
-    return OLD_FORGE
+        return FORGE if _has_lora_loader() else NEO
+    if _spec_under_root("ldm_patched.modules.weight_adapter", root):
+        return REFORGE
+    return FORGE_CLASSIC if _forge_version() == "classic" else OLD_FORGE
+
+
+def _has_lora_loader() -> bool:
+    """Forge keeps LoRAs per file and merges them with backend.patcher.lora.LoraLoader; Forge Neo replaced both
+    with ComfyUI's ModelPatcher. A module that cannot be imported is taken for Forge's: its adapter checks the
+    store of the loaded model before every takeover and says what it found."""
+    try:
+        return hasattr(importlib.import_module("backend.patcher.lora"), "LoraLoader")
+    except Exception:  # noqa: BLE001 - a broken host module: let the adapter's own checks speak
+        return True
+
+
+def _forge_version() -> str | None:
+    try:
+        return str(importlib.import_module("modules_forge.forge_version").version)
+    except Exception:  # noqa: BLE001 - no version file
+        return None
 
 
 class UnsupportedHost(HostAdapter):
     """Keeps dynfuse off with one clear message, in the console at load and atop the accordion (`notice`); the
     WebUI runs as usual. A generation that turns DynFuse on anyway (API, pasted infotext) gets a note."""
 
-    name = OLD_FORGE
-
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, name: str) -> None:
         super().__init__()
         self.message = message
+        self.name = name
 
     @property
     def notice(self) -> str:
@@ -109,9 +137,9 @@ def get_adapter() -> HostAdapter:
     global _adapter
     if _adapter is None:
         host = detect_host()
-        if host == OLD_FORGE:
-            _adapter = UnsupportedHost(OLD_FORGE_MESSAGE)
-            say(f"{OLD_FORGE_MESSAGE} {STAYS_OFF}")
+        if host in UNSUPPORTED:
+            _adapter = UnsupportedHost(UNSUPPORTED[host], host)
+            say(f"{UNSUPPORTED[host]} {STAYS_OFF}")
         else:
             module_name, class_name = ADAPTERS[host].split(":")
             _adapter = getattr(importlib.import_module(module_name), class_name)()

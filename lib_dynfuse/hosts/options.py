@@ -10,6 +10,7 @@ from lib_dynfuse.guidance.scorers import SETTING_LABELS, ScorerConfig, settings_
 
 SECTION = ("dynfuse", "DynFuse")
 UNLOAD_KEY = "dynfuse_unload_after"
+COMPILED_KEY = "dynfuse_compiled_divergence"
 
 # key -> (default, label, ScorerConfig field or None). The CLIP/DINO models serve both guidance and the scores;
 # their options carry the labels their error messages name (guidance.scorers.SETTING_LABELS).
@@ -17,6 +18,8 @@ OPTIONS: dict[str, tuple[object, str, str | None]] = {
     "dynfuse_scores": (True, "Write CLIP/DINO scores to the infotext", None),
     **{f"dynfuse_{f.name}": (f.default, SETTING_LABELS[f.name], f.name) for f in fields(ScorerConfig)},
     UNLOAD_KEY: (False, "Unload the CLIP/DINO models after each generation", None),
+    COMPILED_KEY: (False, "Compile the divergence with torch.compile (CUDA; the first generation compiles for a "
+                          "minute)", None),
 }
 
 
@@ -73,3 +76,8 @@ def samples_format() -> str | None:
 
 def scorer_config() -> ScorerConfig:
     return ScorerConfig(**{field: read_option(key) for key, (_, _, field) in OPTIONS.items() if field})
+
+
+def engine_options(settings: Any) -> Any:
+    """A generation's engine options, with the compiled-divergence switch of the Settings tab."""
+    return settings.engine_options(compiled=bool(read_option(COMPILED_KEY)))

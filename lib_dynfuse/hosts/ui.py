@@ -45,7 +45,7 @@ UI_FIELDS: tuple[str, ...] = (
     "method", "measure", "temperature", "standardize", "decide_per", "soft_temperature", "switch_every",
     "klora_alpha", "klora_beta", "klora_schedule", "show_map",
     "guidance", "guidance_strength", "guidance_balance", "guidance_start", "guidance_end", "guidance_every",
-    "guidance_decoder", "subject_refs", "style_ref", "show_loss_plot",
+    "guidance_decoder", "subject_refs", "style_ref", "show_loss_plot", "decide_every", "max_tokens",
 )
 
 METHOD_INFO = ("kl: per layer and step, the LoRA that changes the output more wins · "
@@ -218,6 +218,13 @@ def build_ui(*, is_img2img: bool, input_accordion: type,
                                             value=DEFAULTS.klora_beta, elem_id=eid("klora_beta"))
                 c["klora_schedule"] = gr.Radio(label="K-LoRA schedule", choices=list(KLORA_SCHEDULES),
                                                value=DEFAULTS.klora_schedule, elem_id=eid("klora_schedule"))
+            with gr.Row():
+                c["decide_every"] = gr.Slider(label="Decide every n steps", minimum=1, maximum=10, step=1,
+                                              value=DEFAULTS.decide_every, info="kl, kl-soft: keep in between.",
+                                              elem_id=eid("decide_every"))
+                c["max_tokens"] = gr.Slider(label="Divergence tokens per row", minimum=0, maximum=4096, step=64,
+                                            value=DEFAULTS.max_tokens, info="0 = all; fewer is faster.",
+                                            elem_id=eid("max_tokens"))
 
         with gr.Accordion("Guidance", open=False, elem_id=eid("guidance_group")):
             c["guidance"] = gr.Checkbox(label="Enable guidance", value=DEFAULTS.guidance,

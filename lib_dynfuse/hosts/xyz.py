@@ -20,6 +20,8 @@ AXES: tuple[tuple[str, str], ...] = (
     ("[DynFuse] Subject strength", "subject_strength"),
     ("[DynFuse] Style strength", "style_strength"),
     ("[DynFuse] KL temperature", "temperature"),
+    ("[DynFuse] Decide every", "decide_every"),
+    ("[DynFuse] Divergence tokens", "max_tokens"),
     ("[DynFuse] Guidance strength", "guidance_strength"),
     ("[DynFuse] Guidance balance", "guidance_balance"),
     ("[DynFuse] Guidance start", "guidance_start"),

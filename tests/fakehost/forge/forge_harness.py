@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from console_lines import dynfuse_console
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent
@@ -27,26 +28,28 @@ def _is_host_module(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15"):
-    """The fake Forge with a loaded model ("sd15" or "sdxl"); yields a namespace of its modules."""
+def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15", paths: list[str] = PATHS):
+    """The fake Forge with a loaded model ("sd15" or "sdxl"); yields a namespace of its modules. ``paths``: the
+    host's folders (tests/fakehost/neo/neo_harness.py puts the fake Forge Neo's first)."""
     saved = {k: v for k, v in sys.modules.items() if _is_host_module(k)}
     for k in saved:
         del sys.modules[k]
     old_path = list(sys.path)
-    sys.path[:0] = PATHS
+    sys.path[:0] = paths
     # The model is tiny: one thread is many times faster than several fighting over a loaded CI machine.
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        shared = importlib.import_module("modules.shared")
-        shared.cmd_opts.lora_dir = str(lora_dir)
-        shared.state.begin()
-        loader = importlib.import_module("backend.loader")
-        shared.sd_model = loader.forge_loader(seed, family)
-        extra_networks = importlib.import_module("modules.extra_networks")
-        extra_networks_lora = importlib.import_module("extra_networks_lora")
-        extra_networks.register_extra_network(extra_networks_lora.ExtraNetworkLora())
-        yield Host()
+        with dynfuse_console():  # what DynFuse prints must be one "DynFuse: " line per print
+            shared = importlib.import_module("modules.shared")
+            shared.cmd_opts.lora_dir = str(lora_dir)
+            shared.state.begin()
+            loader = importlib.import_module("backend.loader")
+            shared.sd_model = loader.forge_loader(seed, family)
+            extra_networks = importlib.import_module("modules.extra_networks")
+            extra_networks_lora = importlib.import_module("extra_networks_lora")
+            extra_networks.register_extra_network(extra_networks_lora.ExtraNetworkLora())
+            yield Host()
     finally:
         for k in [k for k in sys.modules if _is_host_module(k)]:
             del sys.modules[k]
@@ -56,20 +59,45 @@ def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15"):
 
 
 @contextlib.contextmanager
-def tiny_guidance_models(host: Host, monkeypatch):
+def tiny_guidance_models(host: Host, monkeypatch, adapter: str = "lib_dynfuse.hosts.forge:ForgeAdapter"):
     """Guidance and scores on the CPU with conftest_guidance's tiny random-weight CLIP and DINO, unloaded after.
-    ForgeAdapter is looked up when called: other fixtures re-import lib_dynfuse.hosts."""
+    The adapter class is looked up when called: other fixtures re-import lib_dynfuse.hosts."""
     from conftest_guidance import TINY
 
     from lib_dynfuse.guidance import scorers
-    from lib_dynfuse.hosts.forge import ForgeAdapter
 
+    module, name = adapter.split(":")
     host.shared.opts.data.update(dynfuse_device="cpu", dynfuse_precision="fp32")
-    monkeypatch.setattr(ForgeAdapter, "guidance_factories", dict(TINY))
+    monkeypatch.setattr(getattr(importlib.import_module(module), name), "guidance_factories", dict(TINY))
     try:
         yield
     finally:
         scorers.unload()
+
+
+def record_unconditional_estimates(monkeypatch) -> tuple[list, list]:
+    """([the host's unconditional x0 estimate], [the one Guidance.correct was given]) per guided step, filled while
+    the host samples; Guidance.correct must run under inference mode on inference tensors."""
+    from lib_dynfuse.guidance import Guidance
+    from modules import sd_samplers_cfg_denoiser
+
+    host_uncond, given = [], []
+    sampling_function = sd_samplers_cfg_denoiser.sampling_function
+    correct = Guidance.correct
+
+    def record_host(*args, **kwargs):
+        denoised, cond_pred, uncond_pred = sampling_function(*args, **kwargs)
+        host_uncond.append(uncond_pred.clone())
+        return denoised, cond_pred, uncond_pred
+
+    def record_dynfuse(self, x0, x0_uncond=None, **kwargs):
+        assert torch.is_inference_mode_enabled() and x0.is_inference()
+        given.append(x0_uncond.clone())
+        return correct(self, x0, x0_uncond, **kwargs)
+
+    monkeypatch.setattr(sd_samplers_cfg_denoiser, "sampling_function", record_host)
+    monkeypatch.setattr(Guidance, "correct", record_dynfuse)
+    return host_uncond, given
 
 
 class Host:
@@ -153,6 +181,32 @@ def unet_weights(sd_model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in sd_model.forge_objects_original.unet.model.named_parameters()}
 
 
+LOHA_PROMPT = "a cat <lora:hada:0.7> <lora:style:1> <lora:other:0.5>"  # hada as the subject
+
+
+def write_loha(sd_model, lora_dir: Path, rank: int = 2) -> list[str]:
+    """hada.safetensors: LoHa factors of ``rank`` on the Linear layers among keys 8-13 (which the style LoRA of
+    write_test_loras shares from key 10 on), and a bias diff; returns the LoHa layers' module paths."""
+    names = kohya_keys()
+    g = torch.Generator().manual_seed(7)
+    loha, paths = {}, []
+    for key in list(names)[8:14]:
+        shape = tuple(sd_model.forge_objects_original.unet.model.get_submodule(key[:-7]).weight.shape)
+        if len(shape) != 2:
+            continue
+        prefix = names[key]
+        paths.append(key[:-7])
+        loha.update({f"{prefix}.hada_w1_a": torch.randn(shape[0], rank, generator=g) * 0.5,
+                     f"{prefix}.hada_w1_b": torch.randn(rank, shape[1], generator=g) * 0.5,
+                     f"{prefix}.hada_w2_a": torch.randn(shape[0], rank, generator=g) * 0.5,
+                     f"{prefix}.hada_w2_b": torch.randn(rank, shape[1], generator=g) * 0.5,
+                     f"{prefix}.alpha": torch.tensor(1.0)})
+    bias_key = names["diffusion_model.input_blocks.1.1.transformer_blocks.0.ff.net.2.weight"]
+    loha[f"{bias_key}.diff_b"] = torch.randn(8, generator=g)
+    write_lora(lora_dir / "hada.safetensors", sd_model, [], extra=loha)
+    return paths
+
+
 SUBJECT_KEYS = slice(5, 20)
 STYLE_KEYS = slice(10, 30)
 OTHER_KEYS = slice(0, 40)
@@ -167,6 +221,32 @@ def write_test_loras(lora_dir: Path, sd_model) -> dict[str, Path]:
         "style": write_lora(lora_dir / "style.safetensors", sd_model, keys[STYLE_KEYS], seed=2),
         "other": write_lora(lora_dir / "other.safetensors", sd_model, keys[OTHER_KEYS], seed=3),
     }
+
+
+# (LoRA, factor, value, what DynFuse's check finds): one value in the first layer's factor of the subject or style
+NON_FINITE_FACTORS = [("subj", "up", float("nan"), "1 NaN value"), ("style", "down", float("-inf"), "1 infinite value")]
+
+
+def write_damaged(lora_dir: Path, sd_model, name: str, role: str, value: float, problem: str) -> tuple[str, str]:
+    """write_test_loras's LoRA ``name`` ("subj" or "style") with the ``role`` ("down" or "up") factor of its first
+    layer replaced by zeros holding ``value`` at one place; the console line and the infotext note with which
+    DynFuse turns itself off for it."""
+    keys = list(kohya_keys())[SUBJECT_KEYS if name == "subj" else STYLE_KEYS]
+    first = keys[0]
+    layer = first.removesuffix(".weight")
+    shape = tuple(sd_model.forge_objects_original.unet.model.get_submodule(layer).weight.shape)
+    factor = torch.zeros(2, shape[1]) if role == "down" else torch.zeros(shape[0], 2)
+    factor[1, 0] = value
+    write_lora(lora_dir / f"{name}.safetensors", sd_model, keys, seed=1 if name == "subj" else 2,
+               extra={f"{kohya_keys()[first]}.lora_{role}.weight": factor})
+    return (f"DynFuse: LoRA '{name}' has a damaged layer (layer {layer}: {role} factor holds {problem} (of "
+            f"{factor.numel()})). DynFuse is off for this generation and leaves the LoRAs to the WebUI.",
+            f"off: LoRA {name} has non-finite values in layer {layer}")
+
+
+def dynfuse_lines(capsys) -> list[str]:
+    """DynFuse's console lines since the last read."""
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("DynFuse")]
 
 
 class AdapterScript:

@@ -5,6 +5,7 @@
 # UNet layout of SDXL (three levels, Linear proj_in/proj_out, two-block transformers, label_emb fed by the
 # 'vector' cond: pooled text embedding + embedded image sizes), VAE scaling factor 0.13025. Simplified: random
 # weights from a seed; tiny widths and depths (SDXL's transformer depths 2/10 become 2/2); one text encoder.
+# The fake Forge Neo builds its model here too, with its own operation and patcher classes.
 import torch
 
 from backend.diffusion_engine.base import ForgeDiffusionEngine, ForgeObjects
@@ -18,10 +19,11 @@ def _random_state_dict(model, generator):
     sd = {}
     for name, module in model.named_modules():
         prefix = name + "." if name else ""
-        if hasattr(module, "in_features") and hasattr(module, "dummy"):
+        if hasattr(module, "in_features"):  # Forge's Linear (no weight before loading) or Neo's, an nn.Linear
             sd[prefix + "weight"] = torch.randn(module.out_features, module.in_features, generator=generator) \
                 / module.in_features ** 0.5
-            sd[prefix + "bias"] = torch.randn(module.out_features, generator=generator) * 0.1
+            if hasattr(module, "dummy") or module.bias is not None:
+                sd[prefix + "bias"] = torch.randn(module.out_features, generator=generator) * 0.1
         elif isinstance(module, torch.nn.Conv2d):
             fan_in = module.weight[0].numel()
             sd[prefix + "weight"] = torch.randn(module.weight.shape, generator=generator) / fan_in ** 0.5
@@ -94,4 +96,5 @@ def forge_loader(seed=0, family="sd15"):
         for param in module.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) / max(param.shape[-1], 1) ** 0.5)
     engine = StableDiffusionXL if family == "sdxl" else StableDiffusion
-    return engine(UnetPatcher.from_model(unet_model), CLIP(clip_model), VAE(vae_model))
+    return engine(UnetPatcher.from_model(unet_model, diffusers_scheduler=None, config=None), CLIP(clip_model),
+                  VAE(vae_model))

@@ -1,4 +1,5 @@
-# Fake of backend/utils.py (stable-diffusion-webui-forge dfdcbab6): attribute helpers and the file loader.
+# Fake of backend/utils.py (stable-diffusion-webui-forge dfdcbab6): attribute helpers and the file loader. Forge Neo
+# 2.26 has the same (tests/fakehost/neo/backend/utils.py adds what Neo added).
 import safetensors.torch
 import torch
 
@@ -16,6 +17,14 @@ def set_attr_raw(obj, attr, value):
     setattr(obj, attrs[-1], value)
 
 
+def set_attr(obj, attr, value):
+    set_attr_raw(obj, attr, torch.nn.Parameter(value, requires_grad=False))
+
+
+def copy_to_param(obj, attr, value):
+    get_attr(obj, attr).data.copy_(value)
+
+
 def get_attr(obj, attr):
     for name in attr.split("."):
         obj = getattr(obj, name)
@@ -29,6 +38,10 @@ def get_attr_with_parent(obj, attr):
         parent = obj
         obj = getattr(obj, name)
     return parent, name, obj
+
+
+def dtype_to_element_size(dtype):
+    return torch.tensor([], dtype=dtype).element_size()
 
 
 def tensor2parameter(x):

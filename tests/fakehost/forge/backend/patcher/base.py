@@ -7,7 +7,6 @@ import copy
 import inspect
 
 from backend import memory_management, utils
-from backend.patcher.lora import LoraLoader
 
 
 def set_model_options_post_cfg_function(model_options, post_cfg_function, disable_cfg1_optimization=False):
@@ -28,6 +27,7 @@ class ModelPatcher:
         self.load_device = load_device
         self.offload_device = offload_device
         if not hasattr(model, 'lora_loader'):
+            from backend.patcher.lora import LoraLoader  # here, so that the fake Neo can reuse this module
             model.lora_loader = LoraLoader(model)
         self.lora_loader = model.lora_loader
         self.current_device = self.offload_device if current_device is None else current_device

@@ -1,0 +1,316 @@
+"""The LoRA patch stores of the Forge family (Forge, Forge Neo, and the ComfyUI code both port): what a stored patch
+is, which ones DynFuse can fuse, the per-layer deltas and targets built from them, and which file put an entry into a
+store that does not say.
+
+Every host of the family keeps a LoRA as weight patches per model parameter,
+
+    entry = (strength, payload, strength_model, offset, function[, online_mode])
+
+where ``payload`` is a tuple ``("lora", (up, down, alpha, mid, dora))``, ``("diff", (t,))``, ... (Forge) or a weight
+adapter object whose ``name`` and ``weights`` hold the same two things (Forge Neo, reForge, ComfyUI), and merges the
+entries into the weights when the model loads. How the entries are filed, how the host notices a change and where
+it keeps the original weights differ per host: the host adapters supply those. Nothing here imports a host module.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+ROLES = ("subject", "style")
+
+# (entries, a fresh float32 weight, model key) -> the weight with the entries merged, the host's own merge
+Merge = Callable[[list, torch.Tensor, str], torch.Tensor]
+# (model key, the layer) -> the layer's weight before any LoRA was merged into it
+BaseWeight = Callable[[str, torch.nn.Module], torch.Tensor]
+
+# Weight adapters whose delta depends on the weight it is added to (an orthogonal or scaled transform).
+WEIGHT_DEPENDENT = {"glora", "set", "oft", "oftv2", "boft"}
+# Where a payload's values hold a DoRA scale (the merge then rescales the whole weight).
+DORA_INDEX = {"lora": 4, "loha": 7, "lokr": 8}
+
+
+class NotFusable(Exception):
+    """A patch DynFuse leaves to the host's own merge; the message says why."""
+
+
+def payload_parts(payload: Any) -> tuple[str, Sequence]:
+    """A stored patch as (kind, values): a weight adapter's name and weights, or the tuple's two halves."""
+    name, weights = getattr(payload, "name", None), getattr(payload, "weights", None)
+    if isinstance(name, str) and weights is not None:
+        return name, tuple(weights)
+    if isinstance(payload, tuple) and len(payload) == 2 and isinstance(payload[0], str):
+        return payload[0], tuple(payload[1])
+    if isinstance(payload, tuple) and len(payload) == 1:
+        return "diff", payload
+    raise NotFusable(f"a patch of type {type(payload).__name__}")
+
+
+def with_strength(entry: Sequence, strength: float) -> Sequence:
+    """A new entry like ``entry`` (same container, same other fields) at ``strength``: stored entries are shared
+    with the host's cached patchers and are never edited."""
+    return type(entry)([strength, *entry[1:]]) if isinstance(entry, list) else (strength, *entry[1:])
+
+
+@dataclass(frozen=True)
+class Taken:
+    """One LoRA's entries found in a host's store, by model key ("diffusion_model.<path>.weight")."""
+
+    role: str
+    source: Any                      # what the host files them under (Forge: the store key; Neo: the file)
+    patches: dict[str, list]
+
+
+@dataclass
+class Split:
+    """What becomes of the taken entries: layers the hooks fuse, and entries the host keeps merging."""
+
+    targets: list = field(default_factory=list)  # lib_dynfuse.session.LayerTarget
+    # source -> model key -> [(stored entry, the entry the host merges instead: the same, or at the override)]
+    kept: dict[Any, dict[str, list[tuple[Sequence, Sequence]]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def replacements(self) -> dict[int, Sequence]:
+        """id(stored entry) -> what the host merges in its place."""
+        return {id(old): new for by_key in self.kept.values() for pairs in by_key.values() for old, new in pairs}
+
+
+def split_patches(model: torch.nn.Module, taken: list[Taken], overrides: dict[str, float | None],
+                  base_weight: BaseWeight, merge: Merge) -> Split:
+    """Turn the subject's and style's entries into layer targets (one delta per LoRA and layer); a layer whose
+    patches no hook can add stays with the host, at the strength override if one is set."""
+    from lib_dynfuse.session import LayerTarget
+
+    # module path -> role -> "weight" | "bias" -> entries
+    layers: dict[str, dict[str, dict[str, list]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    origin: dict[tuple[str, str], Taken] = {}
+    for item in taken:
+        for model_key, entries in item.patches.items():
+            path, _, param = model_key.rpartition(".")
+            layers[path][item.role][param].extend(entries)
+            origin[(item.role, path)] = item
+
+    split = Split()
+    for path, by_role in layers.items():
+        deltas: dict[str, Any] = {}
+        for role, params in by_role.items():
+            override = overrides.get(role)
+            try:
+                module = model.get_submodule(path)
+                check_fusable(module)
+                deltas[role] = layer_delta(params, path, base_weight(f"{path}.weight", module), override, merge)
+            except (NotFusable, AttributeError) as e:
+                source = origin[(role, path)].source
+                kept = split.kept.setdefault(source, {})
+                for param, entries in params.items():
+                    kept[f"{path}.{param}"] = [
+                        (entry, entry if override is None else with_strength(entry, override)) for entry in entries]
+                split.notes.append(f"{path} keeps the {role} LoRA merged statically ({e})")
+        if deltas:
+            split.targets.append(LayerTarget(path, model.get_submodule(path), deltas.get("subject"),
+                                             deltas.get("style")))
+    if len(split.notes) > 3:
+        split.notes = split.notes[:2] + [f"... and {len(split.notes) - 2} more layers kept static"]
+    return split
+
+
+# ---- entries -> deltas ------------------------------------------------------------------------------
+def check_fusable(module: torch.nn.Module) -> None:
+    """Hooks add a delta to a Linear's or Conv2d's output only (a norm layer's patches stay with the host's merge)."""
+    from lib_dynfuse.deltas import LayerGeometry
+
+    try:
+        LayerGeometry.of(module)
+    except ValueError as e:
+        raise NotFusable(str(e)) from None
+
+
+def check_entry(entry: Sequence) -> None:
+    """An entry the hooks can add in full to the layer's output, or NotFusable."""
+    if entry[3] is not None:
+        # (dim, start, length): the patch covers a slice of a fused layer (Flux qkv, linear1); a hook would have to
+        # add its delta to that slice of the output only.
+        raise NotFusable("a patch on a slice of a fused layer")
+    if entry[2] != 1.0:
+        raise NotFusable("the patch rescales the base weight")
+    kind, values = payload_parts(entry[1])
+    if kind == "lora" and len(values) > 5 and values[5] is not None:
+        raise NotFusable("the patch pads the layer's weight")
+
+
+def layer_delta(params: dict[str, list], path: str, base_weight: torch.Tensor, override: float | None, merge: Merge):
+    """One LoRA's contribution to one layer from its entries (weight and optional bias)."""
+    from lib_dynfuse.deltas import DenseDelta, LowRankDelta
+
+    weight_entries, bias_entries = params.get("weight", []), params.get("bias", [])
+    if set(params) - {"weight", "bias"}:
+        raise NotFusable(f"patches on {sorted(set(params) - {'weight', 'bias'})}")
+    for entry in weight_entries + bias_entries:
+        check_entry(entry)
+    strengths = {override if override is not None else float(e[0]) for e in weight_entries + bias_entries}
+
+    plain = _plain_lora(weight_entries)
+    if plain is not None and len(strengths) == 1:
+        # LowRankDelta applies its strength to the bias itself.
+        up, down, alpha, mid = plain
+        return LowRankDelta(down=down, up=up, mid=mid, alpha=alpha, strength=strengths.pop(),
+                            bias=_bias_diff(bias_entries, 1.0))
+    bias = _bias_diff(bias_entries, override)
+    if not weight_entries:
+        return DenseDelta(torch.zeros_like(base_weight, dtype=torch.float32), bias=bias)
+    return DenseDelta(_dense_weight(weight_entries, f"{path}.weight", base_weight, override, merge), bias=bias,
+                      rank=nominal_rank(weight_entries))
+
+
+def nominal_rank(entries: list) -> int | None:
+    """The summed rank of the weight patches as the host's merge takes it (the rows of a LoRA's down factor, of
+    LoHa's w1b, of a factorised LoKr's w2_b or else w1_b); None when a patch has none (diff, an unfactorised LoKr,
+    glora, set, oft)."""
+    total = 0
+    for entry in entries:
+        kind, values = payload_parts(entry[1])
+        rank = None
+        if kind in ("lora", "loha"):
+            rank = int(values[1].shape[0])
+        elif kind == "lokr":
+            w1, w2, _alpha, _w1_a, w1_b, _w2_a, w2_b = values[:7]
+            factor = w2_b if w2 is None else (w1_b if w1 is None else None)
+            rank = None if factor is None else int(factor.shape[0])
+        if rank is None:
+            return None
+        total += rank
+    return total
+
+
+def _plain_lora(entries: list) -> tuple | None:
+    """(up, down, alpha, mid) when the layer has exactly one plain kohya LoRA patch, else None."""
+    if len(entries) != 1 or entries[0][4] is not None:
+        return None
+    kind, values = payload_parts(entries[0][1])
+    if kind != "lora" or values[4] is not None:
+        return None
+    up, down, alpha, mid = values[:4]
+    return up, down, alpha, mid
+
+
+def _bias_diff(entries: list, override: float | None) -> torch.Tensor | None:
+    """The sum of the bias diffs, each at its own strength unless ``override`` replaces it."""
+    total = None
+    for entry in entries:
+        kind, values = payload_parts(entry[1])
+        if kind != "diff":
+            raise NotFusable(f"a '{kind}' patch on a bias")
+        term = values[0].float() * (override if override is not None else float(entry[0]))
+        total = term if total is None else total + term
+    return total
+
+
+def _dense_weight(entries: list, key: str, base_weight: torch.Tensor, override: float | None,
+                  merge: Merge) -> torch.Tensor:
+    """ΔW exactly as the host merges these entries: its merge on the base weight, minus the base weight.
+
+    Types whose delta does not depend on the weight are merged onto zeros, so ΔW carries no rounding of W. The merge
+    gets a tensor of its own: some hosts' merges work in place."""
+    if override is not None:
+        entries = [with_strength(e, override) for e in entries]
+    base = base_weight.detach().float()
+    if not any(_weight_dependent(e[1]) for e in entries):
+        return merge(entries, torch.zeros_like(base), key)
+    return merge(entries, base.clone(), key) - base
+
+
+def _weight_dependent(payload: Any) -> bool:
+    kind, values = payload_parts(payload)
+    if kind in WEIGHT_DEPENDENT:
+        return True
+    index = DORA_INDEX.get(kind)
+    return index is not None and len(values) > index and values[index] is not None
+
+
+# ---- which file an entry came from --------------------------------------------------------------------
+class LoadRecorder:
+    """Which LoRA file put each entry into a store that keeps no file names (Forge Neo's ``patches``).
+
+    The host's LoRA front end loads each file with a module-level ``load_lora_for_models(model, clip, lora, ...,
+    filename=...)`` that returns a clone of ``model`` with the file's entries appended. Wrapped, it tells which
+    payloads (the adapter objects and tuples an entry holds second) that call added: clones copy the per-weight
+    lists and share the entries, and an extension that rebuilds an entry (another strength) keeps its payload.
+    Records live as long as the patcher the call returned."""
+
+    MARK = "__dynfuse_load_recorder__"
+
+    def __init__(self) -> None:
+        self._added: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # patcher -> {id: (payload, file)}
+
+    def install(self, module: Any, name: str = "load_lora_for_models") -> bool:
+        """Wrap ``module.<name>`` (idempotent; a wrapper a former recorder left is replaced). False when the
+        loader cannot be read: no such function, or one that takes no file name."""
+        loader = getattr(module, name, None)
+        if loader is None:
+            return False
+        if getattr(loader, self.MARK, None) is self:
+            return True
+        loader = getattr(loader, "__wrapped__", loader) if hasattr(loader, self.MARK) else loader
+        try:
+            signature = inspect.signature(loader)
+        except (TypeError, ValueError):
+            return False
+        if "filename" not in signature.parameters:
+            return False
+        recorder = self
+
+        def load_lora_for_models(*args: Any, **kwargs: Any) -> Any:
+            result = loader(*args, **kwargs)
+            try:
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                recorder.record(next(iter(bound.arguments.values())), result[0], bound.arguments["filename"])
+            except Exception:  # noqa: BLE001 - never break the host's LoRA loading; unrecorded means "not found"
+                pass
+            return result
+
+        load_lora_for_models.__wrapped__ = loader
+        setattr(load_lora_for_models, self.MARK, self)
+        setattr(module, name, load_lora_for_models)
+        return True
+
+    def record(self, before: Any, after: Any, filename: Any) -> None:
+        """The payloads ``after`` holds that ``before`` did not came from ``filename``."""
+        if after is None or after is before or not isinstance(getattr(after, "patches", None), dict):
+            return
+        seen = {id(e[1]) for entries in getattr(before, "patches", {}).values() for e in entries}
+        self._added[after] = {id(e[1]): (e[1], str(filename)) for entries in after.patches.values() for e in entries
+                              if id(e[1]) not in seen}
+
+    def files(self, patcher: Any) -> dict[int, str]:
+        """id(payload) -> file for every recorded payload of ``patcher``'s model (a recorded payload is kept alive
+        by its record, so no other object shares its id)."""
+        model = getattr(patcher, "model", None)
+        return {key: filename for owner, added in list(self._added.items()) if getattr(owner, "model", None) is model
+                for key, (_payload, filename) in added.items()}
+
+    def file_of(self, entry: Sequence, files: dict[int, str]) -> str | None:
+        """The file that loaded ``entry``, from ``files(...)``."""
+        return files.get(id(entry[1]))
+
+    def knows(self, patcher: Any) -> bool:
+        """Whether any entry ``patcher`` holds was recorded."""
+        files = self.files(patcher)
+        return any(self.file_of(e, files) for entries in patcher.patches.values() for e in entries)
+
+
+def same_file(stored: Any, filename: str | None, name: str) -> bool:
+    """Whether a file the host loaded is the one a ``<lora:name>`` tag resolves to (by path; by name when the
+    tag's file is unknown)."""
+    if not isinstance(stored, str):
+        return False
+    if filename is not None:
+        return os.path.normcase(os.path.abspath(stored)) == os.path.normcase(os.path.abspath(filename))
+    return os.path.splitext(os.path.basename(stored))[0] == name

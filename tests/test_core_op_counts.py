@@ -1,0 +1,95 @@
+"""How many tensor operations one hooked layer call dispatches (each a kernel launch on a GPU): a count, not a
+timing, so the same on every machine."""
+
+from unittest import mock
+
+import pytest
+import torch
+
+from lib_dynfuse import fusion
+from lib_dynfuse.deltas import LowRankDelta
+from lib_dynfuse.opcount import count_ops
+from lib_dynfuse.policies import EngineOptions
+from lib_dynfuse.session import BatchLayout, FusionSession, LayerTarget, StepClock
+
+RANK = 16
+
+
+def low_rank(layer, seed, kernel=()):
+    g = torch.Generator().manual_seed(seed)
+    out_ch, in_ch = layer.weight.shape[:2]
+    up_kernel = (1, 1) if kernel else ()
+    return LowRankDelta(torch.randn(RANK, in_ch, *kernel, generator=g) * 0.05,
+                        torch.randn(out_ch, RANK, *up_kernel, generator=g) * 0.05, alpha=8.0, strength=0.8)
+
+
+def ops_per_hooked_call(layer, x, options, layout, budget=None):
+    """Operations the hook adds to one call of ``layer`` at a step it has not decided yet."""
+    kernel = (3, 3) if isinstance(layer, torch.nn.Conv2d) else ()
+    session = FusionSession([LayerTarget("layer", layer, low_rank(layer, 1, kernel), low_rank(layer, 2, kernel))],
+                            options)
+    unbounded = mock.patch.object(fusion, "divergence_sums", _unbounded) if budget == "unbounded" else mock.patch.object(
+        fusion, "divergence_sums", fusion.divergence_sums)
+    with torch.no_grad(), unbounded:
+        plain = count_ops(lambda: layer(x)).total
+        with session:
+            session.set_layout(layout)
+            session.set_step(StepClock(0, 10))
+            layer(x)  # the factors are prepared once, at the first call
+            session.set_step(StepClock(1, 10))
+            hooked = count_ops(lambda: layer(x)).total
+    return hooked - plain
+
+
+def _unbounded(*args, budget_bytes, **kwargs):
+    return _divergence_sums(*args, budget_bytes=1 << 40, **kwargs)
+
+
+_divergence_sums = fusion.divergence_sums
+LINEAR = torch.nn.Linear(320, 320)
+CONV = torch.nn.Conv2d(320, 320, 3, padding=1)
+
+
+def linear_input(images):
+    return torch.randn(2 * images, 64, 320)
+
+
+@pytest.mark.parametrize("images", [1, 2, 4])
+def test_kl_at_the_default_settings_stays_within_20_operations_on_an_unchunked_layer(images):
+    ops = ops_per_hooked_call(LINEAR, linear_input(images), EngineOptions(), BatchLayout.a1111(images), "unbounded")
+    assert ops <= 20
+
+
+def test_the_count_does_not_grow_with_the_batch_or_the_deciding_rows():
+    """Consecutive deciding rows are a view, others one index per tensor; when every row decides alone there is
+    nothing to select."""
+    per_image = {ops_per_hooked_call(LINEAR, torch.randn(len(layout), 64, 320), EngineOptions(), layout, "unbounded")
+                 for layout in [BatchLayout.a1111(1), BatchLayout.a1111(4), BatchLayout.a1111(2, 2)]}
+    per_row = ops_per_hooked_call(LINEAR, linear_input(2), EngineOptions(decide_per="row"), BatchLayout.a1111(2),
+                                  "unbounded")
+    assert len(per_image) == 1 and per_row < min(per_image)
+
+
+@pytest.mark.parametrize("method", ["static", "subject-only", "style-only", "switch", "k-lora"])
+@pytest.mark.parametrize("layer,x", [(LINEAR, linear_input(1)), (CONV, torch.randn(2, 320, 8, 8))])
+def test_the_fixed_weight_methods_cost_no_more_than_a_functional_lora(method, layer, x):
+    assert ops_per_hooked_call(layer, x, EngineOptions(method=method), BatchLayout.a1111(1)) <= 12
+
+
+def test_a_conv_layer_decides_within_20_operations_unchunked():
+    ops = ops_per_hooked_call(CONV, torch.randn(2, 320, 8, 8), EngineOptions(), BatchLayout.a1111(1), "unbounded")
+    assert ops <= 20
+
+
+def test_a_chunked_divergence_adds_a_few_operations_per_chunk():
+    """With CFG in fp32 the two divergences need 1.5 copies of the output, so the one-copy budget cuts them in
+    two; each further chunk costs its own softmaxes and sums."""
+    unchunked = ops_per_hooked_call(LINEAR, linear_input(1), EngineOptions(), BatchLayout.a1111(1), "unbounded")
+    chunked = ops_per_hooked_call(LINEAR, linear_input(1), EngineOptions(), BatchLayout.a1111(1))
+    assert unchunked < chunked <= unchunked + 12
+
+
+def test_a_step_that_keeps_its_decisions_measures_nothing():
+    decided = ops_per_hooked_call(LINEAR, linear_input(1), EngineOptions(), BatchLayout.a1111(1), "unbounded")
+    kept = ops_per_hooked_call(LINEAR, linear_input(1), EngineOptions(decide_every=2), BatchLayout.a1111(1), "unbounded")
+    assert kept <= decided - 6
