@@ -26,8 +26,10 @@ def test_a_short_comparison_prints_every_row_with_confidence_intervals(tmp_path,
     assert {"kl temperature=0.5", "kl temperature=2.0", "static 0.5/0.5", "static 1/0.5"} <= set(rows)
     assert rows["kl temperature=0.5"]["options"] == {"temperature": 0.5}
     assert summary["best_static"]["row"] in rows
-    assert f"best static {summary['best_static']['subject_strength']:g}/" \
-           f"{summary['best_static']['style_strength']:g} + guidance" in rows
+    weights = f"{summary['best_static']['subject_strength']:g}/{summary['best_static']['style_strength']:g}"
+    assert f"best static {weights} + guidance" in rows
+    # kl again at the best static's weights, when those are not the tag weights the kl row already ran at
+    assert ({f"kl {weights}", f"kl {weights} + guidance"} <= set(rows)) == (weights != "1/1")
     for row in rows.values():
         assert row["n"] == 2
         for key in ("subject", "style", "prompt", "balance"):

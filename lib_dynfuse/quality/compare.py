@@ -218,11 +218,23 @@ def compare(model: World, *, seeds: int = 64, prompts: Sequence[str] = PROMPTS, 
     statics = [r for r in results if not r.row.guided and r.row.engine.get("method") == "static"]
     best = max(statics, key=lambda r: float(r.scores["balance"].mean()))
     best_weights = (best.row.subject_strength, best.row.style_strength)
+    # The default rule at the best static's weights too: a rule is only better than the merge if it is better at
+    # the weights a user would pick for the merge.
+    engine, _, tag_weights = _split(dict(base or {}))
+    default = EngineOptions().method
+    same_weights = Row(f"{default} {best_weights[0]:g}/{best_weights[1]:g}", {**engine, "method": default},
+                       *best_weights)
+    other_weights = best_weights != (tag_weights.get("subject_strength", 1.0), tag_weights.get("style_strength", 1.0))
+    if other_weights:
+        run(same_weights)
     for row in guided_rows:
         run(row)
     if guided_rows:
+        guidance = guided_rows[0].guidance
         run(Row(f"best static {best_weights[0]:g}/{best_weights[1]:g}", {"method": "static"}, *best_weights,
-                guided=True, guidance=guided_rows[0].guidance))
+                guided=True, guidance=guidance))
+        if other_weights:
+            run(dataclasses.replace(same_weights, guided=True, guidance=guidance))
     add_balance(results, results[0], results[1])
     return summarise(results, best, prompts=prompts, seeds=seeds, steps=steps, cfg_scale=cfg_scale), results
 
