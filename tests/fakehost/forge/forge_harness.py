@@ -148,7 +148,8 @@ def sdxl_kohya_keys(sd_model) -> dict[str, str]:
 
 
 def lora_keys(sd_model) -> dict[str, str]:
-    return sdxl_kohya_keys(sd_model) if sd_model.is_sdxl else kohya_keys()
+    """forge weight key -> kohya key prefix: SD 1.5 LoRAs use diffusers names, SDXL and Flux ones the model's path."""
+    return kohya_keys() if sd_model.is_sd1 else sdxl_kohya_keys(sd_model)
 
 
 def write_lora(path: Path, sd_model, weight_keys, rank: int = 2, alpha: float | None = 1.0, seed: int = 0,
@@ -174,6 +175,90 @@ def write_lora(path: Path, sd_model, weight_keys, rank: int = 2, alpha: float | 
     tensors.update(extra or {})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     return path
+
+
+# ---- Flux LoRA files ------------------------------------------------------------------------------------------------
+def flux_diffusers_layers(sd_model) -> dict[str, tuple[int, int]]:
+    """The (out, in) shape of every Linear of the Flux transformer by its diffusers (FluxTransformer2DModel) name, as
+    ai-toolkit, SimpleTuner and diffusers' own LoRAs name them: q, k and v apart (to_q, add_k_proj), the single blocks'
+    MLP input as proj_mlp."""
+    config = sd_model.forge_objects_original.unet.model.diffusion_model.config
+    hidden = config["hidden_size"]
+    mlp = 4 * hidden
+    layers = {}
+    for i in range(config["depth"]):
+        block = f"transformer_blocks.{i}"
+        for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out"):
+            layers[f"{block}.attn.{name}"] = (hidden, hidden)
+        for ff in ("ff", "ff_context"):
+            layers[f"{block}.{ff}.net.0.proj"], layers[f"{block}.{ff}.net.2"] = (mlp, hidden), (hidden, mlp)
+        layers[f"{block}.norm1.linear"] = layers[f"{block}.norm1_context.linear"] = (6 * hidden, hidden)
+    for i in range(config["depth_single_blocks"]):
+        block = f"single_transformer_blocks.{i}"
+        for name in ("to_q", "to_k", "to_v"):
+            layers[f"{block}.attn.{name}"] = (hidden, hidden)
+        layers[f"{block}.proj_mlp"] = (mlp, hidden)
+        layers[f"{block}.proj_out"] = (hidden, hidden + mlp)
+        layers[f"{block}.norm.linear"] = (3 * hidden, hidden)
+    return layers
+
+
+def write_flux_lora(path: Path, sd_model, layout: str, layers: list[str], rank: int = 2, seed: int = 0,
+                    scale: float = 0.3, alpha: float | None = None, extra: dict | None = None) -> Path:
+    """A Flux LoRA touching ``layers`` in one of the key layouts users meet:
+
+    * "kohya" (sd-scripts): ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` / ``lora_up`` / ``alpha``,
+      layers named by the model's paths (a fused qkv or linear1 is one layer);
+    * "bfl": the model's own paths under ``diffusion_model.`` with peft factors, ``….img_attn.qkv.lora_A.weight`` /
+      ``lora_B`` (ComfyUI's and BFL's naming);
+    * "diffusers": diffusers names under ``transformer.`` with peft factors (``transformer.transformer_blocks.0.attn.
+      to_q.lora_A.weight``), q, k, v and the MLP input of a fused layer apart (flux_diffusers_layers).
+    """
+    g = torch.Generator().manual_seed(seed)
+    model = sd_model.forge_objects_original.unet.model.diffusion_model
+    shapes = flux_diffusers_layers(sd_model) if layout == "diffusers" else {
+        name: tuple(model.get_submodule(name).weight.shape) for name in layers}
+    prefix = {"kohya": lambda n: "lora_unet_" + n.replace(".", "_"), "bfl": lambda n: f"diffusion_model.{n}",
+              "diffusers": lambda n: f"transformer.{n}"}[layout]
+    down_up = ("lora_down", "lora_up") if layout == "kohya" else ("lora_A", "lora_B")
+    tensors = {}
+    for name in layers:
+        out_features, in_features = shapes[name]
+        key = prefix(name)
+        tensors[f"{key}.{down_up[0]}.weight"] = torch.randn(rank, in_features, generator=g) * scale
+        tensors[f"{key}.{down_up[1]}.weight"] = torch.randn(out_features, rank, generator=g) * scale
+        if alpha is not None:
+            tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+    tensors.update(extra or {})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def flux_qkv(block: str, diffusers: bool = True) -> list[str]:
+    """One Flux block's q, k, v LoRA layers ("double 0", "single 1"): diffusers names, or the fused layer."""
+    kind, i = block.split()
+    if kind == "double":
+        return [f"transformer_blocks.{i}.attn.to_{x}" for x in "qkv"] if diffusers else [f"double_blocks.{i}.img_attn.qkv"]
+    if diffusers:
+        return [f"single_transformer_blocks.{i}.attn.to_{x}" for x in "qkv"] + [f"single_transformer_blocks.{i}.proj_mlp"]
+    return [f"single_blocks.{i}.linear1"]
+
+
+def write_flux_loras(lora_dir: Path, sd_model, subject: str = "diffusers", style: str = "diffusers") -> None:
+    """subj and style, in the given layouts, both on the image q, k, v of the first double block and on the single
+    blocks' linear1 (q, k, v and the MLP input); subj also on the first block's text q, k, v, style on the second
+    block's image q, k, v; other (kohya) on those fused layers and the MLPs, merged by the WebUI throughout."""
+    shared = flux_qkv("double 0", subject == "diffusers") + flux_qkv("single 0", subject == "diffusers") + \
+        flux_qkv("single 1", subject == "diffusers")
+    subject_only = ([f"transformer_blocks.0.attn.add_{x}_proj" for x in "qkv"] if subject == "diffusers"
+                    else ["double_blocks.0.txt_attn.qkv"])
+    style_layers = flux_qkv("double 0", style == "diffusers") + flux_qkv("single 0", style == "diffusers") + \
+        flux_qkv("single 1", style == "diffusers") + flux_qkv("double 1", style == "diffusers")
+    write_flux_lora(lora_dir / "subj.safetensors", sd_model, subject, shared + subject_only, seed=1)
+    write_flux_lora(lora_dir / "style.safetensors", sd_model, style, style_layers, rank=3, seed=2, alpha=1.5)
+    write_flux_lora(lora_dir / "other.safetensors", sd_model, "kohya",
+                    ["double_blocks.0.img_attn.qkv", "double_blocks.1.img_mlp.0", "single_blocks.0.linear1",
+                     "single_blocks.1.linear2"], seed=3, alpha=2.0)
 
 
 def unet_weights(sd_model) -> dict[str, torch.Tensor]:
