@@ -28,9 +28,10 @@ def _is_host_module(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15", paths: list[str] = PATHS):
-    """The fake Forge with a loaded model ("sd15" or "sdxl"); yields a namespace of its modules. ``paths``: the
-    host's folders (tests/fakehost/neo/neo_harness.py puts the fake Forge Neo's first)."""
+def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15", paths: list[str] = PATHS, **dtypes):
+    """The fake Forge with a loaded model ("sd15", "sdxl" or "flux"; ``dtypes``: its storage_dtype and
+    computation_dtype); yields a namespace of its modules. ``paths``: the host's folders
+    (tests/fakehost/neo/neo_harness.py puts the fake Forge Neo's first)."""
     saved = {k: v for k, v in sys.modules.items() if _is_host_module(k)}
     for k in saved:
         del sys.modules[k]
@@ -45,7 +46,7 @@ def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15", paths: list[
             shared.cmd_opts.lora_dir = str(lora_dir)
             shared.state.begin()
             loader = importlib.import_module("backend.loader")
-            shared.sd_model = loader.forge_loader(seed, family)
+            shared.sd_model = loader.forge_loader(seed, family, **dtypes)
             extra_networks = importlib.import_module("modules.extra_networks")
             extra_networks_lora = importlib.import_module("extra_networks_lora")
             extra_networks.register_extra_network(extra_networks_lora.ExtraNetworkLora())
