@@ -271,6 +271,50 @@ def test_fp8_weights_with_online_loras_keep_the_other_lora_online(which, tmp_pat
         assert equal_weights(fh.unet_weights(host.sd_model), original) and hooks_on(host) == 0
 
 
+@pytest.mark.parametrize("online", [False, True], ids=["merged", "fp16-lora"])
+def test_gguf_layers_take_the_two_loras_on_their_output(tmp_path, online):
+    """A GGUF FLUX on Forge: the WebUI dequantizes a layer to merge LoRAs and quantizes it again (or, with "(fp16
+    LoRA)", merges at every forward); DynFuse adds its two LoRAs to the layers' outputs, unquantized."""
+    with open_host("forge", tmp_path, storage_dtype="gguf") as host:
+        importlib.import_module("backend.args").dynamic_args["online_lora"] = online
+        qkv = model_of(host).get_submodule("diffusion_model.double_blocks.0.img_attn.qkv")
+        assert qkv.weight.gguf_cls is not None and tuple(qkv.weight.shape) == (48, 16)
+        original = fh.unet_weights(host.sd_model)
+        merged, _ = host.txt2img(PROMPT, steps=3, **SIZE)
+        script, runner = dynfuse("forge", host, method="static")
+        fused, p = host.txt2img(PROMPT, runner=runner, steps=3, **SIZE)
+        # Forge's merge rounds every merged layer to 8 bits again; the hooks add the exact deltas.
+        torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=0.05, atol=0.05)
+        assert script.job.last_log.layers == DOUBLE_QKV + LINEAR1 and NOTE_KEY not in p.extra_generation_params
+        host.txt2img("a dog", steps=1, **SIZE)
+        assert equal_weights(fh.unet_weights(host.sd_model), original) and hooks_on(host) == 0
+
+
+def test_a_dora_lora_on_gguf_layers_stays_with_forges_merge_there_with_one_line_and_a_note(tmp_path, capsys):
+    """DoRA rescales the weight it is added to, which a hook cannot read from a quantized layer: those layers keep the
+    LoRA in Forge's merge, the layers without DoRA are fused."""
+    with open_host("forge", tmp_path, storage_dtype="gguf") as host:
+        fused_qkv = ["double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"]
+        g = torch.Generator().manual_seed(6)
+        dora = {f"lora_unet_{name.replace('.', '_')}.dora_scale": torch.rand(rows, 1, generator=g) + 0.5
+                for name, rows in (("double_blocks.0.img_attn.qkv", 48), ("single_blocks.0.linear1", 112))}
+        fh.write_flux_lora(tmp_path / "subj.safetensors", host.sd_model, "kohya",
+                           fused_qkv + ["single_blocks.1.linear1"], seed=1, alpha=1.0, extra=dora)
+        merged, _ = host.txt2img(PROMPT, steps=2, **SIZE)
+        script, runner = dynfuse("forge", host, method="static")
+        capsys.readouterr()
+        fused, p = host.txt2img(PROMPT, runner=runner, steps=2, **SIZE)
+        line = ("diffusion_model.double_blocks.0.img_attn.qkv and 1 more layers keep the subject LoRA merged statically "
+                "(the patch (DoRA, GLoRA, OFT, ...) needs the layer's weight, which is stored quantised)")
+        assert [text for text in capsys.readouterr().out.splitlines() if "merged statically" in text] == [
+            f"DynFuse: {line}"]
+        assert line in p.extra_generation_params[NOTE_KEY]
+        # The style alone on the layers the subject's DoRA stays merged on; both on single_blocks.1.linear1.
+        decided = script.job.last_log.layers
+        assert decided == [f"diffusion_model.single_blocks.1.linear1:{x}" for x in ("q", "k", "v", "mlp")]
+        torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=0.05, atol=0.05)
+
+
 # ---- failures -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("inside_unet", [False, True], ids=["between-unet-calls", "inside-a-unet-call"])
 def test_an_exception_leaves_no_hook_and_the_weights_as_they_were(which, tmp_path, monkeypatch, inside_unet):

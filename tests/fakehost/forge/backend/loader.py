@@ -7,8 +7,9 @@
 # diffusion_engine/flux.py): the Flux transformer (backend/nn/flux.py) with the flow predictor, conds crossattn
 # (T5), vector (CLIP-L pooled) and guidance (the distilled CFG scale, for dev), a 16-channel VAE with Flux's
 # scaling and shift factors, all is_* flags False; weights stored in the storage dtype (bf16, or fp8 with the
-# layers casting them to the computation dtype, as Forge's manual cast does), the LoRA key maps' model config
-# (huggingface_repo). Simplified: random weights from a seed; tiny widths and depths (SDXL's transformer depths
+# layers casting them to the computation dtype, as Forge's manual cast does) or quantized ("gguf": the
+# transformer built under using_forge_operations with GGUF layers, its block weights quantized, storage dtype
+# 'gguf'), the LoRA key maps' model config (huggingface_repo). Simplified: random weights from a seed; tiny widths and depths (SDXL's transformer depths
 # 2/10 become 2/2, Flux's 19 + 38 blocks 2 + 2 at width 16); one text encoder stands in for CLIP and T5; the
 # distilled CFG scale is always Forge's default 3.5. The fake Forge Neo builds its model here too, with its own
 # operation and patcher classes.
@@ -119,19 +120,36 @@ class Flux(StableDiffusion):
 
 
 def _stored(model, storage_dtype, computation_dtype):
-    """The layers' weights in the storage dtype; layers cast them to the computation dtype when the two differ."""
+    """The layers' weights in the storage dtype; layers cast them to the computation dtype when the two differ. GGUF:
+    the weights of the blocks' layers quantized (a GGUF file keeps the small layers unquantized)."""
     model.storage_dtype, model.computation_dtype = storage_dtype, computation_dtype
+    if storage_dtype == "gguf":
+        from backend.operations_gguf import ParameterGGUF
+
+        for name, module in model.named_modules():
+            if hasattr(module, "in_features") and "blocks." in name:
+                module.weight = ParameterGGUF.quantized(module.weight, computation_dtype)
+        return
     for module in model.modules():
         if hasattr(module, "in_features"):
             module.to(storage_dtype)
             module.parameters_manual_cast = storage_dtype != computation_dtype
 
 
+def _flux_transformer(storage_dtype):
+    if storage_dtype != "gguf":
+        return IntegratedFluxTransformer2DModel(**FLUX_TRANSFORMER)
+    from backend.operations import ForgeOperationsGGUF, using_forge_operations  # the fake Forge's: Neo's has no GGUF
+
+    with using_forge_operations(ForgeOperationsGGUF):
+        return IntegratedFluxTransformer2DModel(**FLUX_TRANSFORMER)
+
+
 @torch.inference_mode()
 def forge_loader(seed=0, family="sd15", storage_dtype=torch.float32, computation_dtype=None):
     generator = torch.Generator().manual_seed(seed)
     if family == "flux":
-        unet_model = IntegratedFluxTransformer2DModel(**FLUX_TRANSFORMER)
+        unet_model = _flux_transformer(storage_dtype)
         predictor = PredictionFlux()
         vae_model = TinyAutoencoderKL(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
     else:
@@ -139,7 +157,7 @@ def forge_loader(seed=0, family="sd15", storage_dtype=torch.float32, computation
         predictor = None
         vae_model = TinyAutoencoderKL(scaling_factor=0.13025 if family == "sdxl" else 0.18215)
     unet_model.load_state_dict(_random_state_dict(unet_model, generator))
-    _stored(unet_model, storage_dtype, computation_dtype or storage_dtype)
+    _stored(unet_model, storage_dtype, computation_dtype or (torch.float32 if storage_dtype == "gguf" else storage_dtype))
     clip_model = TinyTextEncoder()
     for module in (clip_model, vae_model):
         for param in module.parameters():

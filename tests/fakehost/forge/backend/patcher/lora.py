@@ -10,8 +10,9 @@
 # merge_lora_to_weight's maths (fp32 on a copy, each patch narrowed to its offset, strength * alpha / rank, Tucker
 # mid folded into down, DoRA through weight_decompose, the patch's function on the delta); LoraLoader.refresh
 # comparing only the key list, restoring the backed-up Parameters and writing merged weights as NEW Parameters;
-# the mutable default key_map={} of the key-map functions. Simplified: no glora/set patch types or BFL control
-# LoRAs in load_lora, no bnb/gguf, SD 1.5 diffusers names come from tests/data/forge_sd15_unet_layers.tsv instead of
+# the mutable default key_map={} of the key-map functions; GGUF weights dequantized for the merge and quantized
+# again into the same parameter. Simplified: no glora/set patch types or BFL control LoRAs in load_lora, no bnb, SD
+# 1.5 diffusers names come from tests/data/forge_sd15_unet_layers.tsv instead of
 # unet_to_diffusers.
 import csv
 from pathlib import Path
@@ -326,7 +327,19 @@ class LoraLoader:
             if key not in self.backup:
                 self.backup[key] = weight.to(device=offload_device)
 
+            gguf_cls = getattr(weight, 'gguf_cls', None)
+            gguf_parameter = None
+            if gguf_cls is not None:
+                gguf_parameter = weight
+                from backend.operations_gguf import dequantize_tensor
+                weight = dequantize_tensor(weight)
+
             weight = merge_lora_to_weight(current_patches, weight, key, computation_dtype=torch.float32)
+
+            if gguf_cls is not None:
+                gguf_cls.quantize_pytorch(weight, gguf_parameter)
+                continue
+
             utils.set_attr_raw(self.model, key, torch.nn.Parameter(weight, requires_grad=False))
 
         set_parameter_devices(self.model, parameter_devices=parameter_devices)
