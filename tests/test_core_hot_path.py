@@ -76,6 +76,31 @@ def with_budget(factor):
     return mock.patch.object(fusion, "divergence_sums", scaled)
 
 
+def decides_as(got, reference, rel, method) -> bool:
+    """Whether a logged decision is the reference's (weight, d_subject, d_style), asserted; False for a kl near-tie,
+    which rounding may decide either way (the rows following it are then not compared)."""
+    w, d_s, d_t = reference
+    if d_s is not None:
+        assert got.d_subject == pytest.approx(d_s, rel=rel, abs=1e-6)
+        assert got.d_style == pytest.approx(d_t, rel=rel, abs=1e-6)
+        if method == "kl" and abs(d_s - d_t) <= rel * max(d_s, d_t) + 1e-6:
+            return False
+    assert got.subject_weight == pytest.approx(w, abs=rel)
+    return True
+
+
+def one_call(layer, x, targets, options, layout, step, budget):
+    """The session, the layer's output without it and the fused output of one hooked call at ``step``."""
+    session = FusionSession(targets, options)
+    with torch.no_grad():
+        base = layer(x)
+        with session, with_budget(budget):
+            session.set_layout(layout)
+            session.set_step(StepClock(step, 10))
+            fused = layer(x)
+    return session, base, fused
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(KINDS), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        images=st.integers(1, 3), cfg=st.booleans(), conds=st.integers(1, 2), decide_per=st.sampled_from(["image", "row"]),
@@ -91,27 +116,16 @@ def test_the_hot_path_decides_and_fuses_as_the_reference(kind, dtype, images, cf
     x = make_input(kind, len(layout), g).to(dtype)
     options = EngineOptions(method=method, measure=measure, temperature=temperature, standardize=standardize,
                             decide_per=decide_per, max_tokens=max_tokens, switch_every=3)
-    session = FusionSession([LayerTarget("layer", layer, subject, style)], options)
-    with torch.no_grad():
-        base = layer(x)
-        with session, with_budget(budget):
-            session.set_layout(layout)
-            session.set_step(StepClock(step, 10))
-            fused = layer(x)
+    session, base, fused = one_call(layer, x, [LayerTarget("layer", layer, subject, style)], options, layout, step,
+                                    budget)
     plan = unit_rows(layout, len(layout), decide_per)
     expected, decided = reference_layer(x, base, subject, style, LayerGeometry.of(layer), plan, options, step=step)
     rel, atol = TOLERANCE[dtype]
     logged = {d.unit: d for d in session.log.decisions()}
     compared = []
-    for unit, (w, d_s, d_t) in decided.items():
-        got = logged[unit]
-        if d_s is not None:
-            assert got.d_subject == pytest.approx(d_s, rel=rel, abs=1e-6)
-            assert got.d_style == pytest.approx(d_t, rel=rel, abs=1e-6)
-            if method == "kl" and abs(d_s - d_t) <= rel * max(d_s, d_t) + 1e-6:
-                continue  # a near-tie that rounding may decide either way
-        assert got.subject_weight == pytest.approx(w, abs=rel)
-        compared += plan[unit][1]
+    for unit, reference in decided.items():
+        if decides_as(logged[unit], reference, rel, method):
+            compared += plan[unit][1]
     scale = float(expected.abs().max())
     for r in compared:
         torch.testing.assert_close(fused[r].float(), expected[r].float(), rtol=0, atol=atol * scale)
@@ -150,10 +164,13 @@ def test_deciding_every_n_steps_keeps_each_decision_until_the_next(every):
 # the MLP input, four times as long); parts of other lengths with channels between them that no LoRA touches.
 IN = 12
 PART_LAYOUTS = {
-    "qkv": [("q", 0, 6), ("k", 6, 6), ("v", 12, 6)],
-    "linear1": [("q", 0, 4), ("k", 4, 4), ("v", 8, 4), ("mlp", 12, 16)],
-    "gaps": [("a", 2, 5), ("b", 7, 3), ("c", 13, 3), ("d", 16, 3)],
+    "qkv": [("q", 0, 8), ("k", 8, 8), ("v", 16, 8)],
+    "linear1": [("q", 0, 6), ("k", 6, 6), ("v", 12, 6), ("mlp", 18, 24)],
+    "gaps": [("a", 2, 8), ("b", 10, 6), ("c", 19, 6), ("d", 25, 6)],
 }
+# A part's divergence is a softmax over a few channels, of a single token for 2-D outputs: a bf16 rounding of one
+# candidate value moves it more than a whole layer's.
+PART_TOLERANCE = {**TOLERANCE, torch.bfloat16: (0.1, 3e-2)}
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -184,29 +201,17 @@ def test_each_part_of_a_layer_decides_and_fuses_on_its_own_channels_as_the_refer
     x = (torch.randn((len(layout_rows), IN) if two_dimensional else (len(layout_rows), 7, IN), generator=g) * 2).to(dtype)
     options = EngineOptions(method=method, measure=measure, standardize=standardize, decide_per=decide_per,
                             max_tokens=max_tokens, switch_every=3)
-    session = FusionSession(targets, options)
-    with torch.no_grad():
-        base = layer(x)
-        with session, with_budget(budget):
-            session.set_layout(layout_rows)
-            session.set_step(StepClock(step, 10))
-            fused = layer(x)
+    session, base, fused = one_call(layer, x, targets, options, layout_rows, step, budget)
     plan = unit_rows(layout_rows, len(layout_rows), decide_per)
     expected, decided = reference_parts(x, base, parts, LayerGeometry.of(layer), plan, options, step=step)
-    rel, atol = TOLERANCE[dtype]
+    rel, atol = PART_TOLERANCE[dtype]
     logged = {(d.layer, d.unit): d for d in session.log.decisions()}
     assert set(logged) == set(decided)  # a decision per contested part and unit, each part a layer of the log
     compared = []
-    for (name, unit), (w, d_s, d_t) in decided.items():
-        got = logged[(name, unit)]
+    for (name, unit), reference in decided.items():
         start, length = next((s, n) for part, s, n, *_ in parts if part == name)
-        if d_s is not None:
-            assert got.d_subject == pytest.approx(d_s, rel=rel, abs=1e-6)
-            assert got.d_style == pytest.approx(d_t, rel=rel, abs=1e-6)
-            if method == "kl" and abs(d_s - d_t) <= rel * max(d_s, d_t) + 1e-6:
-                continue  # a near-tie that rounding may decide either way
-        assert got.subject_weight == pytest.approx(w, abs=rel)
-        compared += [(r, slice(start, start + length)) for r in plan[unit][1]]
+        if decides_as(logged[(name, unit)], reference, rel, method):
+            compared += [(r, slice(start, start + length)) for r in plan[unit][1]]
     settled = [slice(start, start + length) for _, start, length, subject, style in parts if subject is None or style is None]
     scale = float(expected.abs().max())
     for r, channels in compared + [(r, c) for r in range(len(layout_rows)) for c in settled]:

@@ -322,26 +322,11 @@ def test_an_exception_leaves_no_hook_and_the_weights_as_they_were(which, tmp_pat
         clean, _ = host.txt2img(PROMPT, steps=3, **SIZE)
         weights = fh.unet_weights(host.sd_model)
         script, runner = dynfuse(which, host)
-        layer = model_of(host).get_submodule("diffusion_model.single_blocks.0.linear1")
         with monkeypatch.context() as patch:
-            if inside_unet:
-                def crash(module, args):
-                    if script.job.session.clock.index == 1:
-                        raise RuntimeError("out of memory")
-                patch.setattr(layer, "_forward_pre_hooks", {0: crash})
-            else:
-                real = host.kdiffusion.sample_euler
-
-                def crashing(model, x, sigmas, extra_args=None, callback=None, disable=None):
-                    def at_step(d):
-                        if d["i"] == 1:
-                            raise RuntimeError("out of memory")
-                        callback(d)
-                    return real(model, x, sigmas, extra_args=extra_args, callback=at_step, disable=disable)
-                patch.setattr(host.kdiffusion, "sample_euler", crashing)
+            hooks_at_error = fh.crash_at_step_1(host, patch, inside_unet, "diffusion_model.single_blocks.0.linear1")
             with pytest.raises(RuntimeError, match="out of memory"):
                 host.txt2img(PROMPT, runner=runner, steps=3, **SIZE)
-        assert hooks_on(host) == 0
+        assert (hooks_at_error[0] > 0) == inside_unet and hooks_on(host) == 0
         script.settings = DynFuseSettings(enabled=False)
         after, _ = host.txt2img(PROMPT, runner=runner, steps=3, **SIZE)
         assert torch.equal(after.images[0], clean.images[0])

@@ -158,38 +158,6 @@ def test_hires_fix_takes_over_again_for_the_second_pass(host):
     assert [log.steps for log in script.job.logs(0)] == [[0, 1], [0, 1]]
 
 
-def crash_at_step_1(host, monkeypatch, inside_unet: bool) -> list[int]:
-    """Sampling raises at step 1: in the sampler between two UNet calls, or inside the UNet call (a layer's
-    forward, as an out-of-memory error would). Returns the number of hooks on the model when it raised."""
-    model = host.sd_model.forge_objects_original.unet.model
-    real = host.kdiffusion.sample_euler
-    hooks_at_error = []
-
-    def raise_now():
-        hooks_at_error.append(hooks_on(model))
-        raise RuntimeError("out of memory")
-
-    def crashing(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        def at_step(d):
-            if d["i"] == 1:
-                raise_now()
-            callback(d)
-        return real(model, x, sigmas, extra_args=extra_args, callback=at_step, disable=disable)
-
-    layer_calls = []
-
-    def crashing_layer(module, args):
-        layer_calls.append(1)
-        if len(layer_calls) == 2:
-            raise_now()
-
-    if inside_unet:
-        monkeypatch.setattr(model.get_submodule(CONTESTED), "_forward_pre_hooks", {0: crashing_layer})
-    else:
-        monkeypatch.setattr(host.kdiffusion, "sample_euler", crashing)
-    return hooks_at_error
-
-
 @pytest.mark.parametrize("inside_unet", [False, True], ids=["between-unet-calls", "inside-a-unet-call"])
 def test_an_exception_during_sampling_leaves_no_hook(host, monkeypatch, inside_unet):
     clean, _ = host.txt2img(fh.PROMPT, steps=3)
@@ -197,7 +165,7 @@ def test_an_exception_during_sampling_leaves_no_hook(host, monkeypatch, inside_u
     script = fh.AdapterScript(host, ForgeAdapter(), DynFuseSettings(enabled=True))
     runner = host.scripts.ScriptRunner([script])
     with monkeypatch.context() as patch:
-        hooks_at_error = crash_at_step_1(host, patch, inside_unet)
+        hooks_at_error = fh.crash_at_step_1(host, patch, inside_unet, CONTESTED)
         with pytest.raises(RuntimeError, match="out of memory"):
             host.txt2img(fh.PROMPT, runner=runner, steps=3)
     assert (hooks_at_error[0] > 0) == inside_unet

@@ -262,6 +262,39 @@ def write_flux_loras(lora_dir: Path, sd_model, subject: str = "diffusers", style
                      "single_blocks.1.linear2"], seed=3, alpha=2.0)
 
 
+def crash_at_step_1(host, monkeypatch, inside_unet: bool, layer: str) -> list[int]:
+    """Sampling raises at step 1: in the sampler between two UNet calls, or inside the UNet call (in the forward of
+    the model's ``layer``, as an out-of-memory error would). Returns the number of hooks on the model when it
+    raised."""
+    model = host.sd_model.forge_objects_original.unet.model
+    real = host.kdiffusion.sample_euler
+    hooks_at_error = []
+
+    def raise_now():
+        hooks_at_error.append(sum(len(m._forward_hooks) for m in model.modules()))
+        raise RuntimeError("out of memory")
+
+    def crashing(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        def at_step(d):
+            if d["i"] == 1:
+                raise_now()
+            callback(d)
+        return real(model, x, sigmas, extra_args=extra_args, callback=at_step, disable=disable)
+
+    layer_calls = []
+
+    def crashing_layer(module, args):
+        layer_calls.append(1)
+        if len(layer_calls) == 2:
+            raise_now()
+
+    if inside_unet:
+        monkeypatch.setattr(model.get_submodule(layer), "_forward_pre_hooks", {0: crashing_layer})
+    else:
+        monkeypatch.setattr(host.kdiffusion, "sample_euler", crashing)
+    return hooks_at_error
+
+
 def unet_weights(sd_model) -> dict[str, torch.Tensor]:
     """A copy of every UNet parameter, taken outside inference mode."""
     return {k: v.detach().clone() for k, v in sd_model.forge_objects_original.unet.model.named_parameters()}
