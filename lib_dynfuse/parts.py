@@ -142,17 +142,25 @@ class SlicedKernel:
             self.runs.append((run, column, ups.to(device=device, dtype=dtype).contiguous()))
             column += len(factors) * rank
         self.down_t = torch.cat(downs).t().to(device=device, dtype=dtype).contiguous() if downs else None
+        # One run over every output channel (a fused q, k, v): the base is added to the products as they are placed.
+        self.whole_run = len(self.runs) == 1 and self.runs[0][0].channels == geometry.out_channels
 
     def outputs(self, x: Tensor, base: Tensor) -> Tensor:
         if not self.batched:
             return torch.stack([base if k is None else k.weighted(x, base, 1.0, 0.0) for k in self.kernels])
-        out = base.expand(self.slots, *base.shape).clone()
         if self.down_t is None:
-            return out
+            return base.expand(self.slots, *base.shape).clone()
         channels = base.shape[-1]
         h = x.reshape(-1, x.shape[-1]).mm(self.down_t)
-        flat = out.view(self.slots, -1, channels)
-        tokens = flat.shape[1]
+        tokens = h.shape[0]
+        if self.whole_run:
+            run, _, ups = self.runs[0]
+            y = torch.bmm(h.view(tokens, ups.shape[0], -1).transpose(0, 1), ups)
+            out = torch.add(base.reshape(1, tokens, run.count, run.length),
+                            y.view(self.slots, run.count, tokens, run.length).transpose(1, 2))
+            return out.view(self.slots, *base.shape)
+        out = base.expand(self.slots, *base.shape).clone()
+        flat = out.view(self.slots, tokens, channels)
         for run, column, ups in self.runs:
             batch = ups.shape[0]
             width = batch * ups.shape[1]

@@ -120,17 +120,17 @@ def sliced_ops(parts, options, images=1):
                                "unbounded", targets)
 
 
-def test_a_fused_qkv_decides_its_three_parts_within_32_operations_whatever_their_number():
+def test_a_fused_qkv_decides_its_three_parts_within_30_operations_whatever_their_number():
     """Equal neighbouring parts share every product and one grouped divergence: q, k, v cost what six parts do."""
     six = [(str(i), i * HIDDEN, HIDDEN) for i in range(6)]
-    assert sliced_ops(QKV, EngineOptions()) == sliced_ops(six, EngineOptions()) <= 32
+    assert sliced_ops(QKV, EngineOptions()) == sliced_ops(six, EngineOptions()) <= 30
     assert sliced_ops(QKV, EngineOptions(), images=3) == sliced_ops(QKV, EngineOptions())
 
 
 def test_each_further_run_of_parts_adds_its_own_products_and_divergence():
     """FLUX's linear1: the q, k, v run and the four times longer MLP input, measured apart."""
     qkv, linear1 = sliced_ops(QKV, EngineOptions()), sliced_ops(LINEAR1, EngineOptions())
-    assert qkv < linear1 <= qkv + 26
+    assert qkv < linear1 <= qkv + 28
 
 
 @pytest.mark.parametrize("method", ["static", "switch", "k-lora"])
