@@ -279,6 +279,7 @@ def benchmark(model: str, size: int, rank: int, device: str, dtype: torch.dtype,
         dynamic_flops = count_flops(run)
     extra_flops = dynamic_flops - unet_flops + kl_flops(sites, run, deciding_rows=1)
     factor_bytes = sum(d.factor_bytes() for d in (*subject.values(), *style.values()))
+    del session  # its prepared factors: the per-call runs prepare their own
     ops, micros = hooked_call_costs(bench, subject, style, options, device, repeats, warmup)
     return {
         "model": model,
@@ -325,28 +326,25 @@ def hooked_call_costs(bench: Model, subject: dict, style: dict, options: EngineO
         base_ops = count_ops(run).total
     ops: dict[str, float] = {}
     micros: dict[str, float] = {}
-    sessions = {method: _session(bench.sites, subject, style, replace(options, method=method)) for method in METHODS}
     steps = itertools.count()
+    # One method at a time: every session prepares its own copy of the factors, and SDXL's would not fit twice.
+    for method in METHODS:
+        session = _session(bench.sites, subject, style, replace(options, method=method))
 
-    def stepping(session: FusionSession) -> Callable[[], object]:
-        def call() -> object:
+        def call(session: FusionSession = session) -> object:
             session.set_step(StepClock(next(steps) % 1000, 1000))
             return run()
-        return call
 
-    with torch.no_grad():
-        for method, session in sessions.items():
-            with session:
-                stepping(session)()  # factors prepared
-                # Deciding every n steps: the mean over n consecutive steps.
-                calls = options.decide_every
-                counted = sum(count_ops(stepping(session)).total - base_ops for _ in range(calls))
-                ops[method] = round(counted / calls / layers, 1)
-    timed = time_modes({"base": run, **{m: stepping(s) for m, s in sessions.items()}},
-                       {"base": nullcontext, **{m: (lambda s=s: s) for m, s in sessions.items()}}, device,
-                       max(repeats, 5), warmup)
-    base_s = timed.pop("base")[0]
-    micros = {m: round((seconds - base_s) / layers * 1e6, 2) for m, (seconds, _) in timed.items()}
+        with torch.no_grad(), session:
+            call()  # factors prepared
+            # Deciding every n steps: the mean over n consecutive steps.
+            calls = options.decide_every
+            counted = sum(count_ops(call).total - base_ops for _ in range(calls))
+            ops[method] = round(counted / calls / layers, 1)
+        timed = time_modes({"base": run, method: call}, {"base": nullcontext, method: lambda s=session: s}, device,
+                           max(repeats, 5), warmup)
+        micros[method] = round((timed[method][0] - timed["base"][0]) / layers * 1e6, 2)
+        del session, call
     return ops, micros
 
 

@@ -254,27 +254,15 @@ class A1111Adapter(HostAdapter):
         # The unconditional estimate sets the size of the guidance step (a fraction of the CFG update).
         job.host["uncond_out"] = params.x[-n_images:].detach().clone() if params.x.shape[0] >= 2 * n_images else None
 
-    def on_cfg_after_cfg(self, params: Any) -> None:
-        job = self.job
-        guidance = job.guidance if job is not None and not job.failed else None
-        if guidance is None or "clock" not in job.host or not guidance.active:
-            return
-        denoiser = job.host.get("denoiser")
-        try:
-            uncond = job.host.get("uncond_out")
-            if uncond is not None and uncond.shape != params.x.shape:
-                uncond = None
-            if denoiser is not None and hasattr(denoiser, "alphas"):  # DDIM, PLMS, UniPC: epsilon space
-                clock, x_t, t = job.host["clock"], job.host["x_t"], job.host["t"]
-                alpha_bar = denoiser.alphas[t.to(dtype=int)].view(-1, 1, 1, 1).to(params.x.device)
-                params.x = guidance.correct_eps(params.x, x_t, alpha_bar, uncond, progress=clock.progress,
-                                                step=clock.index)
-            else:
-                params.x = self.guided_x0(job, params.x, uncond, denoiser)
-        except Exception as e:  # noqa: BLE001
-            self.guidance_failed(getattr(denoiser, "p", None), job, e)
-        else:
-            self.guidance_step_done(getattr(denoiser, "p", None), job)
+    def uncond_estimate(self, job: Job) -> Any | None:
+        return job.host.get("uncond_out")
+
+    def corrected(self, job: Job, x: Any, uncond: Any | None, denoiser: Any) -> Any:
+        if denoiser is not None and hasattr(denoiser, "alphas"):  # DDIM, PLMS, UniPC: epsilon space
+            clock, x_t, t = job.host["clock"], job.host["x_t"], job.host["t"]
+            alpha_bar = denoiser.alphas[t.to(dtype=int)].view(-1, 1, 1, 1).to(x.device)
+            return job.guidance.correct_eps(x, x_t, alpha_bar, uncond, progress=clock.progress, step=clock.index)
+        return self.guided_x0(job, x, uncond, denoiser)
 
     # ---- cleanup --------------------------------------------------------------------------------
     def _close_session(self, job: Job) -> None:

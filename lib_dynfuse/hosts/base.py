@@ -476,7 +476,30 @@ class HostAdapter(abc.ABC):
         """CFG-denoised callback: what guidance needs from the raw UNet outputs (read only)."""
 
     def on_cfg_after_cfg(self, params: Any) -> None:
-        """After-CFG callback: the guidance step, when guidance is on."""
+        """After-CFG callback: the guidance step, when guidance is on. The WebUI hands the after-CFG estimate
+        ([B, C, h, w], an inference tensor on Forge); the corrected one assigned back is what the sampler uses."""
+        job = self.job
+        guidance = job.guidance if job is not None and not job.failed else None
+        if guidance is None or "clock" not in job.host or not guidance.active:
+            return
+        denoiser = job.host.get("denoiser")
+        try:
+            uncond = self.uncond_estimate(job)
+            if uncond is not None and uncond.shape != params.x.shape:
+                uncond = None
+            params.x = self.corrected(job, params.x, uncond, denoiser)
+        except Exception as e:  # noqa: BLE001
+            self.guidance_failed(getattr(denoiser, "p", None), job, e)
+        else:
+            self.guidance_step_done(getattr(denoiser, "p", None), job)
+
+    def uncond_estimate(self, job: Job) -> Any | None:
+        """This step's unconditional estimate, which sets the size of the guidance step; None when unknown."""
+        return None
+
+    def corrected(self, job: Job, x: Any, uncond: Any | None, denoiser: Any) -> Any:
+        """The after-CFG estimate ``x`` moved by one guidance step (in the space the sampler hands it)."""
+        return self.guided_x0(job, x, uncond, denoiser)
 
 
 @dataclass(frozen=True)

@@ -222,23 +222,9 @@ class ForgeFamilyAdapter(HostAdapter):
             say_once(job, f"another extension replaced {self.host_label}'s UNet function wrapper after DynFuse set "
                           "it; cond and uncond rows of an image now decide separately.")
 
-    def on_cfg_after_cfg(self, params: Any) -> None:
-        """The WebUI hands the after-CFG x0 estimate ([B, C, h, w], an inference tensor; its timestep samplers
-        convert to epsilon only afterwards); the guided estimate assigned back is what the sampler uses."""
-        job = self.job
-        guidance = job.guidance if job is not None and not job.failed else None
-        if guidance is None or "clock" not in job.host or not guidance.active:
-            return
-        denoiser = job.host.get("denoiser")
-        try:
-            uncond = (job.host.get("uncond_x0") or [None])[0]
-            if uncond is not None and uncond.shape != params.x.shape:
-                uncond = None
-            params.x = self.guided_x0(job, params.x, uncond, denoiser)
-        except Exception as e:  # noqa: BLE001
-            self.guidance_failed(getattr(denoiser, "p", None), job, e)
-        else:
-            self.guidance_step_done(getattr(denoiser, "p", None), job)
+    def uncond_estimate(self, job: Job) -> Any | None:
+        # The WebUI's after-CFG estimate is x0-space; the unconditional one comes from the post-CFG function.
+        return (job.host.get("uncond_x0") or [None])[0]
 
     # ---- lifetime -------------------------------------------------------------------------------
     def release(self, job: Job, keep_job: bool = False) -> None:
