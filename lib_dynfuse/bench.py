@@ -336,7 +336,9 @@ def hooked_call_costs(bench: Model, subject: dict, style: dict, options: EngineO
             return run()
 
         with torch.no_grad(), session:
-            call()  # factors prepared
+            # Factors prepared, for both of switch's phases: its first flip folds the second set.
+            for _ in range(2 * options.switch_every):
+                call()
             # Deciding every n steps: the mean over n consecutive steps.
             calls = options.decide_every
             counted = sum(count_ops(call).total - base_ops for _ in range(calls))
