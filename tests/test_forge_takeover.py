@@ -511,7 +511,7 @@ def test_per_pass_hooks_left_by_an_exception_go_at_the_next_job(host, monkeypatc
     script, _ = dynfuse(host)
     runner = host.scripts.ScriptRunner([script, WrapperScript()])
     with monkeypatch.context() as patch:
-        crash_at_step_1(host, patch, inside_unet=True)
+        fh.crash_at_step_1(host, patch, True, CONTESTED)
         with pytest.raises(RuntimeError, match="out of memory"):
             host.txt2img(fh.PROMPT, runner=runner, steps=3)
     assert hooks_on(model) > 0                        # no wrapper of ours around the call, postprocess never ran
