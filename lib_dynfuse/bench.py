@@ -2,6 +2,7 @@
 
     python -m lib_dynfuse.bench --model sd15            # 512x512, batch 2 (one image with CFG)
     python -m lib_dynfuse.bench --model sdxl --size 1024
+    python -m lib_dynfuse.bench --model flux --width 256 # FLUX's layers and fused shapes at a small width
     python -m lib_dynfuse.bench --layers attention      # only the attention projections hooked
     python -m lib_dynfuse.bench --engine decide_every=2 --engine max_tokens=1024   # cheaper decisions
     python -m lib_dynfuse.bench --guidance              # cost of one guided step, per decoder
@@ -9,10 +10,12 @@
 The UNet is diffusers' ``UNet2DConditionModel`` built from the model's config with random weights (diffusers is
 a benchmark-only dependency). Two random rank-64 LoRAs are attached to every layer a kohya LoCon LoRA touches
 (``--layers all``: the transformers' linear and 1x1 layers, the resnets' and samplers' convolutions) or to the
-attention projections only. One UNet step is timed three ways: no LoRA, both LoRAs merged into the weights,
-dynamic ``kl``; on CUDA with CUDA events after warm-up. Then, on a tiny latent where the fixed cost of every
-operation dominates, the tensor operations each hooked layer call dispatches are counted for every method and the
-microseconds each costs are timed. The last line printed is one JSON object.
+attention projections only. ``--model flux`` is a FLUX-shaped transformer (lib_dynfuse.bench_flux: 19 double and
+38 single blocks at ``--width`` channels) with two diffusers-named LoRAs, which patch the fused layers' q, k, v and
+MLP input apart, so those layers are hooked part by part. One step is timed three ways: no LoRA, both LoRAs merged
+into the weights, dynamic ``kl``; on CUDA with CUDA events after warm-up. Then, on a tiny latent where the fixed
+cost of every operation dominates, the tensor operations each hooked layer call dispatches are counted for every
+method and the microseconds each costs are timed. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from lib_dynfuse import bench_flux
 from lib_dynfuse.deltas import LayerGeometry, LowRankDelta
 from lib_dynfuse.opcount import count_ops
 from lib_dynfuse.policies import METHODS, EngineOptions
@@ -50,7 +54,7 @@ CONFIGS = {
         addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
     ),
 }
-DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
+DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024, "flux": 512}
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 # kohya's LoCon targets (networks/lora.py with conv_dim): every Linear and Conv2d inside the transformer blocks,
 # the resnets and the down/up samplers; not the time embedding, conv_in or conv_out.
@@ -97,13 +101,45 @@ def lora_layers(unet: nn.Module, which: str = "all") -> dict[str, nn.Module]:
             if isinstance(m, (nn.Linear, nn.Conv2d)) and any(part in name for part in LOCON_PARENTS)}
 
 
-def random_loras(layers: dict[str, nn.Module], rank: int, seed: int, device: str,
-                 dtype: torch.dtype) -> dict[str, LowRankDelta]:
-    """LoRA on linear layers, LoCon (the layer's kernel on the down factor) on convolutions."""
+# name -> (layer, the (start, length) of its output channels a part covers, or None for the whole layer)
+Sites = dict[str, tuple[nn.Module, tuple[int, int] | None]]
+
+
+@dataclass
+class Model:
+    """What one benchmark runs: a network, one step of it at the chosen size and one on a tiny input, and the places
+    the two LoRAs patch."""
+
+    net: nn.Module
+    run: Callable[[], object]
+    tiny_run: Callable[[], object]
+    sites: Sites
+
+    @property
+    def hooked(self) -> int:
+        """The layers that get a hook (the parts of a fused layer share one)."""
+        return len({id(module) for module, _ in self.sites.values()})
+
+
+def build_model(model: str, size: int, layer_set: str, device: str, dtype: torch.dtype, width: int) -> Model:
+    if model == "flux":
+        net = bench_flux.build(width, device, dtype)
+        full, tiny = (bench_flux.inputs(net, s, 2, device, dtype) for s in (size, TINY_LATENT * 8))
+        sites = bench_flux.lora_sites(net, layer_set)
+    else:
+        net = build_unet(model, device, dtype)
+        full, tiny = (unet_inputs(model, s, batch=2, device=device, dtype=dtype) for s in (size, TINY_LATENT * 8))
+        sites = {name: (module, None) for name, module in lora_layers(net, layer_set).items()}
+    return Model(net, lambda: net(**full), lambda: net(**tiny), sites)
+
+
+def random_loras(sites: Sites, rank: int, seed: int, device: str, dtype: torch.dtype) -> dict[str, LowRankDelta]:
+    """LoRA on linear layers (and their parts), LoCon (the layer's kernel on the down factor) on convolutions."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     deltas = {}
-    for name, module in layers.items():
+    for name, (module, channels) in sites.items():
         out_f, in_f, *kernel = module.weight.shape
+        out_f = channels[1] if channels else out_f
         r = min(rank, out_f, in_f)
         fan_in = in_f * (kernel[0] * kernel[1] if kernel else 1)
         down = torch.randn(r, in_f, *kernel, generator=g) / fan_in ** 0.5
@@ -113,20 +149,24 @@ def random_loras(layers: dict[str, nn.Module], rank: int, seed: int, device: str
 
 
 @contextmanager
-def merged(layers: dict[str, nn.Module], *all_deltas: dict[str, LowRankDelta]):
+def merged(sites: Sites, *all_deltas: dict[str, LowRankDelta]):
     """Both LoRAs merged into the weights the way the hosts' static path does; restored afterwards."""
-    backup = {name: m.weight.detach().clone() for name, m in layers.items()}
+    modules = {id(module): module for module, _ in sites.values()}
+    backup = {key: m.weight.detach().clone() for key, m in modules.items()}
     with torch.no_grad():
         for deltas in all_deltas:
             for name, delta in deltas.items():
-                weight = layers[name].weight
-                weight += delta.dense_weight(LayerGeometry.of(layers[name])).to(weight.dtype)
+                module, channels = sites[name]
+                geometry = LayerGeometry.of(module)
+                start, length = channels or (0, geometry.out_channels)
+                rows = replace(geometry, weight_shape=(length, *geometry.weight_shape[1:]))
+                module.weight[start:start + length] += delta.dense_weight(rows).to(module.weight.dtype)
     try:
         yield
     finally:
         with torch.no_grad():
-            for name, m in layers.items():
-                m.weight.copy_(backup[name])
+            for key, m in modules.items():
+                m.weight.copy_(backup[key])
 
 
 def _sync(device: str) -> None:
@@ -202,52 +242,55 @@ def count_flops(run: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def kl_flops(layers: dict[str, nn.Module], unet: nn.Module, run: Callable[[], object], deciding_rows: int) -> int:
+def kl_flops(sites: Sites, run: Callable[[], object], deciding_rows: int) -> int:
     """Element-wise work of the divergence (not seen by the FLOP counter): about 12 operations per output
-    element for each LoRA, on the deciding rows only."""
-    sizes: dict[str, int] = {}
-    handles = [m.register_forward_hook(lambda mod, i, o, n=name: sizes.__setitem__(n, o[0].numel()))
-               for name, m in layers.items()]
+    element for each LoRA, on the deciding rows only (a part's channels for a part)."""
+    sizes: dict[int, int] = {}
+    modules = {id(module): module for module, _ in sites.values()}
+    handles = [m.register_forward_hook(lambda mod, i, o, key=key: sizes.__setitem__(key, o[0].numel()))
+               for key, m in modules.items()]
     try:
         with torch.no_grad():
             run()
     finally:
         for h in handles:
             h.remove()
-    return 2 * 12 * deciding_rows * sum(sizes.values())
+    share = [1.0 if channels is None else channels[1] / LayerGeometry.of(module).out_channels
+             for module, channels in sites.values()]
+    return round(2 * 12 * deciding_rows * sum(sizes[id(module)] * f for (module, _), f in zip(sites.values(), share)))
 
 
 def benchmark(model: str, size: int, rank: int, device: str, dtype: torch.dtype, repeats: int,
-              layer_set: str = "all", engine: dict[str, object] | None = None) -> dict:
-    unet = build_unet(model, device, dtype)
-    inputs = unet_inputs(model, size, batch=2, device=device, dtype=dtype)
-    layers = lora_layers(unet, layer_set)
-    subject = random_loras(layers, rank, 1, device, dtype)
-    style = random_loras(layers, rank, 2, device, dtype)
-    run = lambda: unet(**inputs)
+              layer_set: str = "all", engine: dict[str, object] | None = None, width: int = 256) -> dict:
+    bench = build_model(model, size, layer_set, device, dtype, width)
+    sites, run = bench.sites, bench.run
+    subject = random_loras(sites, rank, 1, device, dtype)
+    style = random_loras(sites, rank, 2, device, dtype)
     options = EngineOptions(**{"method": "kl", **(engine or {})})
 
-    session = _session(layers, subject, style, options)
+    session = _session(sites, subject, style, options)
     warmup = 3 if device.startswith("cuda") else 1
     results = time_modes({"base": run, "static": run, "dynamic": run},
-                         {"base": nullcontext, "static": lambda: merged(layers, subject, style),
+                         {"base": nullcontext, "static": lambda: merged(sites, subject, style),
                           "dynamic": lambda: session}, device, repeats, warmup)
     (base_s, _), (static_s, static_mem), (dynamic_s, dynamic_mem) = results.values()
     unet_flops = count_flops(run)
     with session:
         dynamic_flops = count_flops(run)
-    extra_flops = dynamic_flops - unet_flops + kl_flops(layers, unet, run, deciding_rows=1)
+    extra_flops = dynamic_flops - unet_flops + kl_flops(sites, run, deciding_rows=1)
     factor_bytes = sum(d.factor_bytes() for d in (*subject.values(), *style.values()))
     del session  # its prepared factors: the per-call runs prepare their own
-    ops, micros = hooked_call_costs(unet, model, layers, subject, style, options, device, dtype, repeats, warmup)
+    ops, micros = hooked_call_costs(bench, subject, style, options, device, repeats, warmup)
     return {
         "model": model,
+        **({"width": width} if model == "flux" else {}),
         "size": size,
         "device": _device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "layers": layer_set,
-        "hooked_layers": len(layers),
+        "hooked_layers": bench.hooked,
+        "lora_layers": len(sites),
         "lora_rank": rank,
         "engine": {k: v for k, v in vars(options).items() if k != "method" and getattr(EngineOptions(), k) != v},
         "base_step_s": round(base_s, 4),
@@ -265,21 +308,20 @@ def benchmark(model: str, size: int, rank: int, device: str, dtype: torch.dtype,
     }
 
 
-def _session(layers: dict[str, nn.Module], subject: dict, style: dict, options: EngineOptions) -> FusionSession:
-    session = FusionSession([LayerTarget(name, layers[name], subject[name], style[name]) for name in layers], options)
+def _session(sites: Sites, subject: dict, style: dict, options: EngineOptions) -> FusionSession:
+    session = FusionSession([LayerTarget(name, module, subject[name], style[name], channels)
+                             for name, (module, channels) in sites.items()], options)
     session.set_layout(BatchLayout.a1111(1))
     session.set_step(StepClock(10, 20))
     return session
 
 
-def hooked_call_costs(unet: nn.Module, model: str, layers: dict[str, nn.Module], subject: dict, style: dict,
-                      options: EngineOptions, device: str, dtype: torch.dtype, repeats: int,
+def hooked_call_costs(bench: Model, subject: dict, style: dict, options: EngineOptions, device: str, repeats: int,
                       warmup: int) -> tuple[dict[str, float], dict[str, float]]:
     """Per method: the tensor operations one hooked layer call dispatches, and the microseconds it adds to a UNet
     call, on a tiny latent where the fixed cost of each operation dominates. Every counted or timed call is a step
     of its own, so the choosing methods decide at each."""
-    inputs = unet_inputs(model, TINY_LATENT * 8, batch=2, device=device, dtype=dtype)
-    run = lambda: unet(**inputs)
+    run, layers = bench.tiny_run, bench.hooked
     with torch.no_grad():
         base_ops = count_ops(run).total
     ops: dict[str, float] = {}
@@ -287,21 +329,23 @@ def hooked_call_costs(unet: nn.Module, model: str, layers: dict[str, nn.Module],
     steps = itertools.count()
     # One method at a time: every session prepares its own copy of the factors, and SDXL's would not fit twice.
     for method in METHODS:
-        session = _session(layers, subject, style, replace(options, method=method))
+        session = _session(bench.sites, subject, style, replace(options, method=method))
 
         def call(session: FusionSession = session) -> object:
             session.set_step(StepClock(next(steps) % 1000, 1000))
             return run()
 
         with torch.no_grad(), session:
-            call()  # factors prepared
+            # Factors prepared, for both of switch's phases: its first flip folds the second set.
+            for _ in range(2 * options.switch_every):
+                call()
             # Deciding every n steps: the mean over n consecutive steps.
             calls = options.decide_every
             counted = sum(count_ops(call).total - base_ops for _ in range(calls))
-            ops[method] = round(counted / calls / len(layers), 1)
+            ops[method] = round(counted / calls / layers, 1)
         timed = time_modes({"base": run, method: call}, {"base": nullcontext, method: lambda s=session: s}, device,
                            max(repeats, 5), warmup)
-        micros[method] = round((timed[method][0] - timed["base"][0]) / len(layers) * 1e6, 2)
+        micros[method] = round((timed[method][0] - timed["base"][0]) / layers * 1e6, 2)
         del session, call
     return ops, micros
 
@@ -313,8 +357,9 @@ def _device_name(device: str) -> str:
 def print_table(result: dict) -> None:
     rows = [("no LoRA", result["base_step_s"]), ("both merged (static)", result["static_step_s"]),
             ("dynamic kl", result["dynamic_step_s"])]
-    print(f"{result['model']} {result['size']}x{result['size']}, batch 2, {result['device']} {result['dtype']}, "
-          f"{result['hooked_layers']} hooked layers, rank {result['lora_rank']}")
+    width = f" width {result['width']}," if "width" in result else ""
+    print(f"{result['model']}{width} {result['size']}x{result['size']}, batch 2, {result['device']} {result['dtype']}, "
+          f"{result['hooked_layers']} hooked layers ({result['lora_layers']} LoRA layers), rank {result['lora_rank']}")
     print(f"{'mode':<24}{'step s':>10}")
     for label, seconds in rows:
         print(f"{label:<24}{seconds:>10.4f}")
@@ -329,8 +374,10 @@ def print_table(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib_dynfuse.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(CONFIGS), default="sd15")
-    parser.add_argument("--size", type=int, default=None, help="image size in pixels (default 512 / 1024)")
+    parser.add_argument("--model", choices=[*sorted(CONFIGS), "flux"], default="sd15")
+    parser.add_argument("--size", type=int, default=None, help="image size in pixels (default 512 / 1024 / 512)")
+    parser.add_argument("--width", type=int, default=256,
+                        help=f"flux: the transformer's width, a multiple of {bench_flux.HEAD} (FLUX.1: 3072)")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
@@ -358,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     size = args.size or DEFAULT_SIZE[args.model]
     result = benchmark(args.model, size, args.rank, args.device, dtype, args.repeats, args.layers,
-                       _engine_options(parser, args.engine))
+                       _engine_options(parser, args.engine), args.width)
     print_table(result)
     print(json.dumps(result))
     return 0

@@ -27,7 +27,7 @@ class Unavailable(Exception):
     """The compiler failed (said once); the standard path measures instead."""
 
 
-def measure(a: Tensor, z: Tensor, channels_first: bool, options: MeasureOptions) -> Tensor:
+def measure(a: Tensor, z: Tensor, channels_first: bool, options: MeasureOptions, groups: int | None = None) -> Tensor:
     """The compiled per-row sums of :func:`lib_dynfuse.divergence.measure_tokens`; :class:`Unavailable` when the
     compiler fails, now or earlier."""
     global failure
@@ -41,7 +41,7 @@ def measure(a: Tensor, z: Tensor, channels_first: bool, options: MeasureOptions)
     a, z = a.detach(), z.detach()
     torch._dynamo.mark_static(z, 0)
     try:
-        return fn(a, z, channels_first, options)
+        return fn(a, z, channels_first, options, groups)
     except torch.OutOfMemoryError:
         raise
     except Exception as error:  # noqa: BLE001 - any compiler failure: the eager path computes the same

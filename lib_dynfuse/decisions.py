@@ -1,7 +1,9 @@
 """The record of every decision of a generation: layer × step × image → subject weight and both divergences.
 
 While sampling runs, the hooks only append the tensors their decisions already are (no operation, no host
-sync per layer); everything is brought to the host in one transfer when the log is first read.
+sync per layer); everything is brought to the host in one transfer when the log is first read. A layer made of
+parts (the q, k and v of a fused projection) decides for all its parts at once: each part is a layer of the log,
+whose entries read their column of the shared tensors.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class _Entry:
     winners: bool  # value holds winner indices
     sums: Tensor | None  # [2, units]: the divergences summed over `tokens` tokens
     tokens: int
+    part: int | None = None  # the column of value ([units, parts]) and sums ([2, units, parts]) that is this layer's
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,15 @@ class DecisionLog:
                     tokens: int) -> None:
         """A soft rule's decisions: the subject's weight per unit and the divergences summed over ``tokens``."""
         self._add(layer, step, _Entry(units, _detach(subject_weight), False, _detach(sums), tokens))
+
+    def record_parts(self, parts: tuple[str, ...], step: int, units: tuple[int, ...], value: Tensor,
+                     sums: Tensor | None = None, tokens: int = 1, *, winners: bool = False) -> None:
+        """The decisions of a layer made of ``parts``, one column per part: ``value`` ``[units, parts]`` holds the
+        winner indices (``winners``) or the subject's weights, ``sums`` ``[2, units, parts]`` the divergences
+        summed over ``tokens`` tokens."""
+        value, sums = _detach(value), _detach(sums)
+        for column, part in enumerate(parts):
+            self._add(part, step, _Entry(units, value, winners, sums, tokens, column))
 
     def _add(self, layer: str, step: int, entry: _Entry) -> None:
         self._layers.setdefault(layer)
@@ -133,7 +145,7 @@ class DecisionLog:
         if self._host is None:
             flat = [(key, e) for key, entries in self._entries.items() for e in entries]
             weights = _host_lists([_weights(e) for _, e in flat])
-            divergences = _host_lists([None if e.sums is None else (e.sums.float() / e.tokens).flatten()
+            divergences = _host_lists([None if e.sums is None else (_column(e.sums, e).float() / e.tokens).flatten()
                                        for _, e in flat])
             host: dict[tuple[str, int], _Row] = {}
             for (key, entry), w, d in zip(flat, weights, divergences):
@@ -150,10 +162,15 @@ class DecisionLog:
         return self._host
 
 
+def _column(t: Tensor, entry: _Entry) -> Tensor:
+    """An entry's own values of a tensor it shares with the other parts of its layer."""
+    return t if entry.part is None else t[..., entry.part]
+
+
 def _weights(entry: _Entry) -> Tensor | None:
     if not isinstance(entry.value, Tensor):
         return None
-    value = entry.value.float()
+    value = _column(entry.value, entry).float()
     if value.dim() == 0:
         value = value.expand(len(entry.units))
     return 1.0 - value if entry.winners else value

@@ -34,8 +34,10 @@ class LayerGeometry:
 
     @classmethod
     def of(cls, module: nn.Module) -> LayerGeometry:
-        # Duck-typed on purpose: Forge's Linear is not an nn.Linear subclass, but has the same weight layout.
-        shape = tuple(module.weight.shape)
+        # Duck-typed on purpose: Forge's Linear is not an nn.Linear subclass, but has the same weight layout. A 4-bit
+        # weight (bitsandbytes NF4/FP4) is stored packed and keeps the layer's shape in its quantisation state.
+        weight = module.weight
+        shape = tuple(getattr(getattr(weight, "quant_state", None), "shape", None) or weight.shape)
         if len(shape) == 2:
             return cls("linear", shape)
         if len(shape) == 4:

@@ -9,6 +9,9 @@ operation is a kernel launch whatever its size.
 Everything is computed in fp32 whatever the layer's dtype (log-softmax underflows in fp16), in chunks of tokens
 small enough that all temporaries alive at once, the fp32 casts of fp16/bf16 inputs included, never exceed the
 memory budget: by default the size of the layer output the rows come from.
+
+The output channels of a linear layer may be measured in equal groups (the q, k and v of a fused projection): each
+group is then its own distribution, and each row gets one divergence per group from the same operations.
 """
 
 from __future__ import annotations
@@ -58,14 +61,18 @@ def divergences(base: Tensor, candidates: Tensor, *, channel_dim: int, options: 
 
 
 def divergence_sums(base: Tensor, candidates: Tensor, *, channel_dim: int, options: MeasureOptions,
-                    budget_bytes: int | None = None) -> tuple[Tensor, int]:
+                    budget_bytes: int | None = None, groups: int | None = None) -> tuple[Tensor, int]:
     """The divergences summed over each row's tokens, ``[K, rows]``, and the number of tokens summed per row.
 
     The sum is what the hooks need (comparing two LoRAs on the same row needs no division); :func:`divergences`
-    divides by the count.
+    divides by the count. ``groups`` (linear outputs only) cuts the channels into that many equal groups, each
+    measured as a distribution of its own: the sums are then ``[K, rows, groups]``.
     """
     if candidates.shape[1:] != base.shape:
         raise ValueError(f"base {list(base.shape)} and candidates {list(candidates.shape)} differ in shape")
+    if groups is not None and ((base.dim() > 2 and channel_dim % base.dim() == 1) or base.shape[-1] % groups):
+        raise ValueError(f"{groups} channel groups need a linear output whose channels they divide, not "
+                         f"{list(base.shape)}")
     budget = budget_bytes if budget_bytes is not None else base.numel() * base.element_size()
     if options.compiled:
         from lib_dynfuse import compiled
@@ -73,15 +80,15 @@ def divergence_sums(base: Tensor, candidates: Tensor, *, channel_dim: int, optio
         if compiled.failure is None:
             try:
                 # The compiled kernels keep one fp32 copy of the rows (the base's probabilities), nothing per candidate.
-                return _sums(base, candidates, channel_dim, options, budget, 1, compiled.measure)
+                return _sums(base, candidates, channel_dim, options, budget, 1, compiled.measure, groups)
             except compiled.Unavailable:
                 pass
     copies = _live_copies(options, candidates.shape[0], base.dtype, base.device)
-    return _sums(base, candidates, channel_dim, options, budget, copies, measure_tokens)
+    return _sums(base, candidates, channel_dim, options, budget, copies, measure_tokens, groups)
 
 
 def _sums(base: Tensor, candidates: Tensor, channel_dim: int, options: MeasureOptions, budget: int, copies: int,
-          measure: Callable[[Tensor, Tensor, bool, MeasureOptions], Tensor]) -> tuple[Tensor, int]:
+          measure: Callable[..., Tensor], groups: int | None) -> tuple[Tensor, int]:
     """:func:`divergence_sums` by ``measure``, in chunks of tokens for which ``copies`` fp32 copies of the rows fit
     the budget."""
     rows, k = base.shape[0], candidates.shape[0]
@@ -92,20 +99,21 @@ def _sums(base: Tensor, candidates: Tensor, channel_dim: int, options: MeasureOp
     measured = -(-tokens // stride)
     # The per-row sums (the running total and a chunk's) and a standardising scale per token are small but
     # counted too.
-    token_bytes = 4 * rows * (channels * copies + _token_values(options, k))
-    chunk = max(1, (budget - 2 * 4 * k * rows) // token_bytes)
+    sums = k * rows * (groups or 1)
+    token_bytes = 4 * rows * (channels * copies + _token_values(options, k) * (groups or 1))
+    chunk = max(1, (budget - 2 * 4 * sums) // token_bytes)
     if stride == 1 and chunk >= tokens:
-        return measure(base, candidates, channels_first, options), tokens
+        return measure(base, candidates, channels_first, options, groups), tokens
     # [rows, T, C] or [rows, C, T]: one token axis to subsample and to cut into chunks.
     tdim = 2 if channels_first else 1
     a = _every(base.flatten(2) if channels_first else base.reshape(rows, tokens, channels), tdim, stride)
     z = _every(candidates.flatten(3) if channels_first else candidates.reshape(k, rows, tokens, channels), tdim + 1,
                stride)
     if chunk >= measured:
-        return measure(a, z, channels_first, options), measured
+        return measure(a, z, channels_first, options, groups), measured
     total = None
     for a_part, z_part in zip(a.split(chunk, tdim), z.split(chunk, tdim + 1)):
-        part = measure(a_part, z_part, channels_first, options)
+        part = measure(a_part, z_part, channels_first, options, groups)
         total = part if total is None else total.add_(part)
     return total, measured
 
@@ -136,14 +144,19 @@ def _token_values(options: MeasureOptions, k: int) -> int:
 # operations are avoided on purpose: on CPU they cast an input into a hidden temporary.
 
 
-def measure_tokens(a: Tensor, z: Tensor, channels_first: bool, options: MeasureOptions) -> Tensor:
+def measure_tokens(a: Tensor, z: Tensor, channels_first: bool, options: MeasureOptions,
+                   groups: int | None = None) -> Tensor:
     """Per-token divergences of the candidates ``z`` ``[K, rows, ...]`` from ``a`` ``[rows, ...]``, summed over
-    every axis but the candidate and the row."""
+    every axis but the candidate and the row (and the group, when the last axis is cut into ``groups``)."""
     dim = 1 if channels_first else -1
-    reduce = tuple(range(2, z.dim()))
+    if groups is not None:
+        a, z = a.unflatten(-1, (groups, -1)), z.unflatten(-1, (groups, -1))
+    # The group axis, second to last, is kept.
+    reduce = tuple(range(2, z.dim())) if groups is None else (*range(2, z.dim() - 2), z.dim() - 1)
     if options.measure == "dot":
         per_token = _dot(a, z, dim)
-        return per_token.sum(tuple(range(2, per_token.dim()))) if per_token.dim() > 2 else per_token
+        tokens = tuple(range(2, per_token.dim() - (groups is not None)))
+        return per_token.sum(tokens) if tokens else per_token
     scale = _scale(a, dim, options)
     log_p = _log_softmax32(a, dim, scale)
     log_q = _log_softmax32(z, dim + 1 if channels_first else dim, scale)

@@ -4,6 +4,10 @@ The hot path of a deciding layer is a fixed, small number of tensor operations w
 deciding rows or the rule: both candidate outputs (base + each delta) from one batched product, both divergences
 of the deciding rows from one batched measure, the decision as one device tensor, and one select (or blend) of
 the candidates. Nothing in it waits for the device.
+
+A layer made of parts (a fused q, k, v projection: lib_dynfuse.parts) decides each part on its own channels, with
+the same operations: its candidates come from batched products over the parts, its divergences from one grouped
+measure per run of equal parts, and its output is each channel's part's choice.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from lib_dynfuse.deltas import Delta, LayerGeometry
 from lib_dynfuse.divergence import MeasureOptions, divergence_sums
 from lib_dynfuse.layout import BatchLayout, StepClock
 from lib_dynfuse.pair import PairKernel, pair_kernel
-from lib_dynfuse.policies import EngineOptions, Policy
+from lib_dynfuse.parts import Part, SlicedKernel, Terms, check_parts, runs
+from lib_dynfuse.policies import EngineOptions, LayerPair, Policy
 
 
 @dataclass(frozen=True)
@@ -114,13 +119,16 @@ class LayerFusion:
     def __init__(self, name: str, module: nn.Module, subject: Delta | None, style: Delta | None) -> None:
         if subject is None and style is None:
             raise ValueError(f"layer {name} has neither a subject nor a style delta")
-        self.name = name
-        self.module = module
         self.subject = subject
         self.style = style
+        self._setup(name, module)
+
+    def _setup(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
         self.geometry = LayerGeometry.of(module)
         self.channel_dim = -1 if self.geometry.kind == "linear" else 1
-        self._kernels: dict[tuple[torch.device, torch.dtype], PairKernel] = {}
+        self._kernels: dict[tuple, PairKernel | SlicedKernel] = {}
         self._made: dict[int, tuple[_Decided, int]] = {}  # unit -> the call that last decided it, its position
         self._last: _Decided | None = None
         self._logged: tuple[int, set[int]] = (-1, set())  # the step and the units already in the log for it
@@ -129,6 +137,10 @@ class LayerFusion:
     @property
     def contested(self) -> bool:
         return self.subject is not None and self.style is not None
+
+    def pairs(self) -> dict[str, LayerPair]:
+        """What the policies prepare for: each contested layer (or part) by the name it has in the log."""
+        return {self.name: LayerPair(self.subject, self.style, self.geometry)} if self.contested else {}
 
     def kernel(self, x: Tensor) -> PairKernel:
         # Factors are prepared once per device/dtype, not per call (Forge may compute on another device than
@@ -146,18 +158,24 @@ class LayerFusion:
     def fuse(self, x: Tensor, base: Tensor, state: StepState) -> Tensor:
         if not self.contested:
             return self.static_output(x, base)
-        kernel = self.kernel(x)
         plan = state.plan(base.shape[0], self._start_row(base.shape[0], state))
-        policy, step = state.policy, state.clock.index
-        if not policy.needs_divergence:
-            weights = policy.fixed(self.name, state.clock.progress, step)
-            fresh = self._unlogged(plan.units, step)
-            if fresh:
-                state.log.record(self.name, step, fresh, weights[0])
-            return kernel.weighted(x, base, *weights)
-        candidates = kernel.candidates(x, base)
+        if not state.policy.needs_divergence:
+            return self._fixed(x, base, plan, state)
+        candidates = self._candidates(x, base)
         decision = self._decision(base, candidates, plan, state)
         return self._apply(candidates, decision, plan, state)
+
+    def _fixed(self, x: Tensor, base: Tensor, plan: DecisionPlan, state: StepState) -> Tensor:
+        """A rule that does not read the outputs: the same weights for every unit, logged once per step."""
+        step = state.clock.index
+        weights = state.policy.fixed(self.name, state.clock.progress, step)
+        fresh = self._unlogged(plan.units, step)
+        if fresh:
+            state.log.record(self.name, step, fresh, weights[0])
+        return self.kernel(x).weighted(x, base, *weights)
+
+    def _candidates(self, x: Tensor, base: Tensor) -> Tensor:
+        return self.kernel(x).candidates(x, base)
 
     def _start_row(self, rows: int, state: StepState) -> int:
         """Where this call's rows start in the layout. A1111 splits one CFG step's rows over several UNet calls
@@ -203,9 +221,11 @@ class LayerFusion:
         again = self._unlogged(tuple(u for u in plan.units if u in kept), step)
         if again:
             # Decisions kept from an earlier step are this step's decisions too (the map shows every step).
-            weights = torch.stack([self._value(u) for u in again])
-            state.log.record(self.name, step, again, (1.0 - weights.float()) if state.policy.one_hot else weights)
+            self._log_kept(again, torch.stack([self._value(u) for u in again]), step, state)
         return torch.stack([self._value(u) for u in plan.units])
+
+    def _log_kept(self, units: tuple[int, ...], values: Tensor, step: int, state: StepState) -> None:
+        state.log.record(self.name, step, units, (1.0 - values.float()) if state.policy.one_hot else values)
 
     def _value(self, unit: int) -> Tensor:
         decided, position = self._made[unit]
@@ -215,8 +235,8 @@ class LayerFusion:
                 state: StepState) -> _Decided:
         # A decision is never differentiated (the divergence works in place), whoever runs the model with gradients.
         with torch.no_grad():
-            sums, tokens = divergence_sums(*_rows(base, candidates, rows, state), channel_dim=self.channel_dim,
-                                           options=state.measure, budget_bytes=base.numel() * base.element_size())
+            sums, tokens = self._measure(*_rows(base, candidates, rows, state), state,
+                                         budget=base.numel() * base.element_size())
             decided = _Decided(units, state.clock.index, state.policy.decide(sums, tokens), sums, tokens)
         for position, unit in enumerate(units):
             self._made[unit] = (decided, position)
@@ -224,6 +244,11 @@ class LayerFusion:
         self._unlogged(units, decided.step)
         self._log(decided, decided.step, state)
         return decided
+
+    def _measure(self, base: Tensor, candidates: Tensor, state: StepState, budget: int) -> tuple[Tensor, int]:
+        """Both candidates' divergences of the deciding rows, summed over the tokens ``[2, rows]``, and the count."""
+        return divergence_sums(base, candidates, channel_dim=self.channel_dim, options=state.measure,
+                               budget_bytes=budget)
 
     def _log(self, decided: _Decided, step: int, state: StepState) -> None:
         record = state.log.record_winners if state.policy.one_hot else state.log.record_sums
@@ -237,6 +262,100 @@ class LayerFusion:
             return candidates[per_row, state.index(tuple(range(len(plan.unit_of_row))), device)]
         weight = per_row.to(candidates.dtype).view((-1,) + (1,) * (candidates.dim() - 2))
         return torch.lerp(candidates[1], candidates[0], weight)
+
+
+class SlicedLayerFusion(LayerFusion):
+    """One hooked layer made of parts (lib_dynfuse.parts), each a layer of the log: a decision per unit and part."""
+
+    def __init__(self, name: str, module: nn.Module, parts: list[Part]) -> None:
+        self._setup(name, module)
+        self.parts = sorted(parts, key=lambda part: part.start)
+        check_parts(name, self.parts, self.geometry)
+        self.subject = self.style = None
+        self.rivals = tuple(part for part in self.parts if part.contested)
+        self.names = tuple(part.name for part in self.rivals)
+        self._runs = runs(self.rivals)
+        # Each output channel's column in a decision (channels of no contested part are equal in both candidates:
+        # any column does for them), on each device it is used on.
+        columns = torch.zeros(self.geometry.out_channels, dtype=torch.long)
+        for column, part in enumerate(self.rivals):
+            columns[part.start:part.stop] = column
+        self._columns = {columns.device: columns}
+
+    @property
+    def contested(self) -> bool:
+        return bool(self.rivals)
+
+    def pairs(self) -> dict[str, LayerPair]:
+        return {part.name: LayerPair(part.subject, part.style, part.geometry(self.geometry)) for part in self.rivals}
+
+    def _sliced(self, x: Tensor, key: tuple, slots: list[list[Terms]]) -> SlicedKernel:
+        """The kernel of ``slots`` (made once per device, dtype and ``key``)."""
+        key = (x.device, x.dtype, *key)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = SlicedKernel(self.parts, slots, self.geometry, x.device, x.dtype)
+        return kernel
+
+    def _candidates(self, x: Tensor, base: Tensor) -> Tensor:
+        # A part only one LoRA touches gets its delta in both candidates: whichever wins the part's channels
+        # (they decide nothing), it is added.
+        slots = [[[(part.subject if part.contested else part.only, 1.0)] for part in self.parts],
+                 [[(part.style if part.contested else part.only, 1.0)] for part in self.parts]]
+        return self._sliced(x, ("candidates",), slots).outputs(x, base)
+
+    def weighted(self, x: Tensor, base: Tensor, weights: tuple[tuple[float, float], ...]) -> Tensor:
+        """The output with each contested part's deltas at its (subject, style) weights and every other part's
+        delta at its strength."""
+        rival = iter(weights)
+        terms = [list(zip((part.subject, part.style), next(rival))) if part.contested else [(part.only, 1.0)]
+                 for part in self.parts]
+        return self._sliced(x, ("weighted", weights), [terms]).outputs(x, base)[0]
+
+    def static_output(self, x: Tensor, base: Tensor) -> Tensor:
+        return self.weighted(x, base, ((1.0, 1.0),) * len(self.rivals))
+
+    def _fixed(self, x: Tensor, base: Tensor, plan: DecisionPlan, state: StepState) -> Tensor:
+        step, progress = state.clock.index, state.clock.progress
+        weights = tuple(state.policy.fixed(name, progress, step) for name in self.names)
+        fresh = self._unlogged(plan.units, step)
+        if fresh:
+            for name, (w_subject, _) in zip(self.names, weights):
+                state.log.record(name, step, fresh, w_subject)
+        return self.weighted(x, base, weights)
+
+    def _measure(self, base: Tensor, candidates: Tensor, state: StepState, budget: int) -> tuple[Tensor, int]:
+        """``[2, rows, parts]``: each run of equal parts measured as that many groups of channels."""
+        sums = []
+        channels = base.shape[-1]
+        for run in self._runs:
+            b, c = base, candidates
+            if run.channels != channels:
+                b, c = base.narrow(-1, run.start, run.channels), candidates.narrow(-1, run.start, run.channels)
+            run_sums, tokens = divergence_sums(b, c, channel_dim=-1, options=state.measure, budget_bytes=budget,
+                                               groups=run.count)
+            sums.append(run_sums)
+        return (sums[0] if len(sums) == 1 else torch.cat(sums, dim=2)), tokens
+
+    def _log(self, decided: _Decided, step: int, state: StepState) -> None:
+        state.log.record_parts(self.names, step, decided.units, decided.decision, decided.sums, decided.tokens,
+                               winners=state.policy.one_hot)
+
+    def _log_kept(self, units: tuple[int, ...], values: Tensor, step: int, state: StepState) -> None:
+        state.log.record_parts(self.names, step, units, values, winners=state.policy.one_hot)
+
+    def _apply(self, candidates: Tensor, decision: Tensor, plan: DecisionPlan, state: StepState) -> Tensor:
+        """Each row's channels from the candidate its part chose, or blended by the part's subject weight."""
+        device = candidates.device
+        per_row = decision if plan.one_row_per_unit else decision.index_select(0, state.index(plan.unit_of_row, device))
+        columns = self._columns.get(device)
+        if columns is None:
+            columns = self._columns[device] = next(iter(self._columns.values())).to(device)
+        per_channel = per_row.index_select(1, columns)
+        shape = (per_channel.shape[0],) + (1,) * (candidates.dim() - 3) + (per_channel.shape[1],)
+        if state.policy.one_hot:
+            return candidates.gather(0, per_channel.view(1, *shape).expand(1, *candidates.shape[1:]))[0]
+        return torch.lerp(candidates[1], candidates[0], per_channel.to(candidates.dtype).view(shape))
 
 
 def _rows(base: Tensor, candidates: Tensor, rows: tuple[int, ...], state: StepState) -> tuple[Tensor, Tensor]:

@@ -1,7 +1,8 @@
 """One generation's fusion: forward hooks on the layers both LoRAs touch, installed and removed by one owner.
 
 The hooks read the base output of the layer (the host's result, other LoRAs included) and return it plus the
-chosen LoRA contribution. Weights are never written, so removing the hooks restores the model exactly.
+chosen LoRA contribution. Weights are never written, so removing the hooks restores the model exactly. Targets on
+slices of one layer's output channels (the q, k and v of a fused projection) share that layer's one hook.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from torch.utils.hooks import RemovableHandle
 
 from lib_dynfuse.decisions import DecisionLog
 from lib_dynfuse.deltas import Delta
-from lib_dynfuse.fusion import LayerFusion, StepState
+from lib_dynfuse.fusion import LayerFusion, SlicedLayerFusion, StepState
 from lib_dynfuse.layout import BatchLayout, StepClock
-from lib_dynfuse.policies import EngineOptions, LayerPair, make_policy
+from lib_dynfuse.parts import Part
+from lib_dynfuse.policies import EngineOptions, make_policy
 
 __all__ = ["BatchLayout", "FusionSession", "LayerTarget", "StepClock", "remove_leftover_hooks"]
 
@@ -26,16 +28,44 @@ HOOK_MARKER = "__dynfuse_hook__"
 
 @dataclass
 class LayerTarget:
+    """A layer both or either LoRA patches; with ``channels`` = (start, length), one part of its output channels,
+    named as a layer of its own (e.g. ``double_blocks.0.img_attn.qkv:q``)."""
+
     name: str
     module: nn.Module
     subject: Delta | None
     style: Delta | None
+    channels: tuple[int, int] | None = None
+
+
+def layer_fusions(targets: Iterable[LayerTarget]) -> list[LayerFusion]:
+    """One fusion per hooked module, in the targets' order: a whole layer, or the parts of one."""
+    layers: list[LayerFusion] = []
+    parts: dict[int, tuple[LayerTarget, list[Part]]] = {}
+    for t in targets:
+        if t.channels is None:
+            layers.append(LayerFusion(t.name, t.module, t.subject, t.style))
+        else:
+            first, found = parts.setdefault(id(t.module), (t, []))
+            if not found:
+                layers.append(first)  # its place, filled below
+            found.append(Part(t.name, *t.channels, t.subject, t.style))
+    whole = {id(layer.module) for layer in layers if isinstance(layer, LayerFusion)}
+    if whole & set(parts):
+        name = next(t.name for t, _ in parts.values() if id(t.module) in whole)
+        raise ValueError(f"{name}: a layer gets deltas on its whole output and on parts of it")
+    return [layer if isinstance(layer, LayerFusion) else _sliced(*parts[id(layer.module)]) for layer in layers]
+
+
+def _sliced(first: LayerTarget, found: list[Part]) -> SlicedLayerFusion:
+    # The layer's own name: its parts' names without the part (``…qkv:q`` -> ``…qkv``).
+    return SlicedLayerFusion(first.name.rpartition(":")[0] or first.name, first.module, found)
 
 
 class FusionSession:
     def __init__(self, targets: Iterable[LayerTarget], options: EngineOptions, *,
                  log_errors: Callable[[str], None] = print) -> None:
-        self.layers = [LayerFusion(t.name, t.module, t.subject, t.style) for t in targets]
+        self.layers = layer_fusions(targets)
         self.options = options
         self.policy = make_policy(options)
         self.log = DecisionLog()
@@ -45,8 +75,7 @@ class FusionSession:
         self._handles: list[RemovableHandle] = []
         self._log_errors = log_errors
         self._failed: set[str] = set()
-        self.policy.prepare({layer.name: LayerPair(layer.subject, layer.style, layer.geometry)
-                             for layer in self.layers if layer.contested})
+        self.policy.prepare({name: pair for layer in self.layers for name, pair in layer.pairs().items()})
 
     @property
     def installed(self) -> bool:

@@ -90,3 +90,24 @@ def reference_layer(x: Tensor, base: Tensor, subject: Delta, style: Delta, geome
             else:
                 out[r] = w * with_subject[r] + (1 - w) * with_style[r]
     return out, decided
+
+
+def reference_parts(x: Tensor, base: Tensor, parts: list[tuple[str, int, int, Delta | None, Delta | None]],
+                    geometry: LayerGeometry, unit_rows: list[tuple[int, list[int]]], options: EngineOptions,
+                    step: int = 0) -> tuple[Tensor, dict[tuple[str, int], tuple[float, float | None, float | None]]]:
+    """The fused output of a linear layer whose output channels are ``parts`` (name, start, length, subject delta,
+    style delta), and each contested part's decision per unit: every part on its own channels only, as
+    :func:`reference_layer` does a whole layer; a part one LoRA touches gets that delta; other channels keep the
+    base."""
+    out = base.clone()
+    decided = {}
+    for name, start, length, subject, style in parts:
+        own = LayerGeometry("linear", (length, *geometry.weight_shape[1:]))
+        channels = slice(start, start + length)
+        if subject is None or style is None:
+            out[..., channels] = candidate(x, base[..., channels], subject or style, own)
+            continue
+        fused, by_unit = reference_layer(x, base[..., channels], subject, style, own, unit_rows, options, step=step)
+        out[..., channels] = fused
+        decided.update({(name, unit): values for unit, values in by_unit.items()})
+    return out, decided

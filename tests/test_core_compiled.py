@@ -58,6 +58,17 @@ def test_the_compiled_kernels_give_the_standard_sums(fresh, conv):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_channel_groups_are_compiled_too(fresh):
+    """The q, k, v of a fused projection measured as groups give the standard sums through the compiled kernels."""
+    fresh.setattr(compiled, "BACKEND", "aot_eager")
+    base, candidates = inputs(2, 64, 24, seed=2)
+    with torch.no_grad():
+        got, _ = divergence_sums(base, candidates, channel_dim=-1, options=MeasureOptions(compiled=True), groups=3)
+        expected, _ = divergence_sums(base, candidates, channel_dim=-1, options=MeasureOptions(), groups=3)
+    assert compiled.failure is None and got.shape == (2, 2, 3)
+    torch.testing.assert_close(got, expected)
+
+
 def test_a_failing_compiler_is_said_once_and_the_standard_path_takes_over(fresh, capsys):
     def broken(fn, **kwargs):
         def run(*args):

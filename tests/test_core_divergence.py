@@ -209,3 +209,42 @@ def test_bad_arguments_are_named():
         MeasureOptions("x")
     with pytest.raises(ValueError, match="differ in shape"):
         divergences(torch.zeros(1, 2), torch.zeros(2, 1, 3), channel_dim=-1)
+
+
+@pytest.mark.parametrize("measure", divergence.MEASURES)
+@pytest.mark.parametrize("shape", [(3, 7, 12), (3, 12)])
+def test_channel_groups_are_each_measured_as_a_distribution_of_their_own(measure, shape):
+    """The q, k and v of a fused projection: each group's divergence is that of its channels alone."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(shape, generator=g) * 2
+    candidates = base + torch.randn((2, *shape), generator=g)
+    options = MeasureOptions(measure, temperature=0.8, standardize=True, max_tokens=5)
+    grouped, tokens = divergence.divergence_sums(base, candidates, channel_dim=-1, options=options, groups=3)
+    assert grouped.shape == (2, 3, 3)
+    for group in range(3):
+        channels = slice(4 * group, 4 * group + 4)
+        alone, alone_tokens = divergence.divergence_sums(base[..., channels], candidates[..., channels],
+                                                         channel_dim=-1, options=options)
+        assert alone_tokens == tokens
+        torch.testing.assert_close(grouped[..., group], alone)
+
+
+def test_grouped_chunks_add_up_to_the_whole_and_respect_the_budget():
+    base, candidates = torch.randn(2, 40, 24), torch.randn(2, 2, 40, 24)
+    options = MeasureOptions("kl")
+    whole, _ = divergence.divergence_sums(base, candidates, channel_dim=-1, options=options, groups=4,
+                                          budget_bytes=1 << 30)
+    budget = 4 * 1024
+    chunked, _ = divergence.divergence_sums(base, candidates, channel_dim=-1, options=options, groups=4,
+                                            budget_bytes=budget)
+    torch.testing.assert_close(chunked, whole)
+    assert peak_extra_bytes(base, candidates, channel_dim=-1, options=options, budget_bytes=budget, groups=4) <= budget
+
+
+def test_groups_need_linear_channels_they_divide():
+    with pytest.raises(ValueError, match="3 channel groups"):
+        divergence.divergence_sums(torch.zeros(1, 2, 5), torch.zeros(2, 1, 2, 5), channel_dim=-1,
+                                   options=MeasureOptions(), groups=3)
+    with pytest.raises(ValueError, match="2 channel groups"):
+        divergence.divergence_sums(torch.zeros(1, 4, 3, 3), torch.zeros(2, 1, 4, 3, 3), channel_dim=1,
+                                   options=MeasureOptions(), groups=2)

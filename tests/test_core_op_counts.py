@@ -23,11 +23,11 @@ def low_rank(layer, seed, kernel=()):
                         torch.randn(out_ch, RANK, *up_kernel, generator=g) * 0.05, alpha=8.0, strength=0.8)
 
 
-def ops_per_hooked_call(layer, x, options, layout, budget=None):
+def ops_per_hooked_call(layer, x, options, layout, budget=None, targets=None):
     """Operations the hook adds to one call of ``layer`` at a step it has not decided yet."""
     kernel = (3, 3) if isinstance(layer, torch.nn.Conv2d) else ()
-    session = FusionSession([LayerTarget("layer", layer, low_rank(layer, 1, kernel), low_rank(layer, 2, kernel))],
-                            options)
+    targets = targets or [LayerTarget("layer", layer, low_rank(layer, 1, kernel), low_rank(layer, 2, kernel))]
+    session = FusionSession(targets, options)
     unbounded = mock.patch.object(fusion, "divergence_sums", _unbounded) if budget == "unbounded" else mock.patch.object(
         fusion, "divergence_sums", fusion.divergence_sums)
     with torch.no_grad(), unbounded:
@@ -93,3 +93,47 @@ def test_a_step_that_keeps_its_decisions_measures_nothing():
     decided = ops_per_hooked_call(LINEAR, linear_input(1), EngineOptions(), BatchLayout.a1111(1), "unbounded")
     kept = ops_per_hooked_call(LINEAR, linear_input(1), EngineOptions(decide_every=2), BatchLayout.a1111(1), "unbounded")
     assert kept <= decided - 6
+
+
+# ---- layers made of parts: FLUX's fused q, k, v projection and its single blocks' linear1 --------------------------
+HIDDEN = 64
+
+
+def sliced(parts, seed=1):
+    """A linear layer whose output channels are ``parts`` (name, start, length), each with both LoRAs."""
+    layer = torch.nn.Linear(HIDDEN, max(start + length for _, start, length in parts))
+    targets = []
+    for name, start, length in parts:
+        shape = torch.nn.Linear(HIDDEN, length)
+        targets.append(LayerTarget(f"layer:{name}", layer, low_rank(shape, seed), low_rank(shape, seed + 1),
+                                   (start, length)))
+    return layer, targets
+
+
+QKV = [(name, i * HIDDEN, HIDDEN) for i, name in enumerate("qkv")]
+LINEAR1 = [*QKV, ("mlp", 3 * HIDDEN, 4 * HIDDEN)]
+
+
+def sliced_ops(parts, options, images=1):
+    layer, targets = sliced(parts)
+    return ops_per_hooked_call(layer, torch.randn(2 * images, 64, HIDDEN), options, BatchLayout.a1111(images),
+                               "unbounded", targets)
+
+
+def test_a_fused_qkv_decides_its_three_parts_within_30_operations_whatever_their_number():
+    """Equal neighbouring parts share every product and one grouped divergence: q, k, v cost what six parts do."""
+    six = [(str(i), i * HIDDEN, HIDDEN) for i in range(6)]
+    assert sliced_ops(QKV, EngineOptions()) == sliced_ops(six, EngineOptions()) <= 30
+    assert sliced_ops(QKV, EngineOptions(), images=3) == sliced_ops(QKV, EngineOptions())
+
+
+def test_each_further_run_of_parts_adds_its_own_products_and_divergence():
+    """FLUX's linear1: the q, k, v run and the four times longer MLP input, measured apart."""
+    qkv, linear1 = sliced_ops(QKV, EngineOptions()), sliced_ops(LINEAR1, EngineOptions())
+    assert qkv < linear1 <= qkv + 28
+
+
+@pytest.mark.parametrize("method", ["static", "switch", "k-lora"])
+def test_the_fixed_weight_methods_on_parts_cost_a_product_per_run(method):
+    assert sliced_ops(QKV, EngineOptions(method=method)) <= 14
+    assert sliced_ops(LINEAR1, EngineOptions(method=method)) <= 26

@@ -158,38 +158,6 @@ def test_hires_fix_takes_over_again_for_the_second_pass(host):
     assert [log.steps for log in script.job.logs(0)] == [[0, 1], [0, 1]]
 
 
-def crash_at_step_1(host, monkeypatch, inside_unet: bool) -> list[int]:
-    """Sampling raises at step 1: in the sampler between two UNet calls, or inside the UNet call (a layer's
-    forward, as an out-of-memory error would). Returns the number of hooks on the model when it raised."""
-    model = host.sd_model.forge_objects_original.unet.model
-    real = host.kdiffusion.sample_euler
-    hooks_at_error = []
-
-    def raise_now():
-        hooks_at_error.append(hooks_on(model))
-        raise RuntimeError("out of memory")
-
-    def crashing(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        def at_step(d):
-            if d["i"] == 1:
-                raise_now()
-            callback(d)
-        return real(model, x, sigmas, extra_args=extra_args, callback=at_step, disable=disable)
-
-    layer_calls = []
-
-    def crashing_layer(module, args):
-        layer_calls.append(1)
-        if len(layer_calls) == 2:
-            raise_now()
-
-    if inside_unet:
-        monkeypatch.setattr(model.get_submodule(CONTESTED), "_forward_pre_hooks", {0: crashing_layer})
-    else:
-        monkeypatch.setattr(host.kdiffusion, "sample_euler", crashing)
-    return hooks_at_error
-
-
 @pytest.mark.parametrize("inside_unet", [False, True], ids=["between-unet-calls", "inside-a-unet-call"])
 def test_an_exception_during_sampling_leaves_no_hook(host, monkeypatch, inside_unet):
     clean, _ = host.txt2img(fh.PROMPT, steps=3)
@@ -197,7 +165,7 @@ def test_an_exception_during_sampling_leaves_no_hook(host, monkeypatch, inside_u
     script = fh.AdapterScript(host, ForgeAdapter(), DynFuseSettings(enabled=True))
     runner = host.scripts.ScriptRunner([script])
     with monkeypatch.context() as patch:
-        hooks_at_error = crash_at_step_1(host, patch, inside_unet)
+        hooks_at_error = fh.crash_at_step_1(host, patch, inside_unet, CONTESTED)
         with pytest.raises(RuntimeError, match="out of memory"):
             host.txt2img(fh.PROMPT, runner=runner, steps=3)
     assert (hooks_at_error[0] > 0) == inside_unet
@@ -428,11 +396,14 @@ def test_norm_layer_patches_stay_with_forge_and_the_rest_is_fused(host, tmp_path
     fused, p = host.txt2img(fh.PROMPT, runner=runner, steps=2, enable_hr=True)
     out = capsys.readouterr().out
     assert "could not take over" not in out
-    assert out.count("input_blocks.1.1.norm keeps the subject LoRA merged statically") == 1  # not once per pass
+    # One line for the two norm layers (not once per layer, nor once per pass).
+    line = ("DynFuse: diffusion_model.input_blocks.1.1.norm and 1 more layers keep the subject LoRA merged statically "
+            "(not a Linear or Conv2d layer: weight of shape [8])")
+    assert [text for text in out.splitlines() if "merged statically" in text] == [line]
     static = next(patches for key, patches in kept.items() if key[0].endswith("subj.safetensors" + STATIC_SUFFIX))
     assert sorted(static) == ["diffusion_model.input_blocks.1.1.norm.bias", "diffusion_model.input_blocks.1.1.norm.weight",
                               "diffusion_model.input_blocks.1.1.transformer_blocks.0.norm1.weight"]
-    assert "input_blocks.1.1.norm keeps the subject LoRA merged statically" in p.extra_generation_params[NOTE_KEY]
+    assert line.removeprefix("DynFuse: ") in p.extra_generation_params[NOTE_KEY]
     assert len(script.job.last_log.layers) > 0
     # Output-space deltas instead of merged weights, over two passes: equal up to fp32 rounding.
     torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-3, atol=1e-3)
@@ -540,7 +511,7 @@ def test_per_pass_hooks_left_by_an_exception_go_at_the_next_job(host, monkeypatc
     script, _ = dynfuse(host)
     runner = host.scripts.ScriptRunner([script, WrapperScript()])
     with monkeypatch.context() as patch:
-        crash_at_step_1(host, patch, inside_unet=True)
+        fh.crash_at_step_1(host, patch, True, CONTESTED)
         with pytest.raises(RuntimeError, match="out of memory"):
             host.txt2img(fh.PROMPT, runner=runner, steps=3)
     assert hooks_on(model) > 0                        # no wrapper of ours around the call, postprocess never ran

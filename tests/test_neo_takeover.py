@@ -185,23 +185,8 @@ def test_an_exception_during_sampling_leaves_no_hook_and_the_next_image_is_clean
     clean, _ = host.txt2img(nh.PROMPT, steps=3)
     weights = nh.unet_weights(host.sd_model)
     script, runner = nh.dynfuse(host)
-    model = host.sd_model.forge_objects_original.unet.model
     with monkeypatch.context() as patch:
-        if inside_unet:  # in a layer's forward, as an out-of-memory error would
-            def crash(module, args):
-                if script.job.session.clock.index == 1:
-                    raise RuntimeError("out of memory")
-            patch.setattr(model.get_submodule(CONTESTED), "_forward_pre_hooks", {0: crash})
-        else:  # in the sampler, between two UNet calls
-            real = host.kdiffusion.sample_euler
-
-            def crashing(model, x, sigmas, extra_args=None, callback=None, disable=None):
-                def at_step(d):
-                    if d["i"] == 1:
-                        raise RuntimeError("out of memory")
-                    callback(d)
-                return real(model, x, sigmas, extra_args=extra_args, callback=at_step, disable=disable)
-            patch.setattr(host.kdiffusion, "sample_euler", crashing)
+        nh.crash_at_step_1(host, patch, inside_unet, CONTESTED)
         with pytest.raises(RuntimeError, match="out of memory"):
             host.txt2img(nh.PROMPT, runner=runner, steps=3)
     assert hooks_on(host) == 0

@@ -5,8 +5,8 @@ Forge files each LoRA's patches under its own key, `unet.lora_patches[(file, str
 {model_key: [[strength, patch, strength_model, offset, function], ...]}`, and re-merges the store only when the
 list of keys changes (`LoraLoader.refresh`). The clone's store is a shallow copy: DynFuse drops the subject's and
 style's keys from it and never edits the per-file dicts, which Forge's cached patchers share. Patches DynFuse cannot
-fuse (Flux slices, `strength_model` != 1, norm layers) go back under a renamed key, where the LoRA was, so that
-Forge merges them (and notices a strength override: the key carries the strength).
+fuse (`strength_model` != 1, norm layers, DoRA-type patches on a quantised weight) go back under a renamed key,
+where the LoRA was, so that Forge merges them (and notices a strength override: the key carries the strength).
 """
 
 from __future__ import annotations

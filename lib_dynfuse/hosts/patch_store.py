@@ -84,9 +84,10 @@ class Split:
 
 def split_patches(model: torch.nn.Module, taken: list[Taken], overrides: dict[str, float | None],
                   base_weight: BaseWeight, merge: Merge) -> Split:
-    """Turn the subject's and style's entries into layer targets (one delta per LoRA and layer); a layer whose
-    patches no hook can add stays with the host, at the strength override if one is set."""
-    from lib_dynfuse.session import LayerTarget
+    """Turn the subject's and style's entries into layer targets (one delta per LoRA and layer, or per part of a
+    fused layer whose patches are slices of it); the entries of a layer no hook can add stay with the host, at the
+    strength override if one is set."""
+    from lib_dynfuse.hosts.fused_layers import layer_targets
 
     # module path -> role -> "weight" | "bias" -> entries
     layers: dict[str, dict[str, dict[str, list]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
@@ -98,46 +99,64 @@ def split_patches(model: torch.nn.Module, taken: list[Taken], overrides: dict[st
             origin[(item.role, path)] = item
 
     split = Split()
+    refused: dict[tuple[str, str], list[str]] = {}  # (role, why) -> the layers that keep that LoRA merged
     for path, by_role in layers.items():
-        deltas: dict[str, Any] = {}
+        pieces: dict[str, list[Piece]] = {}
         for role, params in by_role.items():
             override = overrides.get(role)
             try:
                 module = model.get_submodule(path)
-                check_fusable(module)
-                deltas[role] = layer_delta(params, path, base_weight(f"{path}.weight", module), override, merge)
+                pieces[role] = layer_pieces(params, path, module, lambda: base_weight(f"{path}.weight", module),
+                                            override, merge)
             except (NotFusable, AttributeError) as e:
                 source = origin[(role, path)].source
                 kept = split.kept.setdefault(source, {})
                 for param, entries in params.items():
                     kept[f"{path}.{param}"] = [
                         (entry, entry if override is None else with_strength(entry, override)) for entry in entries]
-                split.notes.append(f"{path} keeps the {role} LoRA merged statically ({e})")
-        if deltas:
-            split.targets.append(LayerTarget(path, model.get_submodule(path), deltas.get("subject"),
-                                             deltas.get("style")))
-    if len(split.notes) > 3:
-        split.notes = split.notes[:2] + [f"... and {len(split.notes) - 2} more layers kept static"]
+                refused.setdefault((role, str(e)), []).append(path)
+        if pieces:
+            split.targets += layer_targets(path, model.get_submodule(path), pieces)
+    for (role, why), paths in refused.items():
+        layers_keep = f"{paths[0]} keeps" if len(paths) == 1 else f"{paths[0]} and {len(paths) - 1} more layers keep"
+        split.notes.append(f"{layers_keep} the {role} LoRA merged statically ({why})")
     return split
 
 
 # ---- entries -> deltas ------------------------------------------------------------------------------
-def check_fusable(module: torch.nn.Module) -> None:
-    """Hooks add a delta to a Linear's or Conv2d's output only (a norm layer's patches stay with the host's merge)."""
+@dataclass(frozen=True)
+class Piece:
+    """One LoRA's delta on output channels [start, start + length) of a layer (all of them, or a slice)."""
+
+    start: int
+    length: int
+    delta: Any  # lib_dynfuse.deltas.Delta
+
+
+def layer_geometry(module: torch.nn.Module) -> Any:
+    """The module's LayerGeometry, or NotFusable: hooks add a delta to a Linear's or Conv2d's output only (a norm
+    layer's patches stay with the host's merge)."""
     from lib_dynfuse.deltas import LayerGeometry
 
     try:
-        LayerGeometry.of(module)
+        return LayerGeometry.of(module)
     except ValueError as e:
         raise NotFusable(str(e)) from None
 
 
-def check_entry(entry: Sequence) -> None:
-    """An entry the hooks can add in full to the layer's output, or NotFusable."""
-    if entry[3] is not None:
-        # (dim, start, length): the patch covers a slice of a fused layer (Flux qkv, linear1); a hook would have to
-        # add its delta to that slice of the output only.
-        raise NotFusable("a patch on a slice of a fused layer")
+def check_entry(entry: Sequence, geometry: Any = None) -> None:
+    """An entry the hooks can add in full to the layer's output (or to a slice of its output channels), or
+    NotFusable."""
+    offset = entry[3]
+    if offset is not None:
+        dim, start, length = offset
+        if dim != 0:
+            raise NotFusable("a patch on a slice of the layer's input channels")
+        if geometry is not None and geometry.kind != "linear":
+            raise NotFusable("a patch on a slice of a convolution's output channels")
+        if geometry is not None and (start < 0 or length < 1 or start + length > geometry.out_channels):
+            raise NotFusable(f"a patch on channels [{start}, {start + length}) of a layer with "
+                             f"{geometry.out_channels}")
     if entry[2] != 1.0:
         raise NotFusable("the patch rescales the base weight")
     kind, values = payload_parts(entry[1])
@@ -145,15 +164,37 @@ def check_entry(entry: Sequence) -> None:
         raise NotFusable("the patch pads the layer's weight")
 
 
-def layer_delta(params: dict[str, list], path: str, base_weight: torch.Tensor, override: float | None, merge: Merge):
-    """One LoRA's contribution to one layer from its entries (weight and optional bias)."""
-    from lib_dynfuse.deltas import DenseDelta, LowRankDelta
+def quantised(weight: torch.Tensor) -> bool:
+    """A weight stored quantised (GGUF, bitsandbytes NF4/FP4, int8): its values cannot be read as a float tensor."""
+    return (getattr(weight, "gguf_cls", None) is not None or getattr(weight, "quant_state", None) is not None
+            or not weight.dtype.is_floating_point)
 
-    weight_entries, bias_entries = params.get("weight", []), params.get("bias", [])
+
+def layer_pieces(params: dict[str, list], path: str, module: torch.nn.Module, base_weight: Callable[[], torch.Tensor],
+                 override: float | None, merge: Merge) -> list[Piece]:
+    """One LoRA's deltas on one layer from its entries (weight and optional bias): one piece for the whole layer,
+    or one per slice of the output channels its patches cover (the q, k and v of a fused projection)."""
+    geometry = layer_geometry(module)
     if set(params) - {"weight", "bias"}:
         raise NotFusable(f"patches on {sorted(set(params) - {'weight', 'bias'})}")
-    for entry in weight_entries + bias_entries:
-        check_entry(entry)
+    by_channels: dict[tuple[int, int], dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for param, entries in params.items():
+        for entry in entries:
+            check_entry(entry, geometry)
+            start, length = (0, geometry.out_channels) if entry[3] is None else entry[3][1:]
+            by_channels[(start, length)][param].append(entry)
+    return [Piece(start, length, layer_delta(group, path, geometry, base_weight, override, merge, (start, length)))
+            for (start, length), group in sorted(by_channels.items())]
+
+
+def layer_delta(params: dict[str, list], path: str, geometry: Any, base_weight: Callable[[], torch.Tensor],
+                override: float | None, merge: Merge, channels: tuple[int, int] | None = None):
+    """One LoRA's contribution to one layer (or to output channels ``channels`` = (start, length) of it) from its
+    entries on those channels (weight and optional bias)."""
+    from lib_dynfuse.deltas import DenseDelta, LowRankDelta
+
+    start, length = channels or (0, geometry.out_channels)
+    weight_entries, bias_entries = params.get("weight", []), params.get("bias", [])
     strengths = {override if override is not None else float(e[0]) for e in weight_entries + bias_entries}
 
     plain = _plain_lora(weight_entries)
@@ -163,10 +204,12 @@ def layer_delta(params: dict[str, list], path: str, base_weight: torch.Tensor, o
         return LowRankDelta(down=down, up=up, mid=mid, alpha=alpha, strength=strengths.pop(),
                             bias=_bias_diff(bias_entries, 1.0))
     bias = _bias_diff(bias_entries, override)
+    rows = (length, *geometry.weight_shape[1:])
     if not weight_entries:
-        return DenseDelta(torch.zeros_like(base_weight, dtype=torch.float32), bias=bias)
-    return DenseDelta(_dense_weight(weight_entries, f"{path}.weight", base_weight, override, merge), bias=bias,
-                      rank=nominal_rank(weight_entries))
+        return DenseDelta(torch.zeros(rows), bias=bias)
+    # The host's merge narrows to a patch's slice itself: it gets the whole weight, and its slice is taken after.
+    weight = _dense_weight(weight_entries, f"{path}.weight", geometry, base_weight, override, merge)
+    return DenseDelta(weight.narrow(0, start, length).reshape(rows), bias=bias, rank=nominal_rank(weight_entries))
 
 
 def nominal_rank(entries: list) -> int | None:
@@ -212,17 +255,20 @@ def _bias_diff(entries: list, override: float | None) -> torch.Tensor | None:
     return total
 
 
-def _dense_weight(entries: list, key: str, base_weight: torch.Tensor, override: float | None,
-                  merge: Merge) -> torch.Tensor:
+def _dense_weight(entries: list, key: str, geometry: Any, base_weight: Callable[[], torch.Tensor],
+                  override: float | None, merge: Merge) -> torch.Tensor:
     """ΔW exactly as the host merges these entries: its merge on the base weight, minus the base weight.
 
-    Types whose delta does not depend on the weight are merged onto zeros, so ΔW carries no rounding of W. The merge
-    gets a tensor of its own: some hosts' merges work in place."""
+    Types whose delta does not depend on the weight are merged onto zeros, so ΔW carries no rounding of W (nor needs
+    a weight stored quantised). The merge gets a tensor of its own: some hosts' merges work in place."""
     if override is not None:
         entries = [with_strength(e, override) for e in entries]
-    base = base_weight.detach().float()
     if not any(_weight_dependent(e[1]) for e in entries):
-        return merge(entries, torch.zeros_like(base), key)
+        return merge(entries, torch.zeros(geometry.weight_shape), key)
+    weight = base_weight()
+    if quantised(weight):
+        raise NotFusable("the patch (DoRA, GLoRA, OFT, ...) needs the layer's weight, which is stored quantised")
+    base = weight.detach().float()
     return merge(entries, base.clone(), key) - base
 
 

@@ -28,9 +28,10 @@ def _is_host_module(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15", paths: list[str] = PATHS):
-    """The fake Forge with a loaded model ("sd15" or "sdxl"); yields a namespace of its modules. ``paths``: the
-    host's folders (tests/fakehost/neo/neo_harness.py puts the fake Forge Neo's first)."""
+def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15", paths: list[str] = PATHS, **dtypes):
+    """The fake Forge with a loaded model ("sd15", "sdxl" or "flux"; ``dtypes``: its storage_dtype and
+    computation_dtype); yields a namespace of its modules. ``paths``: the host's folders
+    (tests/fakehost/neo/neo_harness.py puts the fake Forge Neo's first)."""
     saved = {k: v for k, v in sys.modules.items() if _is_host_module(k)}
     for k in saved:
         del sys.modules[k]
@@ -45,7 +46,7 @@ def forge_host(lora_dir: Path, seed: int = 0, family: str = "sd15", paths: list[
             shared.cmd_opts.lora_dir = str(lora_dir)
             shared.state.begin()
             loader = importlib.import_module("backend.loader")
-            shared.sd_model = loader.forge_loader(seed, family)
+            shared.sd_model = loader.forge_loader(seed, family, **dtypes)
             extra_networks = importlib.import_module("modules.extra_networks")
             extra_networks_lora = importlib.import_module("extra_networks_lora")
             extra_networks.register_extra_network(extra_networks_lora.ExtraNetworkLora())
@@ -148,7 +149,8 @@ def sdxl_kohya_keys(sd_model) -> dict[str, str]:
 
 
 def lora_keys(sd_model) -> dict[str, str]:
-    return sdxl_kohya_keys(sd_model) if sd_model.is_sdxl else kohya_keys()
+    """forge weight key -> kohya key prefix: SD 1.5 LoRAs use diffusers names, SDXL and Flux ones the model's path."""
+    return kohya_keys() if sd_model.is_sd1 else sdxl_kohya_keys(sd_model)
 
 
 def write_lora(path: Path, sd_model, weight_keys, rank: int = 2, alpha: float | None = 1.0, seed: int = 0,
@@ -174,6 +176,123 @@ def write_lora(path: Path, sd_model, weight_keys, rank: int = 2, alpha: float | 
     tensors.update(extra or {})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     return path
+
+
+# ---- Flux LoRA files ------------------------------------------------------------------------------------------------
+def flux_diffusers_layers(sd_model) -> dict[str, tuple[int, int]]:
+    """The (out, in) shape of every Linear of the Flux transformer by its diffusers (FluxTransformer2DModel) name, as
+    ai-toolkit, SimpleTuner and diffusers' own LoRAs name them: q, k and v apart (to_q, add_k_proj), the single blocks'
+    MLP input as proj_mlp."""
+    config = sd_model.forge_objects_original.unet.model.diffusion_model.config
+    hidden = config["hidden_size"]
+    mlp = 4 * hidden
+    layers = {}
+    for i in range(config["depth"]):
+        block = f"transformer_blocks.{i}"
+        for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out"):
+            layers[f"{block}.attn.{name}"] = (hidden, hidden)
+        for ff in ("ff", "ff_context"):
+            layers[f"{block}.{ff}.net.0.proj"], layers[f"{block}.{ff}.net.2"] = (mlp, hidden), (hidden, mlp)
+        layers[f"{block}.norm1.linear"] = layers[f"{block}.norm1_context.linear"] = (6 * hidden, hidden)
+    for i in range(config["depth_single_blocks"]):
+        block = f"single_transformer_blocks.{i}"
+        for name in ("to_q", "to_k", "to_v"):
+            layers[f"{block}.attn.{name}"] = (hidden, hidden)
+        layers[f"{block}.proj_mlp"] = (mlp, hidden)
+        layers[f"{block}.proj_out"] = (hidden, hidden + mlp)
+        layers[f"{block}.norm.linear"] = (3 * hidden, hidden)
+    return layers
+
+
+def write_flux_lora(path: Path, sd_model, layout: str, layers: list[str], rank: int = 2, seed: int = 0,
+                    scale: float = 0.3, alpha: float | None = None, extra: dict | None = None) -> Path:
+    """A Flux LoRA touching ``layers`` in one of the key layouts users meet:
+
+    * "kohya" (sd-scripts): ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` / ``lora_up`` / ``alpha``,
+      layers named by the model's paths (a fused qkv or linear1 is one layer);
+    * "bfl": the model's own paths under ``diffusion_model.`` with peft factors, ``….img_attn.qkv.lora_A.weight`` /
+      ``lora_B`` (ComfyUI's and BFL's naming);
+    * "diffusers": diffusers names under ``transformer.`` with peft factors (``transformer.transformer_blocks.0.attn.
+      to_q.lora_A.weight``), q, k, v and the MLP input of a fused layer apart (flux_diffusers_layers).
+    """
+    g = torch.Generator().manual_seed(seed)
+    model = sd_model.forge_objects_original.unet.model.diffusion_model
+    shapes = flux_diffusers_layers(sd_model) if layout == "diffusers" else {
+        name: tuple(model.get_submodule(name).weight.shape) for name in layers}
+    prefix = {"kohya": lambda n: "lora_unet_" + n.replace(".", "_"), "bfl": lambda n: f"diffusion_model.{n}",
+              "diffusers": lambda n: f"transformer.{n}"}[layout]
+    down_up = ("lora_down", "lora_up") if layout == "kohya" else ("lora_A", "lora_B")
+    tensors = {}
+    for name in layers:
+        out_features, in_features = shapes[name]
+        key = prefix(name)
+        tensors[f"{key}.{down_up[0]}.weight"] = torch.randn(rank, in_features, generator=g) * scale
+        tensors[f"{key}.{down_up[1]}.weight"] = torch.randn(out_features, rank, generator=g) * scale
+        if alpha is not None:
+            tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+    tensors.update(extra or {})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def flux_qkv(block: str, diffusers: bool = True) -> list[str]:
+    """One Flux block's q, k, v LoRA layers ("double 0", "single 1"): diffusers names, or the fused layer."""
+    kind, i = block.split()
+    if kind == "double":
+        return [f"transformer_blocks.{i}.attn.to_{x}" for x in "qkv"] if diffusers else [f"double_blocks.{i}.img_attn.qkv"]
+    if diffusers:
+        return [f"single_transformer_blocks.{i}.attn.to_{x}" for x in "qkv"] + [f"single_transformer_blocks.{i}.proj_mlp"]
+    return [f"single_blocks.{i}.linear1"]
+
+
+def write_flux_loras(lora_dir: Path, sd_model, subject: str = "diffusers", style: str = "diffusers") -> None:
+    """subj and style, in the given layouts, both on the image q, k, v of the first double block and on the single
+    blocks' linear1 (q, k, v and the MLP input); subj also on the first block's text q, k, v, style on the second
+    block's image q, k, v; other (kohya) on those fused layers and the MLPs, merged by the WebUI throughout."""
+    shared = flux_qkv("double 0", subject == "diffusers") + flux_qkv("single 0", subject == "diffusers") + \
+        flux_qkv("single 1", subject == "diffusers")
+    subject_only = ([f"transformer_blocks.0.attn.add_{x}_proj" for x in "qkv"] if subject == "diffusers"
+                    else ["double_blocks.0.txt_attn.qkv"])
+    style_layers = flux_qkv("double 0", style == "diffusers") + flux_qkv("single 0", style == "diffusers") + \
+        flux_qkv("single 1", style == "diffusers") + flux_qkv("double 1", style == "diffusers")
+    write_flux_lora(lora_dir / "subj.safetensors", sd_model, subject, shared + subject_only, seed=1)
+    write_flux_lora(lora_dir / "style.safetensors", sd_model, style, style_layers, rank=3, seed=2, alpha=1.5)
+    write_flux_lora(lora_dir / "other.safetensors", sd_model, "kohya",
+                    ["double_blocks.0.img_attn.qkv", "double_blocks.1.img_mlp.0", "single_blocks.0.linear1",
+                     "single_blocks.1.linear2"], seed=3, alpha=2.0)
+
+
+def crash_at_step_1(host, monkeypatch, inside_unet: bool, layer: str) -> list[int]:
+    """Sampling raises at step 1: in the sampler between two UNet calls, or inside the UNet call (in the forward of
+    the model's ``layer``, as an out-of-memory error would). Returns the number of hooks on the model when it
+    raised."""
+    model = host.sd_model.forge_objects_original.unet.model
+    real = host.kdiffusion.sample_euler
+    hooks_at_error = []
+
+    def raise_now():
+        hooks_at_error.append(sum(len(m._forward_hooks) for m in model.modules()))
+        raise RuntimeError("out of memory")
+
+    def crashing(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        def at_step(d):
+            if d["i"] == 1:
+                raise_now()
+            callback(d)
+        return real(model, x, sigmas, extra_args=extra_args, callback=at_step, disable=disable)
+
+    layer_calls = []
+
+    def crashing_layer(module, args):
+        layer_calls.append(1)
+        if len(layer_calls) == 2:
+            raise_now()
+
+    if inside_unet:
+        monkeypatch.setattr(model.get_submodule(layer), "_forward_pre_hooks", {0: crashing_layer})
+    else:
+        monkeypatch.setattr(host.kdiffusion, "sample_euler", crashing)
+    return hooks_at_error
 
 
 def unet_weights(sd_model) -> dict[str, torch.Tensor]:

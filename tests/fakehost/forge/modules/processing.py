@@ -65,7 +65,9 @@ class StableDiffusionProcessing:
 
     def noise(self, shape_hw):
         h, w = shape_hw
-        return torch.stack([torch.randn(4, h, w, generator=torch.Generator().manual_seed(s)) for s in self.seeds])
+        channels = shared.sd_model.forge_objects.vae.latent_channels  # 16 for Flux (process_images_inner l.943)
+        return torch.stack([torch.randn(channels, h, w, generator=torch.Generator().manual_seed(s))
+                            for s in self.seeds])
 
     def init(self, all_prompts, all_seeds, all_subseeds):
         pass

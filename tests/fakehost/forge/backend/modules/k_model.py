@@ -1,7 +1,12 @@
 # Fake of backend/modules/k_model.py and backend/modules/k_prediction.py (stable-diffusion-webui-forge dfdcbab6).
 # Kept: KModel.apply_model's signature and order (calculate_input, timestep, diffusion_model(...,
-# transformer_options=..., **extra conds such as SDXL's y), calculate_denoised) and the EPS predictor of SD 1.5
-# and SDXL (scaled-linear betas, k-diffusion sigma space: x = x0 + sigma * eps). Simplified: EPS only.
+# transformer_options=..., **extra conds such as SDXL's y, Flux's y and guidance), calculate_denoised); the EPS
+# predictor of SD 1.5 and SDXL (scaled-linear betas, k-diffusion sigma space: x = x0 + sigma * eps) and Flux's
+# flow predictor PredictionFlux ('const': the input goes in as it is, x = (1 - sigma) * x0 + sigma * noise, the
+# timestep is sigma, 10000 sigmas time-shifted by mu from diffusers' calculate_shift; schnell: mu = 1).
+# Simplified: no v-prediction or EDM.
+import math
+
 import torch
 
 
@@ -52,6 +57,37 @@ class Prediction(torch.nn.Module):
         else:
             noise = noise * sigma
         return noise + latent_image
+
+
+class PredictionFlux(Prediction):
+    def __init__(self, seq_len=4096, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15,
+                 pseudo_timestep_range=10000, mu=None):
+        torch.nn.Module.__init__(self)
+        if mu is None:
+            slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+            mu = seq_len * slope + base_shift - slope * base_seq_len
+        self.mu = mu
+        t = torch.arange(1, pseudo_timestep_range + 1, 1, dtype=torch.float64) / pseudo_timestep_range
+        self.set_sigmas(math.exp(mu) / (math.exp(mu) + (1 / t - 1)))
+
+    def timestep(self, sigma):
+        return sigma
+
+    def sigma(self, timestep):
+        return timestep
+
+    def percent_to_sigma(self, percent):
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return 1.0 - percent
+
+    def calculate_input(self, sigma, noise):
+        return noise
+
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+        return sigma * noise + (1.0 - sigma) * latent_image
 
 
 class KModel(torch.nn.Module):

@@ -1,12 +1,19 @@
 # Fake of backend/patcher/lora.py + packages_3rdparty/comfyui_lora_collection/lora.py
 # (stable-diffusion-webui-forge dfdcbab6).
-# Kept: the patch tuples load_lora produces ("lora", (up, down, alpha, mid, dora_scale)), ("loha", ...),
-# ("lokr", ...), ("diff", (w,)) for diff and LyCORIS w_norm (b_norm / diff_b on the bias); merge_lora_to_weight's
-# maths (fp32 on a copy, strength * alpha / rank, Tucker mid folded into down, DoRA through weight_decompose);
-# LoraLoader.refresh comparing only the key list, restoring the backed-up Parameters and writing merged weights
-# as NEW Parameters; the mutable default key_map={} of the key-map functions. Simplified: no glora/set/offset
-# patch types in load_lora, no bnb/gguf, SD 1.5 diffusers names come from tests/data/forge_sd15_unet_layers.tsv
-# instead of unet_to_diffusers.
+# Kept: the patch tuples load_lora produces ("lora", (up, down, alpha, mid, dora_scale)) from kohya
+# (lora_up / lora_down) and diffusers / peft (lora_B / lora_A) names, ("loha", ...), ("lokr", ...), ("diff", (w,)) for
+# diff and LyCORIS w_norm (b_norm / diff_b on the bias); model_lora_keys_unet's rules: every diffusion_model weight
+# under lora_unet_<path> and its own path (kohya and BFL names of Flux), and for a model whose repo names Flux the
+# diffusers names of comfyui_lora_collection/utils.py flux_to_diffusers under transformer. / lycoris_ /
+# lora_transformer_ prefixes -- q, k, v (to_q, add_k_proj, ...) and proj_mlp map to (fused key, (0, start, length))
+# slices of img_attn.qkv, txt_attn.qkv and linear1, norm_out.linear to the final adaLN with a scale/shift swap --;
+# merge_lora_to_weight's maths (fp32 on a copy, each patch narrowed to its offset, strength * alpha / rank, Tucker
+# mid folded into down, DoRA through weight_decompose, the patch's function on the delta); LoraLoader.refresh
+# comparing only the key list, restoring the backed-up Parameters and writing merged weights as NEW Parameters;
+# the mutable default key_map={} of the key-map functions; GGUF weights dequantized for the merge and quantized
+# again into the same parameter. Simplified: no glora/set patch types or BFL control LoRAs in load_lora, no bnb, SD
+# 1.5 diffusers names come from tests/data/forge_sd15_unet_layers.tsv instead of
+# unet_to_diffusers.
 import csv
 from pathlib import Path
 
@@ -27,6 +34,50 @@ def model_lora_keys_clip(model, key_map={}):
     return key_map
 
 
+def _swap_scale_shift(weight):
+    shift, scale = weight.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+# Flux blocks: diffusers' name -> the model's, per weight and bias.
+_FLUX_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "norm1.linear": "img_mod.lin",
+                "norm1_context.linear": "txt_mod.lin", "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+                "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+_FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
+_FLUX_BASIC = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+               "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+               "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+               "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+               "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+               "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+               "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}
+
+
+def flux_to_diffusers(config, output_prefix=""):
+    """diffusers' Flux names -> the model key, or (fused model key, (0, start, length)) for a slice of a fused layer,
+    or (model key, None, function) for a patch the merge transforms."""
+    hidden = config.get("hidden_size", 0)
+    key_map = {}
+    for end in ("weight", "bias"):
+        for i in range(config.get("depth", 0)):
+            ours, theirs = f"{output_prefix}double_blocks.{i}", f"transformer_blocks.{i}"
+            for n, letter in enumerate("qkv"):
+                key_map[f"{theirs}.attn.to_{letter}.{end}"] = (f"{ours}.img_attn.qkv.{end}", (0, n * hidden, hidden))
+                key_map[f"{theirs}.attn.add_{letter}_proj.{end}"] = (f"{ours}.txt_attn.qkv.{end}",
+                                                                       (0, n * hidden, hidden))
+            key_map.update({f"{theirs}.{a}.{end}": f"{ours}.{b}.{end}" for a, b in _FLUX_DOUBLE.items()})
+        for i in range(config.get("depth_single_blocks", 0)):
+            ours, theirs = f"{output_prefix}single_blocks.{i}", f"single_transformer_blocks.{i}"
+            for n, letter in enumerate("qkv"):
+                key_map[f"{theirs}.attn.to_{letter}.{end}"] = (f"{ours}.linear1.{end}", (0, n * hidden, hidden))
+            key_map[f"{theirs}.proj_mlp.{end}"] = (f"{ours}.linear1.{end}", (0, 3 * hidden, 4 * hidden))
+            key_map.update({f"{theirs}.{a}.{end}": f"{ours}.{b}.{end}" for a, b in _FLUX_SINGLE.items()})
+        key_map.update({f"{a}.{end}": f"{output_prefix}{b}.{end}" for a, b in _FLUX_BASIC.items()})
+        key_map[f"norm_out.linear.{end}"] = (f"{output_prefix}final_layer.adaLN_modulation.1.{end}", None,
+                                             _swap_scale_shift)
+    return key_map
+
+
 def model_lora_keys_unet(model, key_map={}):
     sd = model.state_dict()
     for k in sd.keys():
@@ -40,6 +91,13 @@ def model_lora_keys_unet(model, key_map={}):
         if k in sd:
             key_map[kohya] = k
             key_map["lycoris_" + kohya[len("lora_unet_"):]] = k
+    if "flux" in model.config.huggingface_repo.lower():
+        for k, to in flux_to_diffusers(model.diffusion_model.config, output_prefix="diffusion_model.").items():
+            if k.endswith(".weight"):
+                name = k[:-len(".weight")]
+                key_map["transformer.{}".format(name)] = to
+                key_map["lycoris_{}".format(name.replace(".", "_"))] = to
+                key_map["lora_transformer_{}".format(name.replace(".", "_"))] = to
     return key_map
 
 
@@ -62,9 +120,11 @@ def load_lora(lora, to_load):
         A_name = "{}.lora_up.weight".format(x)
         B_name = "{}.lora_down.weight".format(x)
         mid_name = "{}.lora_mid.weight".format(x)
+        if "{}.lora_B.weight".format(x) in lora.keys():
+            A_name, B_name, mid_name = "{}.lora_B.weight".format(x), "{}.lora_A.weight".format(x), None
         if A_name in lora.keys():
             mid = None
-            if mid_name in lora.keys():
+            if mid_name is not None and mid_name in lora.keys():
                 mid = lora[mid_name]
                 loaded_keys.add(mid_name)
             patch_dict[to_load[x]] = ("lora", (lora[A_name], lora[B_name], alpha, mid, dora_scale))
@@ -267,7 +327,19 @@ class LoraLoader:
             if key not in self.backup:
                 self.backup[key] = weight.to(device=offload_device)
 
+            gguf_cls = getattr(weight, 'gguf_cls', None)
+            gguf_parameter = None
+            if gguf_cls is not None:
+                gguf_parameter = weight
+                from backend.operations_gguf import dequantize_tensor
+                weight = dequantize_tensor(weight)
+
             weight = merge_lora_to_weight(current_patches, weight, key, computation_dtype=torch.float32)
+
+            if gguf_cls is not None:
+                gguf_cls.quantize_pytorch(weight, gguf_parameter)
+                continue
+
             utils.set_attr_raw(self.model, key, torch.nn.Parameter(weight, requires_grad=False))
 
         set_parameter_devices(self.model, parameter_devices=parameter_devices)

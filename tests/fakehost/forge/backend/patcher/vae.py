@@ -11,10 +11,11 @@ from backend.patcher.base import ModelPatcher
 
 
 class TinyAutoencoderKL(torch.nn.Module):
-    def __init__(self, latent_channels=4, scaling_factor=0.18215):
+    def __init__(self, latent_channels=4, scaling_factor=0.18215, shift_factor=0.0):
         super().__init__()
+        self.latent_channels = latent_channels
         self.scaling_factor = scaling_factor
-        self.shift_factor = 0.0
+        self.shift_factor = shift_factor
         self.post_quant = torch.nn.Conv2d(latent_channels, 3, 1)
         self.quant = torch.nn.Conv2d(3, latent_channels, 1)
 
@@ -34,7 +35,7 @@ class TinyAutoencoderKL(torch.nn.Module):
 class VAE:
     def __init__(self, model):
         self.first_stage_model = model
-        self.latent_channels = 4
+        self.latent_channels = model.latent_channels
         self.patcher = ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
     def decode(self, samples_in):

@@ -1,7 +1,7 @@
 # Fake of backend/sampling/condition.py (stable-diffusion-webui-forge dfdcbab6).
 # Kept: Condition/ConditionCrossAttn (process_cond, can_concat, concat), compile_conditions,
-# compile_weighted_conditions (one cond entry per AND sub-prompt), SDXL's dict conds ('crossattn' and 'vector',
-# the latter becoming the UNet's y). Simplified: no 'guidance' (Flux) cond.
+# compile_weighted_conditions (one cond entry per AND sub-prompt), the dict conds of SDXL and Flux ('crossattn' and
+# 'vector', the latter becoming the model's y, and Flux's distilled 'guidance').
 import math
 
 import torch
@@ -42,8 +42,11 @@ def compile_conditions(cond):
     if isinstance(cond, torch.Tensor):
         return [dict(cross_attn=cond, model_conds=dict(c_crossattn=ConditionCrossAttn(cond)))]
     cross_attn, pooled_output = cond['crossattn'], cond['vector']
-    return [dict(cross_attn=cross_attn, pooled_output=pooled_output,
-                 model_conds=dict(c_crossattn=ConditionCrossAttn(cross_attn), y=Condition(pooled_output)))]
+    result = dict(cross_attn=cross_attn, pooled_output=pooled_output,
+                  model_conds=dict(c_crossattn=ConditionCrossAttn(cross_attn), y=Condition(pooled_output)))
+    if 'guidance' in cond:
+        result['model_conds']['guidance'] = Condition(cond['guidance'])
+    return [result]
 
 
 def compile_weighted_conditions(cond, weights):

@@ -1,9 +1,10 @@
 # Fake of modules_forge/packages/comfy/weight_adapter/lora.py (Forge Neo 2.26): LoRAAdapter.
 # Kept: name "lora", weights = (up, down, alpha, mid, dora_scale, reshape) from the kohya names (lora_up / lora_down /
-# lora_mid / reshape_weight; alpha and dora_scale handed in by load_lora); calculate_weight: reshape pads the weight,
+# lora_mid / reshape_weight) or the diffusers / peft ones (lora_B / lora_A); alpha and dora_scale handed in by
+# load_lora; calculate_weight: reshape pads the weight,
 # alpha / rank with rank = down's rows (1 without alpha), a Tucker mid folded into down, DoRA through
 # weight_decompose, else strength * alpha * up @ down added IN PLACE to the weight it is given, row chunk by row chunk.
-# No __getitem__ / __len__: the adapter is not a tuple. Simplified: only the kohya naming.
+# No __getitem__ / __len__: the adapter is not a tuple. Simplified: only the kohya and peft namings.
 import torch
 
 from backend import memory_management
@@ -18,9 +19,11 @@ class LoRAAdapter(WeightAdapterBase):
     def load(cls, x, lora, alpha, dora_scale, loaded_keys=None):
         loaded_keys = set() if loaded_keys is None else loaded_keys
         up_name, down_name, mid_name = f"{x}.lora_up.weight", f"{x}.lora_down.weight", f"{x}.lora_mid.weight"
+        if up_name not in lora and f"{x}.lora_B.weight" in lora:
+            up_name, down_name, mid_name = f"{x}.lora_B.weight", f"{x}.lora_A.weight", None
         if up_name not in lora:
             return None
-        mid = lora.get(mid_name)
+        mid = lora.get(mid_name) if mid_name is not None else None
         if mid is not None:
             loaded_keys.add(mid_name)
         reshape = None
