@@ -44,7 +44,7 @@ def test_static_fusion_gives_the_image_of_the_loras_merged_into_the_weights(mode
     layers = dict(model.unet.named_modules())
     subject = deltas_for_model(read_lora(model.subject_lora), model.unet, 0.8)
     style = deltas_for_model(read_lora(model.style_lora), model.unet, 0.6)
-    with merged({name: layers[name] for name in subject}, subject, style):
+    with merged({name: (layers[name], None) for name in subject}, subject, style):  # whole layers, no parts
         merge = model.generate(prompts, seeds, steps=4)
     plain = model.generate(prompts, seeds, steps=4)
     assert torch.allclose(fused, merge, atol=2e-4)
