@@ -388,7 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                         help="an engine option for the dynamic run, e.g. decide_every=2 or max_tokens=1024")
     parser.add_argument("--guidance", action="store_true", help="time one guided step per decoder instead")
+    parser.add_argument("--quality", nargs=argparse.REMAINDER, default=None, metavar="...",
+                        help="the scored comparison of every method in the bundled world model instead (--retrain "
+                             "first retrains its weights; --quality --help lists its options)")
     args = parser.parse_args(argv)
+    if args.quality is not None:
+        from lib_dynfuse.quality.bench import main as quality
+
+        return quality(args.quality)
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
     if args.guidance:
         from lib_dynfuse.guidance import bench as guidance_bench

@@ -1,5 +1,5 @@
 """``python -m lib_dynfuse inspect SUBJECT.safetensors STYLE.safetensors``: what two LoRAs hold and how they
-would be fused."""
+would be fused. ``python -m lib_dynfuse demo``: the static merge next to DynFuse in the bundled world model."""
 
 from __future__ import annotations
 
@@ -113,7 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd.add_argument("--klora-alpha", type=float, default=defaults.klora_alpha, help="K-LoRA schedule slope α")
     cmd.add_argument("--klora-beta", type=float, default=defaults.klora_beta, help="K-LoRA schedule offset β (S only)")
     cmd.add_argument("--klora-schedule", choices=KLORA_SCHEDULES, default=defaults.klora_schedule)
+    demo = commands.add_parser("demo", help="static merge vs DynFuse on one prompt of the bundled world model")
+    demo.add_argument("--out", default="dynfuse_demo.png", help="the PNG to write (default dynfuse_demo.png)")
+    demo.add_argument("--prompt", default=None, help='a prompt of the world (default "a sks, zwx style")')
+    demo.add_argument("--method", default="kl", help="the DynFuse method shown against the static merge")
+    demo.add_argument("--guidance", action="store_true", help="add guidance to the DynFuse row")
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
     options = EngineOptions(method="k-lora", klora_alpha=args.klora_alpha, klora_beta=args.klora_beta,
                             klora_schedule=args.klora_schedule)
     try:
@@ -123,4 +130,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {message.strip().splitlines()[0]}", file=sys.stderr)
         return 2
     print("\n".join(lines))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from lib_dynfuse.quality import demo
+
+    # The world model's operations are tiny: thread hand-offs cost more than they save, and on a busy machine
+    # a second thread that waits for a core slows every operation down many times.
+    torch.set_num_threads(1)
+    try:
+        demo.run(args.out, prompt=args.prompt or demo.DEMO_PROMPT, method=args.method, guidance=args.guidance)
+    except (OSError, ValueError) as error:  # missing weights, an unknown word or method: one line
+        print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
     return 0

@@ -194,10 +194,10 @@ class DynFuseSettings:
         0.5, "float", "guidance balance", "1 = subject (DINO) only, 0 = style (CLIP) only.", low=0.0, high=1.0
     )
     guidance_start: float = _setting(
-        0.2, "float", "guidance start", "Fraction of the schedule where guidance starts.", low=0.0, high=1.0
+        0.0, "float", "guidance start", "Fraction of the schedule where guidance starts.", low=0.0, high=1.0
     )
     guidance_end: float = _setting(
-        0.7,
+        1.0,
         "float",
         "guidance end",
         "Fraction of the schedule where guidance ends (after start).",

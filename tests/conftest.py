@@ -78,3 +78,13 @@ def klora_ranks(monkeypatch):
 
     monkeypatch.setattr(KLoraPolicy, "prepare", spy)
     return ranks
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The quality tests' models are tiny: one thread runs them fastest, and does not slow to a crawl when the
+    machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

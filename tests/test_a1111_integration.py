@@ -200,7 +200,7 @@ def test_readme_request_through_the_api(a1111):
     finally:
         scorers.unload()
     info = res["info"]
-    guidance = 'DynFuse guidance: "strength 0.2, balance 0.5, start 0.2, end 0.7, every 1, decoder auto"'
+    guidance = 'DynFuse guidance: "strength 0.2, balance 0.5, start 0, end 1, every 1, decoder auto"'
     for written in ("DynFuse method: kl", 'DynFuse subject: "my_dog:1"', 'DynFuse style: "watercolor:0.8"',
                     "DynFuse show map: True", guidance, "DynFuse selection: subject "):
         assert written in info

@@ -273,7 +273,8 @@ def test_epsilon_conversions_round_trip_and_match_x0_guidance():
     guided_eps = g.correct_eps(eps, x_t, abar, eps_uncond, progress=0.5, step=0)
     guided_x0 = g.correct(x0_from_eps(x_t, eps, abar), x0_from_eps(x_t, eps_uncond, abar), progress=0.5, step=0)
     torch.testing.assert_close(x0_from_eps(x_t, guided_eps, abar), guided_x0, rtol=1e-4, atol=1e-5)
-    assert g.correct_eps(eps, x_t, abar, progress=0.9, step=0) is eps
+    outside = guidance(GuidanceParams(start=0.2, end=0.7))
+    assert outside.correct_eps(eps, x_t, abar, progress=0.9, step=0) is eps  # past its window: untouched
 
 
 def curve_columns(image) -> list[int]:

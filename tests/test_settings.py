@@ -223,7 +223,7 @@ def test_api_coerces_sensible_types():
         ({"subject": 3}, "DynFuse: subject must be a string, not 3"),
         ({"style_ref": 12}, "DynFuse: style_ref must be a base64 string, not int"),
         ({"method": "KL"}, "DynFuse: method 'KL' is unknown; use one of kl, "),
-        ({"guidance_start": "0.9"}, "DynFuse: guidance_start (0.9) must be before guidance_end (0.7)"),
+        ({"guidance_start": "1"}, "DynFuse: guidance_start (1.0) must be before guidance_end (1.0)"),
     ],
 )
 def test_api_rejects_bad_values_with_the_key(payload, message):
@@ -310,7 +310,7 @@ def test_infotext_writes_non_defaults_that_matter():
         "DynFuse measure": "js",
         "DynFuse soft temperature": "0.25",
         "DynFuse show map": "True",
-        "DynFuse guidance": "strength 0.2, balance 0.5, start 0.2, end 0.8, every 1, decoder taesd",
+        "DynFuse guidance": "strength 0.2, balance 0.5, start 0, end 0.8, every 1, decoder taesd",
         "DynFuse show loss plot": "True",
         "DynFuse version": __version__,
     }  # switch_every and klora_alpha do not apply to kl-soft

@@ -37,8 +37,8 @@ class GuidanceParams:
     (0 = pure noise); every: guide steps whose index is a multiple of this."""
     strength: float = 0.2
     balance: float = 0.5
-    start: float = 0.2
-    end: float = 0.7
+    start: float = 0.0
+    end: float = 1.0
     every: int = 1
 
 
