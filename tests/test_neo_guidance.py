@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-from test_forge_isolation import forbid_forge_models_while_sampling
+from test_forge_isolation import GUIDED, forbid_forge_models_while_sampling
 
 from lib_dynfuse.settings import DynFuseSettings
 
@@ -21,10 +20,6 @@ pytest.importorskip("timm")
 _spec = importlib.util.spec_from_file_location("neo_harness", Path(__file__).parent / "fakehost/neo/neo_harness.py")
 nh = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(nh)
-
-GUIDED = {"guidance": True, "guidance_strength": 0.5, "guidance_start": 0.0, "guidance_end": 1.0,
-          "subject_refs": (Image.new("RGB", (32, 32), (250, 10, 10)),),
-          "style_ref": Image.new("RGB", (32, 32), (10, 10, 250))}
 
 
 @pytest.fixture
