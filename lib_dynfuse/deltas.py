@@ -6,7 +6,7 @@ output and both LoRA contributions separately at every step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,10 @@ class LayerGeometry:
     @property
     def out_channels(self) -> int:
         return self.weight_shape[0]
+
+    def with_out_channels(self, count: int) -> LayerGeometry:
+        """This layer cut to ``count`` of its output channels (a slice of a fused layer, as a layer of its own)."""
+        return replace(self, weight_shape=(count, *self.weight_shape[1:]))
 
 
 class LowRankDelta:
@@ -116,6 +120,11 @@ class LowRankDelta:
     def factor_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.down, self.up, self.mid, self.bias) if t is not None)
 
+    @property
+    def out_channels(self) -> int:
+        """The layer output channels the delta adds to (all of them, or a slice's)."""
+        return int(self.up.shape[0])
+
 
 class DenseDelta:
     """A full ΔW for LoRA types without a low-rank form (LoHa, LoKr, DoRA-adjusted): the host's own scale is
@@ -156,6 +165,11 @@ class DenseDelta:
 
     def factor_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.bias) if t is not None)
+
+    @property
+    def out_channels(self) -> int:
+        """The layer output channels the delta adds to (all of them, or a slice's)."""
+        return int(self.weight.shape[0])
 
 
 Delta = LowRankDelta | DenseDelta

@@ -52,7 +52,7 @@ def _same_kernels(deltas: list[LowRankDelta]) -> bool:
     return len({d.down.shape[2:] for d in deltas}) == 1
 
 
-def _padded(t: Tensor, dim: int, size: int) -> Tensor:
+def padded(t: Tensor, dim: int, size: int) -> Tensor:
     """``t`` with zeros appended along ``dim`` up to ``size``: a rank padded this way adds exact zeros."""
     missing = size - t.shape[dim]
     if missing == 0:
@@ -73,8 +73,8 @@ class _LowRankPair(PairKernel):
         self.rank = max(d.rank for d in self.pair if d is not None)
         self.device, self.dtype = device, dtype
         # Scales are folded in fp32 once here; the hooks see the layer's dtype.
-        self.downs = [None if d is None else _padded(d.down.float(), 0, self.rank) for d in self.pair]
-        self.ups = [None if d is None else _padded(d.up.float() * d.scale, 1, self.rank) for d in self.pair]
+        self.downs = [None if d is None else padded(d.down.float(), 0, self.rank) for d in self.pair]
+        self.ups = [None if d is None else padded(d.up.float() * d.scale, 1, self.rank) for d in self.pair]
         # (subject weight, style weight) -> the factors of weighted(); () when both weights are zero
         self._weighted: dict[tuple[float, float], tuple] = {}
 
@@ -124,7 +124,7 @@ class ConvLowRank(_LowRankPair):
         super().__init__(subject, style, device, dtype)
         self.geometry = geometry
         self.tucker = any(d is not None and d.mid is not None for d in self.pair)
-        self.mids = [None if d is None or d.mid is None else _padded(_padded(d.mid.float(), 0, self.rank), 1, self.rank)
+        self.mids = [None if d is None or d.mid is None else padded(padded(d.mid.float(), 0, self.rank), 1, self.rank)
                      for d in self.pair]
         if self.both:
             self.down = self._on_device(torch.cat(self.downs))

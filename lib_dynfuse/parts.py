@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lib_dynfuse.deltas import Delta, DenseDelta, LayerGeometry, LowRankDelta
-from lib_dynfuse.pair import DeltaByDelta
+from lib_dynfuse.pair import DeltaByDelta, padded
 
 # What one part adds to one output of a kernel: its deltas with their weights (empty: nothing).
 Terms = Sequence[tuple[Delta, float]]
@@ -51,7 +51,7 @@ class Part:
 
     def geometry(self, layer: LayerGeometry) -> LayerGeometry:
         """The part as a layer of its own: the layer's geometry with the part's output channels."""
-        return replace(layer, weight_shape=(self.length, *layer.weight_shape[1:]))
+        return layer.with_out_channels(self.length)
 
 
 def check_parts(name: str, parts: Sequence[Part], geometry: LayerGeometry) -> None:
@@ -66,14 +66,10 @@ def check_parts(name: str, parts: Sequence[Part], geometry: LayerGeometry) -> No
         if part.subject is None and part.style is None:
             raise ValueError(f"layer {name}: part {part.name} has neither a subject nor a style delta")
         for delta in (part.subject, part.style):
-            rows = None if delta is None else _rows(delta)
+            rows = None if delta is None else delta.out_channels
             if rows is not None and rows != part.length:
                 raise ValueError(f"layer {name}: part {part.name} has {part.length} channels, a delta on it {rows}")
         end = part.stop
-
-
-def _rows(delta: Delta) -> int:
-    return int(delta.up.shape[0] if isinstance(delta, LowRankDelta) else delta.weight.shape[0])
 
 
 @dataclass(frozen=True)
@@ -136,7 +132,7 @@ class SlicedKernel:
                 continue
             ups = torch.zeros(len(factors), rank, run.length)
             for b, (down, up) in enumerate(factors):
-                downs.append(_padded_rows(down, rank))
+                downs.append(padded(down, 0, rank))
                 if down.shape[0]:
                     ups[b, :down.shape[0]] = up.t()
             self.runs.append((run, column, ups.to(device=device, dtype=dtype).contiguous()))
@@ -180,10 +176,6 @@ def _factors(terms: Terms, in_features: int) -> tuple[Tensor, Tensor]:
     down = torch.cat([d.down.float().flatten(1) for d, _ in terms])
     up = torch.cat([d.up.float().flatten(1) * (d.scale * w) for d, w in terms], dim=1)
     return down, up
-
-
-def _padded_rows(t: Tensor, rows: int) -> Tensor:
-    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])])
 
 
 def _placed(parts: Sequence[Part], terms: Sequence[Terms], geometry: LayerGeometry) -> Delta | None:

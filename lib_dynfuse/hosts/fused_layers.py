@@ -59,7 +59,7 @@ def _channels(pieces: list[Piece], start: int, stop: int, geometry: Any) -> Any:
     if len(covering) <= 1:
         return covering[0] if covering else None
     # Two patches of one LoRA on the same channels (a whole-layer one and a slice): added up as the host would.
-    own = geometry.__class__(geometry.kind, (stop - start, *geometry.weight_shape[1:]))
+    own = geometry.with_out_channels(stop - start)
     biases = [d.bias.float() * d.strength for d in covering if d.bias is not None]
     return DenseDelta(sum(d.dense_weight(own) for d in covering), sum(biases) if biases else None)
 
@@ -68,8 +68,7 @@ def _rows(delta: Any, first: int, count: int) -> Any:
     """``delta`` on ``count`` of its output rows from ``first`` on."""
     from lib_dynfuse.deltas import DenseDelta, LowRankDelta
 
-    rows = delta.up.shape[0] if isinstance(delta, LowRankDelta) else delta.weight.shape[0]
-    if (first, count) == (0, rows):
+    if (first, count) == (0, delta.out_channels):
         return delta
     bias = None if delta.bias is None else delta.bias[first:first + count]
     if isinstance(delta, LowRankDelta):
