@@ -55,22 +55,12 @@ class DecisionLog:
         self._layers: dict[str, None] = {}
         self._host: dict[tuple[str, int], _Row] | None = None
 
-    def record(self, layer: str, step: int, units: tuple[int, ...], subject_weight: Tensor | float,
-               divergences: Tensor | None = None) -> None:
-        """``subject_weight``: one value per unit, or one for all; ``divergences``: ``[2, units]`` (subject,
-        style) per unit."""
-        self._add(layer, step, _Entry(units, _detach(subject_weight), False, _detach(divergences), 1))
-
-    def record_winners(self, layer: str, step: int, units: tuple[int, ...], winner: Tensor, sums: Tensor,
-                       tokens: int) -> None:
-        """A hard rule's decisions as the hook computed them: the winner's index per unit (0 = subject) and the
-        divergences summed over ``tokens`` tokens."""
-        self._add(layer, step, _Entry(units, _detach(winner), True, _detach(sums), tokens))
-
-    def record_sums(self, layer: str, step: int, units: tuple[int, ...], subject_weight: Tensor, sums: Tensor,
-                    tokens: int) -> None:
-        """A soft rule's decisions: the subject's weight per unit and the divergences summed over ``tokens``."""
-        self._add(layer, step, _Entry(units, _detach(subject_weight), False, _detach(sums), tokens))
+    def record(self, layer: str, step: int, units: tuple[int, ...], value: Tensor | float,
+               sums: Tensor | None = None, tokens: int = 1, *, winners: bool = False) -> None:
+        """The decisions for ``units`` as the hook made them: ``value`` holds the winner's index per unit
+        (``winners``, 0 = subject; a hard rule) or the subject's weight, per unit or one for all; ``sums``
+        ``[2, units]`` the divergences (subject, style) summed over ``tokens`` tokens."""
+        self._add(layer, step, _Entry(units, _detach(value), winners, _detach(sums), tokens))
 
     def record_parts(self, parts: tuple[str, ...], step: int, units: tuple[int, ...], value: Tensor,
                      sums: Tensor | None = None, tokens: int = 1, *, winners: bool = False) -> None:

@@ -12,6 +12,7 @@ measure per run of equal parts, and its output is each channel's part's choice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -125,6 +126,7 @@ class LayerFusion:
 
     def _setup(self, name: str, module: nn.Module) -> None:
         self.name = name
+        self.names = (name,)  # the layers of the log this one decides for
         self.module = module
         self.geometry = LayerGeometry.of(module)
         self.channel_dim = -1 if self.geometry.kind == "linear" else 1
@@ -142,18 +144,25 @@ class LayerFusion:
         """What the policies prepare for: each contested layer (or part) by the name it has in the log."""
         return {self.name: LayerPair(self.subject, self.style, self.geometry)} if self.contested else {}
 
-    def kernel(self, x: Tensor) -> PairKernel:
-        # Factors are prepared once per device/dtype, not per call (Forge may compute on another device than
-        # the one its weights are stored on).
-        key = (x.device, x.dtype)
+    def _cached(self, key: tuple, make: Callable[[], PairKernel | SlicedKernel]) -> PairKernel | SlicedKernel:
+        # Factors are prepared once per key (device and dtype at least), not per call (Forge may compute on another
+        # device than the one its weights are stored on).
         kernel = self._kernels.get(key)
         if kernel is None:
-            kernel = self._kernels[key] = pair_kernel(self.subject, self.style, self.geometry, x.device, x.dtype)
+            kernel = self._kernels[key] = make()
         return kernel
+
+    def kernel(self, x: Tensor) -> PairKernel:
+        return self._cached((x.device, x.dtype),
+                            lambda: pair_kernel(self.subject, self.style, self.geometry, x.device, x.dtype))
+
+    def weighted(self, x: Tensor, base: Tensor, weights: tuple[tuple[float, float], ...]) -> Tensor:
+        """The output with the deltas at ``weights``: one (subject, style) pair per layer of ``names``."""
+        return self.kernel(x).weighted(x, base, *weights[0])
 
     def static_output(self, x: Tensor, base: Tensor) -> Tensor:
         """What the host's merge would give: base plus both deltas at their strengths."""
-        return self.kernel(x).weighted(x, base, 1.0, 1.0)
+        return self.weighted(x, base, ((1.0, 1.0),) * len(self.names))
 
     def fuse(self, x: Tensor, base: Tensor, state: StepState) -> Tensor:
         if not self.contested:
@@ -167,12 +176,13 @@ class LayerFusion:
 
     def _fixed(self, x: Tensor, base: Tensor, plan: DecisionPlan, state: StepState) -> Tensor:
         """A rule that does not read the outputs: the same weights for every unit, logged once per step."""
-        step = state.clock.index
-        weights = state.policy.fixed(self.name, state.clock.progress, step)
+        step, progress = state.clock.index, state.clock.progress
+        weights = tuple(state.policy.fixed(name, progress, step) for name in self.names)
         fresh = self._unlogged(plan.units, step)
         if fresh:
-            state.log.record(self.name, step, fresh, weights[0])
-        return self.kernel(x).weighted(x, base, *weights)
+            for name, (w_subject, _) in zip(self.names, weights):
+                state.log.record(name, step, fresh, w_subject)
+        return self.weighted(x, base, weights)
 
     def _candidates(self, x: Tensor, base: Tensor) -> Tensor:
         return self.kernel(x).candidates(x, base)
@@ -225,7 +235,7 @@ class LayerFusion:
         return torch.stack([self._value(u) for u in plan.units])
 
     def _log_kept(self, units: tuple[int, ...], values: Tensor, step: int, state: StepState) -> None:
-        state.log.record(self.name, step, units, (1.0 - values.float()) if state.policy.one_hot else values)
+        state.log.record(self.name, step, units, values, winners=state.policy.one_hot)
 
     def _value(self, unit: int) -> Tensor:
         decided, position = self._made[unit]
@@ -251,8 +261,8 @@ class LayerFusion:
                                budget_bytes=budget)
 
     def _log(self, decided: _Decided, step: int, state: StepState) -> None:
-        record = state.log.record_winners if state.policy.one_hot else state.log.record_sums
-        record(self.name, step, decided.units, decided.decision, decided.sums, decided.tokens)
+        state.log.record(self.name, step, decided.units, decided.decision, decided.sums, decided.tokens,
+                         winners=state.policy.one_hot)
 
     def _apply(self, candidates: Tensor, decision: Tensor, plan: DecisionPlan, state: StepState) -> Tensor:
         """Each row's candidate: the winner's (hard rules), or the blend by the subject's weight (soft rules)."""
@@ -289,40 +299,27 @@ class SlicedLayerFusion(LayerFusion):
     def pairs(self) -> dict[str, LayerPair]:
         return {part.name: LayerPair(part.subject, part.style, part.geometry(self.geometry)) for part in self.rivals}
 
-    def _sliced(self, x: Tensor, key: tuple, slots: list[list[Terms]]) -> SlicedKernel:
-        """The kernel of ``slots`` (made once per device, dtype and ``key``)."""
-        key = (x.device, x.dtype, *key)
-        kernel = self._kernels.get(key)
-        if kernel is None:
-            kernel = self._kernels[key] = SlicedKernel(self.parts, slots, self.geometry, x.device, x.dtype)
-        return kernel
+    def _sliced(self, x: Tensor, key: tuple, slots: Callable[[], list[list[Terms]]]) -> SlicedKernel:
+        """The kernel of the ``slots`` (made, and ``slots`` built, once per device, dtype and ``key``)."""
+        return self._cached((x.device, x.dtype, *key),
+                            lambda: SlicedKernel(self.parts, slots(), self.geometry, x.device, x.dtype))
 
     def _candidates(self, x: Tensor, base: Tensor) -> Tensor:
         # A part only one LoRA touches gets its delta in both candidates: whichever wins the part's channels
         # (they decide nothing), it is added.
-        slots = [[[(part.subject if part.contested else part.only, 1.0)] for part in self.parts],
-                 [[(part.style if part.contested else part.only, 1.0)] for part in self.parts]]
+        def slots() -> list[list[Terms]]:
+            return [[[(part.subject if part.contested else part.only, 1.0)] for part in self.parts],
+                    [[(part.style if part.contested else part.only, 1.0)] for part in self.parts]]
         return self._sliced(x, ("candidates",), slots).outputs(x, base)
 
     def weighted(self, x: Tensor, base: Tensor, weights: tuple[tuple[float, float], ...]) -> Tensor:
         """The output with each contested part's deltas at its (subject, style) weights and every other part's
         delta at its strength."""
-        rival = iter(weights)
-        terms = [list(zip((part.subject, part.style), next(rival))) if part.contested else [(part.only, 1.0)]
-                 for part in self.parts]
-        return self._sliced(x, ("weighted", weights), [terms]).outputs(x, base)[0]
-
-    def static_output(self, x: Tensor, base: Tensor) -> Tensor:
-        return self.weighted(x, base, ((1.0, 1.0),) * len(self.rivals))
-
-    def _fixed(self, x: Tensor, base: Tensor, plan: DecisionPlan, state: StepState) -> Tensor:
-        step, progress = state.clock.index, state.clock.progress
-        weights = tuple(state.policy.fixed(name, progress, step) for name in self.names)
-        fresh = self._unlogged(plan.units, step)
-        if fresh:
-            for name, (w_subject, _) in zip(self.names, weights):
-                state.log.record(name, step, fresh, w_subject)
-        return self.weighted(x, base, weights)
+        def slots() -> list[list[Terms]]:
+            rival = iter(weights)
+            return [[list(zip((part.subject, part.style), next(rival))) if part.contested else [(part.only, 1.0)]
+                     for part in self.parts]]
+        return self._sliced(x, ("weighted", weights), slots).outputs(x, base)[0]
 
     def _measure(self, base: Tensor, candidates: Tensor, state: StepState, budget: int) -> tuple[Tensor, int]:
         """``[2, rows, parts]``: each run of equal parts measured as that many groups of channels."""

@@ -65,8 +65,8 @@ def test_a_first_pass_and_its_hires_pass_are_joined_in_order():
 
 def test_hard_decisions_are_read_from_winner_indices_and_divergence_sums():
     log = DecisionLog()
-    log.record_winners("a", 0, (3, 5), torch.tensor([0, 1]), torch.tensor([[8.0, 2.0], [4.0, 6.0]]), tokens=4)
-    log.record_sums("a", 1, (3,), torch.tensor([0.25]), torch.tensor([[1.0], [3.0]]), tokens=2)
+    log.record("a", 0, (3, 5), torch.tensor([0, 1]), torch.tensor([[8.0, 2.0], [4.0, 6.0]]), tokens=4, winners=True)
+    log.record("a", 1, (3,), torch.tensor([0.25]), torch.tensor([[1.0], [3.0]]), tokens=2)
     log.record("b", 0, (3, 5), 1.0)
     assert sorted(log.decisions(), key=lambda d: (d.layer, d.step, d.unit)) == [
         Decision("a", 0, 3, 1.0, 2.0, 1.0), Decision("a", 0, 5, 0.0, 0.5, 1.5),
