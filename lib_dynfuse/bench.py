@@ -107,10 +107,9 @@ Sites = dict[str, tuple[nn.Module, tuple[int, int] | None]]
 
 @dataclass
 class Model:
-    """What one benchmark runs: a network, one step of it at the chosen size and one on a tiny input, and the places
-    the two LoRAs patch."""
+    """What one benchmark runs: one step of a network at the chosen size and one on a tiny input, and the places the
+    two LoRAs patch."""
 
-    net: nn.Module
     run: Callable[[], object]
     tiny_run: Callable[[], object]
     sites: Sites
@@ -118,7 +117,7 @@ class Model:
     @property
     def hooked(self) -> int:
         """The layers that get a hook (the parts of a fused layer share one)."""
-        return len({id(module) for module, _ in self.sites.values()})
+        return len(_modules(self.sites))
 
 
 def build_model(model: str, size: int, layer_set: str, device: str, dtype: torch.dtype, width: int) -> Model:
@@ -130,7 +129,12 @@ def build_model(model: str, size: int, layer_set: str, device: str, dtype: torch
         net = build_unet(model, device, dtype)
         full, tiny = (unet_inputs(model, s, batch=2, device=device, dtype=dtype) for s in (size, TINY_LATENT * 8))
         sites = {name: (module, None) for name, module in lora_layers(net, layer_set).items()}
-    return Model(net, lambda: net(**full), lambda: net(**tiny), sites)
+    return Model(lambda: net(**full), lambda: net(**tiny), sites)
+
+
+def _modules(sites: Sites) -> dict[int, nn.Module]:
+    """The layers of ``sites`` by identity: the parts of a fused layer are one layer."""
+    return {id(module): module for module, _ in sites.values()}
 
 
 def random_loras(sites: Sites, rank: int, seed: int, device: str, dtype: torch.dtype) -> dict[str, LowRankDelta]:
@@ -151,7 +155,7 @@ def random_loras(sites: Sites, rank: int, seed: int, device: str, dtype: torch.d
 @contextmanager
 def merged(sites: Sites, *all_deltas: dict[str, LowRankDelta]):
     """Both LoRAs merged into the weights the way the hosts' static path does; restored afterwards."""
-    modules = {id(module): module for module, _ in sites.values()}
+    modules = _modules(sites)
     backup = {key: m.weight.detach().clone() for key, m in modules.items()}
     with torch.no_grad():
         for deltas in all_deltas:
@@ -159,7 +163,7 @@ def merged(sites: Sites, *all_deltas: dict[str, LowRankDelta]):
                 module, channels = sites[name]
                 geometry = LayerGeometry.of(module)
                 start, length = channels or (0, geometry.out_channels)
-                rows = replace(geometry, weight_shape=(length, *geometry.weight_shape[1:]))
+                rows = geometry.with_out_channels(length)
                 module.weight[start:start + length] += delta.dense_weight(rows).to(module.weight.dtype)
     try:
         yield
@@ -167,11 +171,6 @@ def merged(sites: Sites, *all_deltas: dict[str, LowRankDelta]):
         with torch.no_grad():
             for key, m in modules.items():
                 m.weight.copy_(backup[key])
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _reset_peak(device: str) -> int:
@@ -246,7 +245,7 @@ def kl_flops(sites: Sites, run: Callable[[], object], deciding_rows: int) -> int
     """Element-wise work of the divergence (not seen by the FLOP counter): about 12 operations per output
     element for each LoRA, on the deciding rows only (a part's channels for a part)."""
     sizes: dict[int, int] = {}
-    modules = {id(module): module for module, _ in sites.values()}
+    modules = _modules(sites)
     handles = [m.register_forward_hook(lambda mod, i, o, key=key: sizes.__setitem__(key, o[0].numel()))
                for key, m in modules.items()]
     try:
@@ -292,7 +291,7 @@ def benchmark(model: str, size: int, rank: int, device: str, dtype: torch.dtype,
         "hooked_layers": bench.hooked,
         "lora_layers": len(sites),
         "lora_rank": rank,
-        "engine": {k: v for k, v in vars(options).items() if k != "method" and getattr(EngineOptions(), k) != v},
+        "engine": {k: v for k, v in options.non_defaults().items() if k != "method"},
         "base_step_s": round(base_s, 4),
         "static_step_s": round(static_s, 4),
         "dynamic_step_s": round(dynamic_s, 4),
