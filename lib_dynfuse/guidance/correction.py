@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from .decoders import VaeDecoder, make_decoder
-from .errors import out_of_memory, short
+from .errors import PREFIX, out_of_memory, short
 from .plot import loss_curve
 from .references import ReferenceImageError, load_image, lora_reference
 from .scorers import ScorerConfig, Scorers, where
@@ -203,7 +203,7 @@ class Guidance:
             return None
         advice = (f" Add an image under {' / '.join(off)} in the DynFuse panel, or put a preview image beside the "
                   "LoRA file." if off else "")
-        return f"DynFuse: guidance: {'; '.join(parts)}.{advice}"
+        return f"{PREFIX}{'; '.join(parts)}.{advice}"
 
     def reference_notes(self) -> list[str]:
         """Infotext notes: which side is off for want of a reference, and references that were skipped."""
@@ -320,7 +320,7 @@ class Guidance:
         kept in ``off_reason`` for the infotext; ``said``: the console's fuller version; ``advice``: what to change."""
         self.active = False
         self.off_reason = reason
-        self._say(f"DynFuse: guidance: {said or reason}; guidance is off for the rest of this generation. {advice}")
+        self._say(f"{PREFIX}{said or reason}; guidance is off for the rest of this generation. {advice}")
         return denoised
 
     def loss_plot(self) -> Image.Image:

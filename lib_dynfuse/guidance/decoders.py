@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DecoderError, short
+from .errors import PREFIX, DecoderError, short
 
 DECODER_KINDS = ("auto", "approx", "taesd", "vae")
 # The input side of CLIP ViT-B/32 and DINO ViT-S/16: a larger decode is thrown away by their resize.
@@ -66,7 +66,7 @@ def family_key(family: str) -> str:
         return family
     key = _FAMILY_ALIASES.get(family.lower().replace("-", "").replace("_", "").replace(" ", ""))
     if key is None:
-        raise DecoderError(f"DynFuse: guidance: no decoder for the model family '{family}' "
+        raise DecoderError(f"{PREFIX}no decoder for the model family '{family}' "
                            f"(supported: {', '.join(_FAMILIES)}).", "no decoder for this model")
     return key
 
@@ -234,19 +234,19 @@ def make_decoder(kind: str, family: str, *, taesd_dir: str | os.PathLike | None 
         path = taesd_path(key, taesd_dir)
         if path is None:
             wanted = os.path.join(os.fspath(taesd_dir or "models/VAE-taesd"), _FAMILIES[key].taesd_file)
-            raise DecoderError(f"DynFuse: guidance: the TAESD decoder file {wanted} is missing; "
+            raise DecoderError(f"{PREFIX}the TAESD decoder file {wanted} is missing; "
                                "choose decoder 'approx' or 'auto', or put the file there.", "TAESD file missing")
         try:
             return TaesdDecoder.from_file(path), kind
         except Exception as error:  # a damaged or foreign file: say which and why
-            raise DecoderError(f"DynFuse: guidance: could not load the TAESD decoder {path} ({short(error)}).",
+            raise DecoderError(f"{PREFIX}could not load the TAESD decoder {path} ({short(error)}).",
                                "TAESD file does not load") from error
     if kind == "vae":
         if vae is None:
-            raise DecoderError("DynFuse: guidance: decoder 'vae' needs the model's VAE, which is not available.",
+            raise DecoderError(f"{PREFIX}decoder 'vae' needs the model's VAE, which is not available.",
                                "no VAE for decoder 'vae'")
         return VaeDecoder(vae, _FAMILIES[key].vae_scale), kind
-    raise DecoderError(f"DynFuse: guidance: unknown decoder '{kind}' (use one of {', '.join(DECODER_KINDS)}).",
+    raise DecoderError(f"{PREFIX}unknown decoder '{kind}' (use one of {', '.join(DECODER_KINDS)}).",
                        f"unknown decoder '{kind}'")
 
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 
+# Every guidance message starts so; the hosts strip it to say the rest in a note.
+PREFIX = "DynFuse: guidance: "
+
 
 class GuidanceError(RuntimeError):
     """Guidance cannot run for this job; the generation goes on without it. ``reason`` says why in a few words,

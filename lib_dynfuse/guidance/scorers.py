@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ModelDownloadError, ScorerLoadError, ScorerSettingError, out_of_memory, short
+from .errors import PREFIX, ModelDownloadError, ScorerLoadError, ScorerSettingError, out_of_memory, short
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -71,7 +71,7 @@ class ScorerConfig:
         try:
             device = torch.device(self.device)
         except RuntimeError:
-            raise ScorerLoadError(f"DynFuse: guidance: the CLIP/DINO device '{self.device}' is not a device name. "
+            raise ScorerLoadError(f"{PREFIX}the CLIP/DINO device '{self.device}' is not a device name. "
                                   f"Set {where('device')} to auto, cpu or cuda:0, or turn guidance off.",
                                   "device", "CLIP/DINO device name unknown") from None
         if device.type != "cpu":
@@ -79,14 +79,14 @@ class ScorerConfig:
                 torch.empty(0, device=device)  # a missing GPU fails here rather than in the middle of a load
             except Exception as error:  # noqa: BLE001 -- RuntimeError, or AssertionError from a CPU-only build
                 raise ScorerLoadError(
-                    f"DynFuse: guidance: the CLIP/DINO device '{self.device}' cannot be used on this machine "
+                    f"{PREFIX}the CLIP/DINO device '{self.device}' cannot be used on this machine "
                     f"({short(error)}). Set {where('device')} to auto or cpu, or turn guidance off.",
                     "device", "CLIP/DINO device not available") from None
         return device
 
     def torch_dtype(self) -> torch.dtype:
         if self.precision not in PRECISIONS:
-            raise ScorerLoadError(f"DynFuse: guidance: unknown CLIP/DINO precision '{self.precision}'. Set "
+            raise ScorerLoadError(f"{PREFIX}unknown CLIP/DINO precision '{self.precision}'. Set "
                                   f"{where('precision')} to one of {', '.join(PRECISIONS)}, or turn guidance off.",
                                   "precision", "CLIP/DINO precision unknown")
         if self.precision == "auto":
@@ -191,10 +191,10 @@ def _load_error(slot: str, name: str, error: Exception, config: ScorerConfig,
                 device: torch.device) -> ScorerLoadError:
     """The message for a model that did not load, naming the option that most likely fixes it."""
     label = slot.upper()
-    failed = f"DynFuse: guidance: could not load the {label} model '{name}'"
+    failed = f"{PREFIX}could not load the {label} model '{name}'"
     if isinstance(error, ScorerSettingError):
         return ScorerLoadError(f"{failed} ({error}). Check {where(error.setting)}, or turn guidance off.",
-                               error.setting, f"{_SETTING_NAMES[error.setting]} unknown")
+                               error.setting, f"{SETTING_LABELS[error.setting].partition(' (')[0]} unknown")
     if out_of_memory(error):
         return ScorerLoadError(f"{failed}: not enough memory on {device}. Set {where('device')} to cpu, or turn "
                                "guidance off.", "device", f"not enough memory for the {label} model")
@@ -206,11 +206,6 @@ def _load_error(slot: str, name: str, error: Exception, config: ScorerConfig,
     # Nothing local to blame: the download failed (offline machine, blocked host, full disk).
     return ModelDownloadError(f"{failed} ({short(error)}). Set a local weights file in {where(weights)}, or turn "
                               "guidance off.", weights, f"{label} weights not available offline")
-
-
-# How a reason names the setting a model factory found wrong.
-_SETTING_NAMES = {"clip_model": "CLIP model name", "clip_pretrained": "CLIP pretrained tag",
-                  "dino_model": "DINO model name"}
 
 
 def unload() -> None:

@@ -31,8 +31,6 @@ SELECTION_KEY = "DynFuse selection"
 SCORES_KEY = "DynFuse scores"
 VERSION_KEY = "DynFuse version"
 CONSOLE_PREFIX = "DynFuse: "
-# How the guidance package's messages begin.
-GUIDANCE_PREFIX = "DynFuse: guidance: "
 SKIP_SCORES = f"To skip the scores, turn off {options.where('dynfuse_scores')}."
 # Problems that would come back with every generation are said at the first only.
 UNTIL_SETTINGS_CHANGE = "Not said again until a CLIP/DINO setting changes."
@@ -297,6 +295,7 @@ class HostAdapter(abc.ABC):
     def _start_guidance(self, p: Any, job: Job, want_scores: bool) -> BaseException | None:
         """job.guidance, or a message and None. Returns the error when the encoders could not be loaded."""
         from lib_dynfuse.guidance import GuidanceError, ScorerLoadError
+        from lib_dynfuse.guidance.errors import PREFIX as GUIDANCE_PREFIX
 
         family = self.model_family(p)
         try:
@@ -328,6 +327,7 @@ class HostAdapter(abc.ABC):
         scores are taken on decoded images). Without references or models there are no scores, and the first
         batch says why (unless dynfuse is off by then: the job then runs as without it, scores included)."""
         from lib_dynfuse.guidance import ScorerLoadError
+        from lib_dynfuse.guidance.errors import PREFIX as GUIDANCE_PREFIX
 
         if load_error is not None:  # already reported by the guidance
             return
