@@ -10,7 +10,7 @@ gradient fill and a yellow outline, a style it never sees). Rendering is a pure 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -222,8 +222,7 @@ def near_miss_styles() -> dict[str, Style]:
         styles[f"{name}-swapped"] = Style(style.fill, style.background, style.outline)
         for texture in TEXTURES:
             if texture not in (style.background.texture, style.fill.texture):
-                background = Layer(texture, style.background.color_a, style.background.color_b, style.background.frequency)
-                fill = Layer(texture, style.fill.color_a, style.fill.color_b, style.fill.frequency)
+                background, fill = replace(style.background, texture=texture), replace(style.fill, texture=texture)
                 styles[f"{name}-{texture}"] = Style(background, fill, style.outline)
     return styles
 
