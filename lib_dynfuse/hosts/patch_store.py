@@ -144,7 +144,7 @@ def layer_geometry(module: torch.nn.Module) -> Any:
         raise NotFusable(str(e)) from None
 
 
-def check_entry(entry: Sequence, geometry: Any = None) -> None:
+def check_entry(entry: Sequence, geometry: Any) -> None:
     """An entry the hooks can add in full to the layer's output (or to a slice of its output channels), or
     NotFusable."""
     offset = entry[3]
@@ -152,9 +152,9 @@ def check_entry(entry: Sequence, geometry: Any = None) -> None:
         dim, start, length = offset
         if dim != 0:
             raise NotFusable("a patch on a slice of the layer's input channels")
-        if geometry is not None and geometry.kind != "linear":
+        if geometry.kind != "linear":
             raise NotFusable("a patch on a slice of a convolution's output channels")
-        if geometry is not None and (start < 0 or length < 1 or start + length > geometry.out_channels):
+        if start < 0 or length < 1 or start + length > geometry.out_channels:
             raise NotFusable(f"a patch on channels [{start}, {start + length}) of a layer with "
                              f"{geometry.out_channels}")
     if entry[2] != 1.0:
@@ -188,12 +188,12 @@ def layer_pieces(params: dict[str, list], path: str, module: torch.nn.Module, ba
 
 
 def layer_delta(params: dict[str, list], path: str, geometry: Any, base_weight: Callable[[], torch.Tensor],
-                override: float | None, merge: Merge, channels: tuple[int, int] | None = None):
-    """One LoRA's contribution to one layer (or to output channels ``channels`` = (start, length) of it) from its
-    entries on those channels (weight and optional bias)."""
+                override: float | None, merge: Merge, channels: tuple[int, int]):
+    """One LoRA's contribution to the output channels ``channels`` = (start, length) of one layer (all of them, or
+    a slice's) from its entries on those channels (weight and optional bias)."""
     from lib_dynfuse.deltas import DenseDelta, LowRankDelta
 
-    start, length = channels or (0, geometry.out_channels)
+    start, length = channels
     weight_entries, bias_entries = params.get("weight", []), params.get("bias", [])
     strengths = {override if override is not None else float(e[0]) for e in weight_entries + bias_entries}
 
@@ -295,10 +295,10 @@ class LoadRecorder:
     def __init__(self) -> None:
         self._added: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # patcher -> {id: (payload, file)}
 
-    def install(self, module: Any, name: str = "load_lora_for_models") -> bool:
-        """Wrap ``module.<name>`` (idempotent; a wrapper a former recorder left is replaced). False when the
-        loader cannot be read: no such function, or one that takes no file name."""
-        loader = getattr(module, name, None)
+    def install(self, module: Any) -> bool:
+        """Wrap ``module.load_lora_for_models`` (idempotent; a wrapper a former recorder left is replaced). False
+        when the loader cannot be read: no such function, or one that takes no file name."""
+        loader = getattr(module, "load_lora_for_models", None)
         if loader is None:
             return False
         if getattr(loader, self.MARK, None) is self:
@@ -324,7 +324,7 @@ class LoadRecorder:
 
         load_lora_for_models.__wrapped__ = loader
         setattr(load_lora_for_models, self.MARK, self)
-        setattr(module, name, load_lora_for_models)
+        module.load_lora_for_models = load_lora_for_models
         return True
 
     def record(self, before: Any, after: Any, filename: Any) -> None:
