@@ -18,7 +18,7 @@ import math
 from typing import Any
 
 from lib_dynfuse.hosts import options
-from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, say, say_once
+from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, say, say_once, turn_off
 
 # The name of the proxy that carries what the host keeps merging of a taken LoRA: a cache key of its own.
 PROXY_SUFFIX = "_dynfuse_static"
@@ -117,13 +117,13 @@ class A1111Adapter(HostAdapter):
         for tag in (job.subject, job.style):
             net = next((n for n in loaded if tag.name in _net_names(n)), None)
             if net is None:
-                self._off(p, job, f"LoRA '{tag.name}' is not loaded (file missing, failed to load, or not in this "
-                                  f"pass's prompt; see the console above).", f"off: LoRA {tag.name} not loaded")
+                turn_off(p, job, f"LoRA '{tag.name}' is not loaded (file missing, failed to load, or not in this "
+                                 f"pass's prompt; see the console above).", f"off: LoRA {tag.name} not loaded")
                 return None
             found.append(net)
         if found[0] is found[1]:
-            self._off(p, job, f"subject and style are the same LoRA ('{job.subject.name}'); choose two different "
-                              "LoRAs.", "off: subject and style are the same LoRA")
+            turn_off(p, job, f"subject and style are the same LoRA ('{job.subject.name}'); choose two different "
+                             "LoRAs.", "off: subject and style are the same LoRA")
             return None
         return found[0], found[1]
 
@@ -155,8 +155,8 @@ class A1111Adapter(HostAdapter):
                 except Misfit as e:
                     skipped.append((key, e))
             if not layer_deltas:
-                self._off(p, job, f"LoRA '{tag.name}' has no layers that fit this model's UNet (is it made for "
-                                  "another model family?).", f"off: LoRA {tag.name} does not fit the UNet")
+                turn_off(p, job, f"LoRA '{tag.name}' has no layers that fit this model's UNet (is it made for "
+                                 "another model family?).", f"off: LoRA {tag.name} does not fit the UNet")
                 return None
             deltas.append(layer_deltas)
             static.append(kept)
@@ -213,11 +213,6 @@ class A1111Adapter(HostAdapter):
         for net, _static, _override in nets:
             # With lora_in_memory_limit 0 an unreferenced net is read from disk again at the next activation.
             networks.networks_in_memory[net.name] = net
-
-    def _off(self, p: Any, job: Job, message: str, note: str) -> None:
-        say(f"{message} DynFuse is off for this generation.")
-        add_note(p, note)
-        job.failed = True
 
     # ---- step clock and batch layout ------------------------------------------------------------
     def on_cfg_denoiser(self, params: Any) -> None:

@@ -82,6 +82,13 @@ def refuse(p: Any, message: str, note: str) -> None:
     add_note(p, note)
 
 
+def turn_off(p: Any, job: Job, message: str, note: str) -> None:
+    """A job found wrong while the LoRAs are taken over runs without DynFuse from here: the message and that it
+    is off in one console line, and one note."""
+    job.failed = True
+    refuse(p, f"{message} DynFuse is off for this generation.", note)
+
+
 @dataclass
 class Job:
     """One generation with dynfuse on. Created by begin_job, closed by end_job or cleanup."""
@@ -256,15 +263,14 @@ class HostAdapter(abc.ABC):
         missing, mismatched or non-finite factor turns DynFuse off for the job, with one line and a note naming the
         LoRA and the layer, and leaves both LoRAs to the host's merge. Whether it did.
 
-        Each LoRA is checked once per job at its strength: every batch and hires pass takes the LoRAs over anew."""
+        Checked once per job (its LoRAs and strengths are the job's): every batch and hires pass takes the LoRAs
+        over anew."""
         from lib_dynfuse.factors import FactorError, check_deltas
 
-        checked = job.host.setdefault("checked factors", set())
+        if job.host.get("factors checked"):
+            return False
         for role in ("subject", "style"):
             tag = getattr(job, role)
-            key = (tag.name, tag.unet, getattr(job.settings, f"{role}_strength"))
-            if key in checked:
-                continue
             try:
                 check_deltas((t.name, delta) for t in targets if (delta := getattr(t, role)) is not None)
             except FactorError as e:
@@ -272,7 +278,7 @@ class HostAdapter(abc.ABC):
                 refuse(p, f"LoRA '{tag.name}' has a damaged layer ({e}). DynFuse is off for this generation and "
                           "leaves the LoRAs to the WebUI.", f"off: LoRA {tag.name} has {e.kind} in layer {e.layer}")
                 return True
-            checked.add(key)
+        job.host["factors checked"] = True
         return False
 
     # ---- guidance and scores ----------------------------------------------------------------------

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from lib_dynfuse.hosts.base import Job
-from lib_dynfuse.hosts.forge_family import ForgeFamilyAdapter, lora_file, strength_overrides
-from lib_dynfuse.hosts.patch_store import ROLES, Split, Taken, same_file
+from lib_dynfuse.hosts.forge_family import ForgeFamilyAdapter, role_of_file, strength_overrides
+from lib_dynfuse.hosts.patch_store import Split, Taken
 
 # Entries dynfuse leaves to Forge get a key of their own: Forge re-merges only when the key list changes.
 STATIC_SUFFIX = "#dynfuse-static"
@@ -35,21 +35,16 @@ class ForgeAdapter(ForgeFamilyAdapter):
         return problem
 
     def take_patches(self, unet: Any, job: Job) -> list[Taken]:
-        files = {role: lora_file(getattr(job, role).name) for role in ROLES}
-        taken = []
-        for key, patches in unet.lora_patches.items():
-            if not isinstance(key[0], str) or key[0].endswith(STATIC_SUFFIX):
-                continue
-            role = next((role for role in ROLES if same_file(key[0], files[role], getattr(job, role).name)), None)
-            if role is not None:
-                taken.append(Taken(role, key, patches))
-        return taken
+        role_of = role_of_file(job)
+        return [Taken(role, key, patches) for key, patches in unet.lora_patches.items()
+                if isinstance(key[0], str) and not key[0].endswith(STATIC_SUFFIX) and (role := role_of(key[0]))]
 
     def keep_with_host(self, unet: Any, job: Job, taken: list[Taken], split: Split) -> None:
         """The clone's store in Forge's order, each taken LoRA's kept layers under its renamed key where the LoRA
         was: Forge merges the store in order, and a patch with strength_model != 1 scales everything merged into
         the weight before it."""
-        overrides = {item.source: strength_overrides(job)[item.role] for item in taken}
+        by_role = strength_overrides(job)
+        overrides = {item.source: by_role[item.role] for item in taken}
         replaced = {item.source for item in taken}
         store = {}
         for key, patches in unet.lora_patches.items():

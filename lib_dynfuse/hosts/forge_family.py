@@ -27,6 +27,7 @@ inference-tensor weights, so everything guidance differentiates is built in `pro
 from __future__ import annotations
 
 import abc
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -34,8 +35,8 @@ from typing import Any
 import torch
 
 from lib_dynfuse.hosts import options
-from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, refuse, say, say_once
-from lib_dynfuse.hosts.patch_store import ROLES, Split, Taken, split_patches
+from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, say, say_once, turn_off
+from lib_dynfuse.hosts.patch_store import ROLES, Split, Taken, same_file, split_patches
 
 # How a UNet patcher keeps its LoRAs, for the message that refuses a store an adapter cannot read.
 STORES = {
@@ -138,8 +139,7 @@ class ForgeFamilyAdapter(HostAdapter):
             current = engine.forge_objects.unet
             problem = self.store_problem(current)
             if problem:
-                job.failed = True
-                refuse(p, f"{problem} DynFuse is off for this generation.", "off: unsupported WebUI")
+                turn_off(p, job, problem, "off: unsupported WebUI")
                 return
             # Forge's first hires call sees the clone made for the first pass; start again from what it replaced.
             source = job.host["source"] if current is job.host.get("clone") else current
@@ -147,11 +147,9 @@ class ForgeFamilyAdapter(HostAdapter):
             taken = self.take_patches(unet, job)
             missing = [role for role in ROLES if not any(item.role == role for item in taken)]
             if missing:
-                job.failed = True
                 names = ", ".join(f"{role} '{getattr(job, role).name}'" for role in missing)
-                refuse(p, f"the {names} LoRA has no UNet weights loaded by {self.host_label} (unknown name, or "
-                          "made for another model family). DynFuse is off for this generation.",
-                       "off: LoRA has no UNet weights")
+                turn_off(p, job, f"the {names} LoRA has no UNet weights loaded by {self.host_label} (unknown name, "
+                                 "or made for another model family).", "off: LoRA has no UNet weights")
                 return
             split = split_patches(unet.model, taken, strength_overrides(job),
                                   lambda key, module: self.base_weight(unet, key, module), self.merge)
@@ -373,3 +371,14 @@ def lora_file(name: str) -> str | None:
             return net.network_on_disk.filename
     entry = getattr(networks, "available_network_aliases", {}).get(name)
     return getattr(entry, "filename", None)
+
+
+def role_of_file(job: Job) -> Callable[[Any], str | None]:
+    """A stored file name -> "subject" or "style" when it is that tag's LoRA file, else None; each name is
+    resolved once (Neo's store names a file for every entry of every weight)."""
+    tags = {role: (lora_file(getattr(job, role).name), getattr(job, role).name) for role in ROLES}
+
+    @functools.cache
+    def role_of(stored: Any) -> str | None:
+        return next((role for role in ROLES if same_file(stored, *tags[role])), None)
+    return role_of

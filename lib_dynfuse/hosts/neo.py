@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from lib_dynfuse.hosts.base import Job
-from lib_dynfuse.hosts.forge_family import ForgeFamilyAdapter, lora_file
-from lib_dynfuse.hosts.patch_store import ROLES, LoadRecorder, Split, Taken, same_file
+from lib_dynfuse.hosts.forge_family import ForgeFamilyAdapter, role_of_file
+from lib_dynfuse.hosts.patch_store import LoadRecorder, Split, Taken
 
 LOADER_CHANGED = ("Forge Neo's LoRA loader (networks.load_lora_for_models with a file name) was not found; DynFuse "
                   "cannot tell which patches belong to which LoRA file.")
@@ -71,13 +71,12 @@ class NeoAdapter(ForgeFamilyAdapter):
             engine.current_lora_hash = None
 
     def take_patches(self, unet: Any, job: Job) -> list[Taken]:
-        tags = {role: (lora_file(getattr(job, role).name), getattr(job, role).name) for role in ROLES}
-        origin = RECORDER.files(unet)
+        role_of, origin = role_of_file(job), RECORDER.files(unet)
         found: dict[tuple[str, str], dict[str, list]] = {}
         for key, entries in unet.patches.items():
             for entry in entries:
                 stored = RECORDER.file_of(entry, origin)
-                role = next((role for role in ROLES if stored is not None and same_file(stored, *tags[role])), None)
+                role = role_of(stored)
                 if role is not None:
                     found.setdefault((role, stored), {}).setdefault(key, []).append(entry)
         return [Taken(role, stored, patches) for (role, stored), patches in found.items()]
