@@ -7,9 +7,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lib_dynfuse.deltas import LayerGeometry, LowRankDelta
-from lib_dynfuse.lora_file import LoraFile, LoraFileError, LoraLayer, read_lora
-from lib_dynfuse.policies import KLORA_SCHEDULES, EngineOptions, KLoraPolicy, LayerPair
+from lib_dynfuse.engine.deltas import LayerGeometry, LowRankDelta
+from lib_dynfuse.loras.files import LoraFile, LoraFileError, LoraLayer, read_lora
+from lib_dynfuse.engine.policies import KLORA_SCHEDULES, EngineOptions, KLoraPolicy, LayerPair
 
 
 def _alphas(lora: LoraFile) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
 
-from lib_dynfuse.decisions import DecisionLog
+from lib_dynfuse.engine.decisions import DecisionLog
 
 SUBJECT_RGB = (235, 125, 40)
 STYLE_RGB = (45, 110, 215)

@@ -18,9 +18,9 @@ from dataclasses import Field, dataclass, field, fields, replace
 from PIL import Image, UnidentifiedImageError
 
 from lib_dynfuse import __version__
-from lib_dynfuse.divergence import MEASURES
-from lib_dynfuse.policies import DIVERGENCE_METHODS, KLORA_SCHEDULES, METHODS, EngineOptions
-from lib_dynfuse.prompt_tags import LoraTag, TagError, parse_lora_tags
+from lib_dynfuse.engine.measure import MEASURES
+from lib_dynfuse.engine.policies import DIVERGENCE_METHODS, KLORA_SCHEDULES, METHODS, EngineOptions
+from lib_dynfuse.loras.prompt_tags import LoraTag, TagError, parse_lora_tags
 
 DECIDE_PER = ("image", "row")
 # Methods that choose between the LoRAs per layer and step; the others apply fixed weights, so a share of

@@ -67,7 +67,7 @@ def a1111(tmp_path):
 @pytest.fixture
 def klora_ranks(monkeypatch):
     """{layer: (subject rank, style rank)} as the K-LoRA policy sees them, filled when a session prepares it."""
-    from lib_dynfuse.policies import KLoraPolicy
+    from lib_dynfuse.engine.policies import KLoraPolicy
 
     ranks = {}
     prepare = KLoraPolicy.prepare

@@ -8,8 +8,8 @@ import math
 import torch
 from torch import Tensor
 
-from lib_dynfuse.deltas import Delta, LayerGeometry
-from lib_dynfuse.policies import EngineOptions
+from lib_dynfuse.engine.deltas import Delta, LayerGeometry
+from lib_dynfuse.engine.policies import EngineOptions
 
 
 def tokens_of(row: Tensor, channel_dim: int) -> Tensor:

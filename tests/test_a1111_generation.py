@@ -227,7 +227,7 @@ def test_selection_map_is_added_to_the_outputs(a1111):
 
 def _opened_sessions(monkeypatch) -> list:
     """Every FusionSession a job opens, in order: one per sampling run (a batch's first pass, its hires pass)."""
-    from lib_dynfuse import session
+    from lib_dynfuse.engine import session
 
     opened = []
     init = session.FusionSession.__init__

@@ -279,8 +279,8 @@ def test_settings_section(a1111):
 def test_the_settings_tab_switches_the_compiled_divergence_on(a1111, monkeypatch):
     import checks
 
-    from lib_dynfuse import compiled
-    from lib_dynfuse.session import FusionSession
+    from lib_dynfuse.engine import compiled
+    from lib_dynfuse.engine.session import FusionSession
     from modules import shared
 
     monkeypatch.setattr(compiled, "BACKEND", "aot_eager")  # the graph capture, without code generation

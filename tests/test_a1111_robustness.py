@@ -275,7 +275,7 @@ def test_inpainting_models_first_conv_gets_the_update_the_host_merges(a1111, kin
     import network_lora
     import networks
 
-    from lib_dynfuse.deltas import LayerGeometry
+    from lib_dynfuse.engine.deltas import LayerGeometry
     from lib_dynfuse.hosts import a1111 as adapter
 
     conv = torch.nn.Conv2d(9, 8, 3, padding=1)
@@ -446,7 +446,7 @@ def test_each_lora_is_checked_once_per_job(a1111, monkeypatch):
     """Every batch and the hires pass take the LoRAs over again; their factors are checked at the first."""
     import checks
 
-    from lib_dynfuse import factors
+    from lib_dynfuse.loras import factors
 
     ui = a1111()
     write_pair(ui)

@@ -34,7 +34,7 @@ def test_what_others_print_is_left_alone():
 def test_an_error_text_of_several_lines_is_said_on_one_line(a1111, capsys, monkeypatch):
     import checks
 
-    from lib_dynfuse import session
+    from lib_dynfuse.engine import session
 
     def broken_install(self):
         raise RuntimeError(MULTILINE_ERROR)
@@ -54,7 +54,7 @@ def test_the_fake_forge_neo_checks_what_dynfuse_prints(tmp_path):
 
 
 def test_an_error_text_of_several_lines_is_said_on_one_line_on_forge_neo(tmp_path, capsys, monkeypatch):
-    from lib_dynfuse import session
+    from lib_dynfuse.engine import session
 
     def broken_install(self):
         raise RuntimeError(MULTILINE_ERROR)

@@ -6,8 +6,8 @@ from itertools import pairwise
 import pytest
 import torch
 
-from lib_dynfuse.policies import EngineOptions
-from lib_dynfuse.session import BatchLayout, FusionSession, StepClock
+from lib_dynfuse.engine.policies import EngineOptions
+from lib_dynfuse.engine.session import BatchLayout, FusionSession, StepClock
 from tests.test_core_session import ALL_LAYERS, lora_deltas, targets_for
 from tests.tiny_unet import TinyUNet, make_inputs
 

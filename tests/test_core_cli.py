@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lib_dynfuse.cli import inspect, main
-from lib_dynfuse.lora_file import deltas_for_model, read_lora, resolve_layers
-from lib_dynfuse.policies import EngineOptions
-from lib_dynfuse.session import FusionSession, LayerTarget, StepClock
+from lib_dynfuse.loras.files import deltas_for_model, read_lora, resolve_layers
+from lib_dynfuse.engine.policies import EngineOptions
+from lib_dynfuse.engine.session import FusionSession, LayerTarget, StepClock
 from tests.lora_files import kohya_key, lora_tensors, write
 from tests.tiny_unet import LAYERS, TinyUNet, make_inputs
 

@@ -1,14 +1,15 @@
-"""The compiled divergence (lib_dynfuse.compiled): the same sums as the standard path, compiled once for every
+"""The compiled divergence (lib_dynfuse.engine.compiled): the same sums as the standard path, compiled once for every
 shape a generation sees, and a compiler that fails hands over to the standard path with one console line."""
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from lib_dynfuse import compiled
-from lib_dynfuse.divergence import MeasureOptions, divergence_sums
-from lib_dynfuse.policies import EngineOptions
-from lib_dynfuse.session import BatchLayout, FusionSession, LayerTarget, StepClock
+from lib_dynfuse.engine import compiled
+from lib_dynfuse.engine.divergence import divergence_sums
+from lib_dynfuse.engine.measure import MeasureOptions
+from lib_dynfuse.engine.policies import EngineOptions
+from lib_dynfuse.engine.session import BatchLayout, FusionSession, LayerTarget, StepClock
 from tests.test_core_hot_path import make_delta
 
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lib_dynfuse.deltas import DenseDelta, LayerGeometry, LowRankDelta
+from lib_dynfuse.engine.deltas import DenseDelta, LayerGeometry, LowRankDelta
 
 
 class ForgeLikeLinear(nn.Module):

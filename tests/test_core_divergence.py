@@ -9,9 +9,10 @@ from torch._decomp import decomposition_table
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lib_dynfuse import divergence
-from lib_dynfuse.divergence import MeasureOptions, divergences
-from lib_dynfuse.policies import EngineOptions
+from lib_dynfuse.engine import divergence
+from lib_dynfuse.engine.divergence import divergences
+from lib_dynfuse.engine.measure import MEASURES, MeasureOptions
+from lib_dynfuse.engine.policies import EngineOptions
 from tests.reference_fusion import row_divergence
 
 
@@ -43,7 +44,7 @@ def test_two_dimensional_outputs_have_one_token():
     torch.testing.assert_close(measured(base, delta), reference(base, delta))
 
 
-@pytest.mark.parametrize("measure", divergence.MEASURES)
+@pytest.mark.parametrize("measure", MEASURES)
 @pytest.mark.parametrize("standardize", [False, True])
 def test_every_measure_matches_the_reference(measure, standardize):
     g = torch.Generator().manual_seed(2)
@@ -69,14 +70,14 @@ def test_max_tokens_measures_a_fixed_stride_subsample(conv):
     assert not torch.allclose(got, measured(base, delta, 1 if conv else -1))
 
 
-@pytest.mark.parametrize("measure", divergence.MEASURES)
+@pytest.mark.parametrize("measure", MEASURES)
 def test_zero_for_a_zero_delta(measure):
     base = torch.randn(2, 7, 5)
     assert torch.all(measured(base, torch.zeros_like(base), measure=measure).abs() < 1e-6)
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 10_000), measure=st.sampled_from(divergence.MEASURES))
+@given(seed=st.integers(0, 10_000), measure=st.sampled_from(MEASURES))
 def test_grows_with_the_scale_of_the_delta(seed, measure):
     g = torch.Generator().manual_seed(seed)
     base, delta = torch.randn(1, 6, 8, generator=g), torch.randn(1, 6, 8, generator=g)
@@ -146,7 +147,7 @@ def hook_inputs(shape, dtype, deciding_rows, g=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,channel_dim", [((2, 4096, 320), -1), ((2, 320, 64, 64), 1)])
-@pytest.mark.parametrize("measure", divergence.MEASURES)
+@pytest.mark.parametrize("measure", MEASURES)
 @pytest.mark.parametrize("deciding_rows", [1, 2])  # the cond row of one image with CFG; every row
 def test_sd_sized_outputs_allocate_at_most_one_copy_of_the_output(measure, shape, channel_dim, dtype, deciding_rows):
     base, candidates, budget = hook_inputs(shape, dtype, deciding_rows)
@@ -156,7 +157,7 @@ def test_sd_sized_outputs_allocate_at_most_one_copy_of_the_output(measure, shape
 
 
 @settings(max_examples=40, deadline=None)
-@given(measure=st.sampled_from(divergence.MEASURES), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+@given(measure=st.sampled_from(MEASURES), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        conv=st.booleans(), batch=st.integers(1, 4), tokens=st.integers(8, 300), channels=st.integers(8, 96),
        temperature=st.sampled_from([1.0, 0.5, 3.0]), standardize=st.booleans(), max_tokens=st.sampled_from([0, 5, 64]),
        seed=st.integers(0, 1000), data=st.data())
@@ -173,7 +174,7 @@ def test_peak_extra_allocation_is_at_most_the_output(measure, dtype, conv, batch
     assert peak <= budget
 
 
-@pytest.mark.parametrize("measure", divergence.MEASURES)
+@pytest.mark.parametrize("measure", MEASURES)
 def test_chunked_equals_unchunked_and_respects_the_budget(monkeypatch, measure):
     base, candidates = torch.randn(2, 8, 9, 9), torch.randn(2, 2, 8, 9, 9)
     options = MeasureOptions(measure)
@@ -211,7 +212,7 @@ def test_bad_arguments_are_named():
         divergences(torch.zeros(1, 2), torch.zeros(2, 1, 3), channel_dim=-1)
 
 
-@pytest.mark.parametrize("measure", divergence.MEASURES)
+@pytest.mark.parametrize("measure", MEASURES)
 @pytest.mark.parametrize("shape", [(3, 7, 12), (3, 12)])
 def test_channel_groups_are_each_measured_as_a_distribution_of_their_own(measure, shape):
     """The q, k and v of a fused projection: each group's divergence is that of its channels alone."""

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lib_dynfuse.deltas import DenseDelta, LowRankDelta
-from lib_dynfuse.factors import FactorError, check_deltas, check_factors
+from lib_dynfuse.engine.deltas import DenseDelta, LowRankDelta
+from lib_dynfuse.loras.factors import FactorError, check_deltas, check_factors
 
 LAYER = "diffusion_model_input_blocks_1_0_in_layers_2"
 

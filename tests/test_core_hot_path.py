@@ -12,11 +12,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lib_dynfuse import fusion
-from lib_dynfuse.deltas import DenseDelta, LayerGeometry, LowRankDelta
-from lib_dynfuse.divergence import MEASURES
-from lib_dynfuse.policies import EngineOptions
-from lib_dynfuse.session import BatchLayout, FusionSession, LayerTarget, StepClock
+from lib_dynfuse.engine import fusion
+from lib_dynfuse.engine.deltas import DenseDelta, LayerGeometry, LowRankDelta
+from lib_dynfuse.engine.measure import MEASURES
+from lib_dynfuse.engine.policies import EngineOptions
+from lib_dynfuse.engine.session import BatchLayout, FusionSession, LayerTarget, StepClock
 from tests.reference_fusion import reference_layer, reference_parts
 
 KINDS = ("linear", "linear-2d", "locon", "tucker", "locon+tucker", "dense", "low-rank+dense")

@@ -10,7 +10,7 @@ for blocked in ("modules", "gradio", "launch"):
     sys.modules[blocked] = None  # import raises ImportError, as without a WebUI
 import lib_dynfuse
 core = [m.name for m in pkgutil.walk_packages(lib_dynfuse.__path__, "lib_dynfuse.")
-        if not m.name.startswith("lib_dynfuse.hosts") and m.name != "lib_dynfuse.__main__"]
+        if not m.name.startswith("lib_dynfuse.hosts") and not m.name.endswith(".__main__")]
 for name in core:
     importlib.import_module(name)
 heavy = sorted(m for m in ("open_clip", "timm") if m in sys.modules)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_dynfuse.deltas import LayerGeometry
-from lib_dynfuse.lora_file import LoraFileError, deltas_for_model, ldm_candidates, read_lora, resolve_layers
+from lib_dynfuse.engine.deltas import LayerGeometry
+from lib_dynfuse.loras.files import LoraFileError, deltas_for_model, ldm_candidates, read_lora, resolve_layers
 from tests.lora_files import lora_tensors, write
 from tests.tiny_unet import LAYERS, TinyUNet
 

@@ -6,11 +6,11 @@ from unittest import mock
 import pytest
 import torch
 
-from lib_dynfuse import fusion
-from lib_dynfuse.deltas import LowRankDelta
-from lib_dynfuse.opcount import count_ops
-from lib_dynfuse.policies import EngineOptions
-from lib_dynfuse.session import BatchLayout, FusionSession, LayerTarget, StepClock
+from lib_dynfuse.engine import fusion
+from lib_dynfuse.engine.deltas import LowRankDelta
+from lib_dynfuse.bench.opcount import count_ops
+from lib_dynfuse.engine.policies import EngineOptions
+from lib_dynfuse.engine.session import BatchLayout, FusionSession, LayerTarget, StepClock
 
 RANK = 16
 

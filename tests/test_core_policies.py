@@ -3,8 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lib_dynfuse.deltas import DenseDelta, LayerGeometry, LowRankDelta
-from lib_dynfuse.policies import METHODS, EngineOptions, KLoraPolicy, LayerPair, make_policy, robust_mean
+from lib_dynfuse.engine.deltas import DenseDelta, LayerGeometry, LowRankDelta
+from lib_dynfuse.engine.policies import METHODS, EngineOptions, KLoraPolicy, LayerPair, make_policy, robust_mean
 
 def test_kl_hard_switch_picks_the_larger_divergence_per_unit_ties_to_the_subject():
     policy = make_policy(EngineOptions())

@@ -1,6 +1,6 @@
 import torch
 
-from lib_dynfuse.decisions import Decision, DecisionLog
+from lib_dynfuse.engine.decisions import Decision, DecisionLog
 from lib_dynfuse.report import EMPTY_RGB, STYLE_RGB, SUBJECT_RGB, cell_colour, selection_map, selection_summary
 
 

@@ -5,10 +5,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lib_dynfuse.deltas import LayerGeometry
-from lib_dynfuse.lora_file import deltas_for_model, parse_lora_tensors
-from lib_dynfuse.policies import EngineOptions
-from lib_dynfuse.session import BatchLayout, FusionSession, LayerTarget, StepClock, remove_leftover_hooks
+from lib_dynfuse.engine.deltas import LayerGeometry
+from lib_dynfuse.loras.files import deltas_for_model, parse_lora_tensors
+from lib_dynfuse.engine.policies import EngineOptions
+from lib_dynfuse.engine.session import BatchLayout, FusionSession, LayerTarget, StepClock, remove_leftover_hooks
 from tests.lora_files import lora_tensors
 from tests.reference_fusion import row_divergence
 from tests.tiny_unet import LAYERS, TinyUNet, make_inputs

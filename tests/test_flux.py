@@ -204,8 +204,8 @@ def test_every_slice_decides_for_each_image_at_distilled_and_real_cfg(which, tmp
 
 def test_each_images_slices_follow_its_own_decisions(which, tmp_path, monkeypatch):
     """Batch 2 at CFG 1: each image's rows of the fused qkv get, slice by slice, the delta that image chose."""
-    from lib_dynfuse import fusion as engine
-    from lib_dynfuse.deltas import LayerGeometry
+    from lib_dynfuse.engine import fusion as engine
+    from lib_dynfuse.engine.deltas import LayerGeometry
 
     calls = []
     fuse = engine.SlicedLayerFusion.fuse

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_dynfuse import bench, bench_flux
+from lib_dynfuse.bench import flux as bench_flux
+from lib_dynfuse.bench import main as bench
 
 TABLE = Path(__file__).parent / "data" / "flux-dev-layers.tsv"
 

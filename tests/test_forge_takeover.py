@@ -446,7 +446,7 @@ def test_host_detection_picks_the_forge_adapter(host):
 
 
 def test_a_failing_takeover_gives_forge_back_every_lora(host, monkeypatch, capsys):
-    from lib_dynfuse import session
+    from lib_dynfuse.engine import session
 
     clean, _ = host.txt2img(fh.PROMPT, steps=2)
 
@@ -521,7 +521,7 @@ def test_per_pass_hooks_left_by_an_exception_go_at_the_next_job(host, monkeypatc
 
 
 def test_hooks_failing_to_go_on_in_a_unet_call_end_dynfuse_and_the_image_finishes(host, monkeypatch, capsys):
-    from lib_dynfuse import session
+    from lib_dynfuse.engine import session
 
     install = session.FusionSession.install
     installs = []
@@ -581,7 +581,7 @@ def test_a_non_finite_factor_turns_dynfuse_off_and_forge_merges_every_lora(host,
 
 def test_each_lora_is_checked_once_per_job(host, monkeypatch):
     """Forge takes the LoRAs over before each of its three sampling runs of a hires job; one check each."""
-    from lib_dynfuse import factors
+    from lib_dynfuse.loras import factors
 
     checked = []
     check = factors.check_deltas

@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest_guidance import guidance_release_models, tiny_clip, tiny_dino  # noqa: F401
 
-from lib_dynfuse import bench as unet_bench
-from lib_dynfuse.guidance import bench
+from lib_dynfuse.bench import main as unet_bench
+from lib_dynfuse.bench import unets
+from lib_dynfuse.bench import guidance as bench
 
 
 class TinyUnet(torch.nn.Module):
@@ -31,7 +32,7 @@ def toy_models(monkeypatch):
         built.append((model, dtype))
         return TinyUnet().to(device, dtype)
 
-    monkeypatch.setattr(unet_bench, "build_unet", build_unet)
+    monkeypatch.setattr(unets, "build_unet", build_unet)
     monkeypatch.setattr(bench, "_random_clip", tiny_clip)
     monkeypatch.setattr(bench, "_random_dino", tiny_dino)
     return built

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from lib_dynfuse.deltas import LayerGeometry
+from lib_dynfuse.engine.deltas import LayerGeometry
 from lib_dynfuse.hosts.fused_layers import part_name
 from lib_dynfuse.hosts.patch_store import (
     LoadRecorder,

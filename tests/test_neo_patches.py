@@ -158,7 +158,7 @@ def test_a_loader_without_file_names_is_refused(host, capsys, monkeypatch):
 
 
 def test_a_failing_takeover_gives_neo_back_every_lora(host, monkeypatch, capsys):
-    from lib_dynfuse import session
+    from lib_dynfuse.engine import session
 
     _script, runner = nh.dynfuse(host)
     clean, _ = host.txt2img(nh.PROMPT, steps=2)

@@ -295,7 +295,7 @@ def test_a_non_finite_factor_turns_dynfuse_off_and_neo_keeps_its_merge_and_patch
 
 def test_each_lora_is_checked_once_per_job(host, monkeypatch):
     """Neo takes the LoRAs over before each of its two sampling runs of a hires job; one check each."""
-    from lib_dynfuse import factors
+    from lib_dynfuse.loras import factors
 
     checked = []
     check = factors.check_deltas

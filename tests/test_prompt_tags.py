@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib_dynfuse.prompt_tags import (
+from lib_dynfuse.loras.prompt_tags import (
     FORGE_TAG_TYPES,
     LoraTag,
     RoleError,

@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from lib_dynfuse import bench
+from lib_dynfuse.bench import main as bench
 from lib_dynfuse.cli import main as cli_main
 from lib_dynfuse.quality import compare
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_dynfuse.bench import merged
-from lib_dynfuse.deltas import LowRankDelta
+from lib_dynfuse.bench.main import merged
+from lib_dynfuse.engine.deltas import LowRankDelta
 from lib_dynfuse.guidance import GuidanceParams
-from lib_dynfuse.lora_file import deltas_for_model, read_lora
-from lib_dynfuse.policies import EngineOptions
+from lib_dynfuse.loras.files import deltas_for_model, read_lora
+from lib_dynfuse.engine.policies import EngineOptions
 from lib_dynfuse.quality import world
 from lib_dynfuse.quality.diffusion import to_model_space
 from lib_dynfuse.quality.lora import LORA_TARGETS

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from lib_dynfuse import __version__
-from lib_dynfuse.policies import EngineOptions
-from lib_dynfuse.prompt_tags import LoraTag
+from lib_dynfuse.engine.policies import EngineOptions
+from lib_dynfuse.loras.prompt_tags import LoraTag
 from lib_dynfuse.settings import (
     DEFAULTS,
     FIELDS,

@@ -17,7 +17,7 @@ from PIL import Image
 from ui_stand_ins import InputAccordion
 
 from lib_dynfuse.hosts import gradio_compat, ui
-from lib_dynfuse.prompt_tags import parse_lora_tags
+from lib_dynfuse.loras.prompt_tags import parse_lora_tags
 from lib_dynfuse.settings import DEFAULTS, INFOTEXT_KEYS, DynFuseSettings, SettingsError, to_infotext
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_dynfuse import bench
+from lib_dynfuse.bench import main as bench
+from lib_dynfuse.bench import unets
 
 pytest.importorskip("diffusers")
 
-TINY = dict(bench._COMMON, sample_size=8, block_out_channels=(32, 64), cross_attention_dim=16, attention_head_dim=8,
+TINY = dict(unets._COMMON, sample_size=8, block_out_channels=(32, 64), cross_attention_dim=16, attention_head_dim=8,
             layers_per_block=1, norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
@@ -36,7 +37,7 @@ def test_all_layers_are_those_a_kohya_locon_lora_touches_in_the_sd15_table():
 
 
 def test_the_last_line_is_one_json_object_with_the_costs_per_hooked_call(monkeypatch, capsys):
-    monkeypatch.setitem(bench.CONFIGS, "tiny", TINY)
+    monkeypatch.setitem(unets.CONFIGS, "tiny", TINY)
     assert bench.main(["--model", "tiny", "--size", "64", "--repeats", "1", "--device", "cpu", "--rank", "4",
                        "--engine", "max_tokens=8"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -14,9 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .correction import Guidance, GuidanceParams
-from .decoders import ApproxDecoder, TaesdDecoder, VaeDecoder
-from .scorers import ScorerConfig, Scorers, unload
+from lib_dynfuse.guidance.correction import Guidance, GuidanceParams
+from lib_dynfuse.guidance.decoders import ApproxDecoder, TaesdDecoder, VaeDecoder
+from lib_dynfuse.guidance.scorers import ScorerConfig, Scorers, unload
 
 # diffusers' AutoencoderKL with the SD1.5 VAE configuration (random weights).
 _SD15_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
@@ -94,7 +94,7 @@ def run(decoders: tuple[str, ...] = ("approx", "taesd", "vae"), size: int = 512,
     "dtype": ..., "latent": [1, 4, h, w], "repeats": n}``; ``decoded_image`` is the size of the image the
     decoder made for the encoders.
     """
-    from lib_dynfuse import bench as unet_bench
+    from lib_dynfuse.bench.unets import build_unet
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = ScorerConfig(device=device, precision=_PRECISIONS[dtype] if dtype is not None else "auto")
@@ -117,7 +117,7 @@ def run(decoders: tuple[str, ...] = ("approx", "taesd", "vae"), size: int = 512,
                 lambda _module, _inputs, image, kind=kind: decoded.__setitem__(kind, list(image.shape[-2:])))
             guidances[kind] = Guidance(decoder, scorers, params, subject_refs=refs, style_ref=refs[0],
                                        decoder_kind=kind, log=lambda _: None)
-        unet = unet_bench.build_unet("sd15", device=device, dtype=dtype)
+        unet = build_unet("sd15", device=device, dtype=dtype)
         inputs = {"sample": torch.randn(2, 4, latent, latent, generator=generator).to(device, dtype),
                   "timestep": torch.tensor(500, device=device),
                   "encoder_hidden_states": torch.randn(2, 77, 768, generator=generator).to(device, dtype)}

@@ -10,7 +10,7 @@
 The UNet is diffusers' ``UNet2DConditionModel`` built from the model's config with random weights (diffusers is
 a benchmark-only dependency). Two random rank-64 LoRAs are attached to every layer a kohya LoCon LoRA touches
 (``--layers all``: the transformers' linear and 1x1 layers, the resnets' and samplers' convolutions) or to the
-attention projections only. ``--model flux`` is a FLUX-shaped transformer (lib_dynfuse.bench_flux: 19 double and
+attention projections only. ``--model flux`` is a FLUX-shaped transformer (lib_dynfuse.bench.flux: 19 double and
 38 single blocks at ``--width`` channels) with two diffusers-named LoRAs, which patch the fused layers' q, k, v and
 MLP input apart, so those layers are hooked part by part. One step is timed three ways: no LoRA, both LoRAs merged
 into the weights, dynamic ``kl``; on CUDA with CUDA events after warm-up. Then, on a tiny latent where the fixed
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -33,72 +32,16 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from lib_dynfuse import bench_flux
-from lib_dynfuse.deltas import LayerGeometry, LowRankDelta
-from lib_dynfuse.opcount import count_ops
-from lib_dynfuse.policies import METHODS, EngineOptions
-from lib_dynfuse.session import BatchLayout, FusionSession, LayerTarget, StepClock
+from lib_dynfuse.bench import flux as bench_flux
+from lib_dynfuse.bench.opcount import count_ops
+from lib_dynfuse.bench.unets import CONFIGS, build_unet, lora_layers, unet_inputs
+from lib_dynfuse.engine.deltas import LayerGeometry, LowRankDelta
+from lib_dynfuse.engine.policies import METHODS, EngineOptions
+from lib_dynfuse.engine.session import BatchLayout, FusionSession, LayerTarget, StepClock
 
-_COMMON = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, act_fn="silu", norm_num_groups=32)
-CONFIGS = {
-    "sd15": dict(
-        _COMMON, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ),
-    "sdxl": dict(
-        _COMMON, sample_size=128, block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
-        attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    ),
-}
 DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024, "flux": 512}
-ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-# kohya's LoCon targets (networks/lora.py with conv_dim): every Linear and Conv2d inside the transformer blocks,
-# the resnets and the down/up samplers; not the time embedding, conv_in or conv_out.
-LOCON_PARENTS = (".attentions.", ".resnets.", ".downsamplers.", ".upsamplers.")
 LAYER_SETS = ("all", "attention")
 TINY_LATENT = 8  # the op-count and per-call runs: small enough that every operation costs its fixed overhead
-
-
-def build_unet(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**CONFIGS[model]).to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def unet_inputs(model: str, size: int, batch: int, device: str, dtype: torch.dtype) -> dict:
-    g = torch.Generator(device="cpu").manual_seed(1)
-    latent = size // 8
-    context_dim = CONFIGS[model]["cross_attention_dim"]
-    inputs = dict(
-        sample=torch.randn(batch, 4, latent, latent, generator=g),
-        timestep=torch.tensor(500),
-        encoder_hidden_states=torch.randn(batch, 77, context_dim, generator=g),
-    )
-    if model == "sdxl":
-        inputs["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, 1280, generator=g),
-                                           time_ids=torch.tensor([[size, size, 0, 0, size, size]] * batch).float())
-    return _move(inputs, device, dtype)
-
-
-def _move(value, device, dtype):
-    if isinstance(value, dict):
-        return {k: _move(v, device, dtype) for k, v in value.items()}
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype if value.is_floating_point() else None)
-    return value
-
-
-def lora_layers(unet: nn.Module, which: str = "all") -> dict[str, nn.Module]:
-    """The layers two LoRAs patch: ``all`` those a kohya LoCon LoRA touches, or the attention projections."""
-    if which == "attention":
-        return {name: m for name, m in unet.named_modules() if name.endswith(ATTENTION_PROJECTIONS) and ".attn" in name}
-    return {name: m for name, m in unet.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and any(part in name for part in LOCON_PARENTS)}
 
 
 # name -> (layer, the (start, length) of its output channels a part covers, or None for the whole layer)
@@ -397,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         return quality(args.quality)
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
     if args.guidance:
-        from lib_dynfuse.guidance import bench as guidance_bench
+        from lib_dynfuse.bench import guidance as guidance_bench
 
         result = guidance_bench.run(size=args.size or 512, device=args.device, repeats=args.repeats, dtype=dtype)
         print(json.dumps(result))
@@ -426,7 +369,3 @@ def _engine_options(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[s
         parser.error(str(e))
     return options
 
-
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    raise SystemExit(main())

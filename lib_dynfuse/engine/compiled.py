@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lib_dynfuse.divergence import MeasureOptions, measure_tokens
+from lib_dynfuse.engine.measure import MeasureOptions, measure_tokens
 
 BACKEND = "inductor"
 _compiled: dict[MeasureOptions, Callable[..., Tensor]] = {}
@@ -28,7 +28,7 @@ class Unavailable(Exception):
 
 
 def measure(a: Tensor, z: Tensor, channels_first: bool, options: MeasureOptions, groups: int | None = None) -> Tensor:
-    """The compiled per-row sums of :func:`lib_dynfuse.divergence.measure_tokens`; :class:`Unavailable` when the
+    """The compiled per-row sums of :func:`lib_dynfuse.engine.measure.measure_tokens`; :class:`Unavailable` when the
     compiler fails, now or earlier."""
     global failure
     if failure is not None:

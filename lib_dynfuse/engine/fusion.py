@@ -5,7 +5,7 @@ deciding rows or the rule: both candidate outputs (base + each delta) from one b
 of the deciding rows from one batched measure, the decision as one device tensor, and one select (or blend) of
 the candidates. Nothing in it waits for the device.
 
-A layer made of parts (a fused q, k, v projection: lib_dynfuse.parts) decides each part on its own channels, with
+A layer made of parts (a fused q, k, v projection: lib_dynfuse.engine.parts) decides each part on its own channels, with
 the same operations: its candidates come from batched products over the parts, its divergences from one grouped
 measure per run of equal parts, and its output is each channel's part's choice.
 """
@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lib_dynfuse.decisions import DecisionLog
-from lib_dynfuse.deltas import Delta, LayerGeometry
-from lib_dynfuse.divergence import MeasureOptions, divergence_sums
-from lib_dynfuse.layout import BatchLayout, StepClock
-from lib_dynfuse.pair import PairKernel, pair_kernel
-from lib_dynfuse.parts import Part, SlicedKernel, Terms, check_parts, runs
-from lib_dynfuse.policies import EngineOptions, LayerPair, Policy
+from lib_dynfuse.engine.decisions import DecisionLog
+from lib_dynfuse.engine.deltas import Delta, LayerGeometry
+from lib_dynfuse.engine.divergence import divergence_sums
+from lib_dynfuse.engine.measure import MeasureOptions
+from lib_dynfuse.engine.layout import BatchLayout, StepClock
+from lib_dynfuse.engine.pair import PairKernel, pair_kernel
+from lib_dynfuse.engine.parts import Part, SlicedKernel, Terms, check_parts, runs
+from lib_dynfuse.engine.policies import EngineOptions, LayerPair, Policy
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,7 @@ class LayerFusion:
 
 
 class SlicedLayerFusion(LayerFusion):
-    """One hooked layer made of parts (lib_dynfuse.parts), each a layer of the log: a decision per unit and part."""
+    """One hooked layer made of parts (lib_dynfuse.engine.parts), each a layer of the log: a decision per unit and part."""
 
     def __init__(self, name: str, module: nn.Module, parts: list[Part]) -> None:
         self._setup(name, module)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lib_dynfuse.deltas import Delta, DenseDelta, LayerGeometry, LowRankDelta
+from lib_dynfuse.engine.deltas import Delta, DenseDelta, LayerGeometry, LowRankDelta
 
 
 class PairKernel:

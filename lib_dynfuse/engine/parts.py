@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from lib_dynfuse.deltas import Delta, DenseDelta, LayerGeometry, LowRankDelta
-from lib_dynfuse.pair import DeltaByDelta, padded
+from lib_dynfuse.engine.deltas import Delta, DenseDelta, LayerGeometry, LowRankDelta
+from lib_dynfuse.engine.pair import DeltaByDelta, padded
 
 # What one part adds to one output of a kernel: its deltas with their weights (empty: nothing).
 Terms = Sequence[tuple[Delta, float]]

@@ -12,9 +12,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from lib_dynfuse.deltas import Delta, LayerGeometry
-from lib_dynfuse.divergence import MEASURES, MeasureOptions
-from lib_dynfuse.layout import StepClock
+from lib_dynfuse.engine.deltas import Delta, LayerGeometry
+from lib_dynfuse.engine.measure import MEASURES, MeasureOptions
+from lib_dynfuse.engine.layout import StepClock
 
 METHODS = ("kl", "kl-soft", "k-lora", "switch", "static", "subject-only", "style-only")
 DIVERGENCE_METHODS = ("kl", "kl-soft")
@@ -39,7 +39,7 @@ class EngineOptions:
     # fixed-stride subsample of at most this many tokens per row (0: all).
     decide_every: int = 1
     max_tokens: int = 0
-    compiled: bool = False  # the divergence as compiled kernels (lib_dynfuse.compiled); meant for CUDA
+    compiled: bool = False  # the divergence as compiled kernels (lib_dynfuse.engine.compiled); meant for CUDA
 
     def validate(self) -> None:
         checks = {

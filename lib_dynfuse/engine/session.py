@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lib_dynfuse.decisions import DecisionLog
-from lib_dynfuse.deltas import Delta
-from lib_dynfuse.fusion import LayerFusion, SlicedLayerFusion, StepState
-from lib_dynfuse.layout import BatchLayout, StepClock
-from lib_dynfuse.parts import Part
-from lib_dynfuse.policies import EngineOptions, make_policy
+from lib_dynfuse.engine.decisions import DecisionLog
+from lib_dynfuse.engine.deltas import Delta
+from lib_dynfuse.engine.fusion import LayerFusion, SlicedLayerFusion, StepState
+from lib_dynfuse.engine.layout import BatchLayout, StepClock
+from lib_dynfuse.engine.parts import Part
+from lib_dynfuse.engine.policies import EngineOptions, make_policy
 
 __all__ = ["BatchLayout", "FusionSession", "LayerTarget", "StepClock", "remove_leftover_hooks"]
 

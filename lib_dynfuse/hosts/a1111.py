@@ -103,7 +103,7 @@ class A1111Adapter(HostAdapter):
             overrides = (job.settings.subject_strength, job.settings.style_strength)
             self._remove_from_host(networks, loaded, list(zip(nets, static, overrides)), job)
             self._note_static(p, job, static)
-            from lib_dynfuse.session import FusionSession
+            from lib_dynfuse.engine.session import FusionSession
 
             session = FusionSession(targets, options.engine_options(job.settings), log_errors=say)
             session.install()
@@ -130,8 +130,8 @@ class A1111Adapter(HostAdapter):
     def _targets(self, p: Any, job: Job, subject_net: Any, style_net: Any) -> tuple[list, list[dict]] | None:
         """The layers to fuse, and for each net the UNet layers no hook can fuse ({key: why}), which stay with
         the host's merge."""
-        from lib_dynfuse.deltas import LayerGeometry
-        from lib_dynfuse.session import LayerTarget
+        from lib_dynfuse.engine.deltas import LayerGeometry
+        from lib_dynfuse.engine.session import LayerTarget
 
         mapping = getattr(p.sd_model, "network_layer_mapping", None) or {}
         settings = job.settings
@@ -220,7 +220,7 @@ class A1111Adapter(HostAdapter):
         if job is None or job.failed or (job.session is None and job.guidance is None):
             return
         try:
-            from lib_dynfuse.layout import StepClock
+            from lib_dynfuse.engine.layout import StepClock
 
             denoiser = getattr(params, "denoiser", None)
             index = getattr(denoiser, "step", None)
@@ -287,7 +287,7 @@ class A1111Adapter(HostAdapter):
             root = getattr(model, "model", None)
             if root is None:
                 return
-            from lib_dynfuse.session import remove_leftover_hooks
+            from lib_dynfuse.engine.session import remove_leftover_hooks
 
             removed = remove_leftover_hooks(root)
             if removed:
@@ -345,7 +345,7 @@ def _dims(shape: tuple[int, ...]) -> str:
 def _delta(module: Any, layer: Any, strength: float | None) -> Any:
     """The UNet half of one LoRA layer as a core delta, at the tag's weight unless a strength is given. Raises
     Misfit for a layer the host's merge would skip."""
-    from lib_dynfuse.deltas import DenseDelta, LowRankDelta
+    from lib_dynfuse.engine.deltas import DenseDelta, LowRankDelta
 
     weight_shape = tuple(layer.weight.shape)
     # The host zero-pads every update of an inpainting model's 9-channel first conv from 4 input channels.
@@ -438,7 +438,7 @@ def _sigma(params: Any, denoiser: Any) -> float | None:
 
 def _layout(params: Any, denoiser: Any) -> Any | None:
     """Which UNet rows are cond / uncond of which image, in CFGDenoiser's order; None when it cannot be known."""
-    from lib_dynfuse.layout import BatchLayout
+    from lib_dynfuse.engine.layout import BatchLayout
 
     uncond = params.text_uncond
     uncond = uncond.get("crossattn") if isinstance(uncond, dict) else uncond

@@ -94,9 +94,9 @@ class Job:
     """One generation with dynfuse on. Created by begin_job, closed by end_job or cleanup."""
 
     settings: Any                      # lib_dynfuse.settings.DynFuseSettings
-    subject: Any                       # lib_dynfuse.prompt_tags.LoraTag
-    style: Any                         # lib_dynfuse.prompt_tags.LoraTag
-    session: Any | None = None         # lib_dynfuse.session.FusionSession of the current activation
+    subject: Any                       # lib_dynfuse.loras.prompt_tags.LoraTag
+    style: Any                         # lib_dynfuse.loras.prompt_tags.LoraTag
+    session: Any | None = None         # lib_dynfuse.engine.session.FusionSession of the current activation
     failed: bool = False               # set after an error: the rest of the job runs as without dynfuse
     notes: list[str] = field(default_factory=list)
     last_log: Any | None = None        # DecisionLog of the latest session (kept after its hooks are gone)
@@ -150,7 +150,7 @@ class HostAdapter(abc.ABC):
         if settings is None or not getattr(settings, "enabled", False):
             return None
         try:
-            from lib_dynfuse import prompt_tags
+            from lib_dynfuse.loras import prompt_tags
             from lib_dynfuse.settings import SettingsError
 
             try:
@@ -259,13 +259,13 @@ class HostAdapter(abc.ABC):
                 say(f"cleanup failed: {e}")
 
     def damaged_factors(self, p: Any, job: Job, targets: list) -> bool:
-        """Check the two LoRAs' parsed deltas (lib_dynfuse.factors) before anything is taken from the host: a
+        """Check the two LoRAs' parsed deltas (lib_dynfuse.loras.factors) before anything is taken from the host: a
         missing, mismatched or non-finite factor turns DynFuse off for the job, with one line and a note naming the
         LoRA and the layer, and leaves both LoRAs to the host's merge. Whether it did.
 
         Checked once per job (its LoRAs and strengths are the job's): every batch and hires pass takes the LoRAs
         over anew."""
-        from lib_dynfuse.factors import FactorError, check_deltas
+        from lib_dynfuse.loras.factors import FactorError, check_deltas
 
         if job.host.get("factors checked"):
             return False

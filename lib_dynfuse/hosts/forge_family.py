@@ -168,7 +168,7 @@ class ForgeFamilyAdapter(HostAdapter):
 
     def _start_session(self, p: Any, job: Job, engine: Any, source: Any, unet: Any, targets: list) -> None:
         """The layer targets -> the job's FusionSession, its hooks wired into the clone, the clone handed over."""
-        from lib_dynfuse.session import FusionSession
+        from lib_dynfuse.engine.session import FusionSession
 
         session = FusionSession(targets, options.engine_options(job.settings), log_errors=say)
         # The factors go to the device at the first UNet call, after the WebUI has decided how much of the UNet
@@ -193,7 +193,7 @@ class ForgeFamilyAdapter(HostAdapter):
         if job is None or job.failed or (job.session is None and job.guidance is None):
             return
         session = job.session
-        from lib_dynfuse.layout import StepClock
+        from lib_dynfuse.engine.layout import StepClock
 
         try:
             denoiser = getattr(params, "denoiser", None)
@@ -245,7 +245,7 @@ class ForgeFamilyAdapter(HostAdapter):
 
     def remove_leftovers(self) -> None:
         try:
-            from lib_dynfuse.session import remove_leftover_hooks
+            from lib_dynfuse.engine.session import remove_leftover_hooks
             from modules import shared
 
             engine = shared.sd_model
@@ -314,7 +314,7 @@ def _install_unet_wrapper(unet: Any, session: Any, job: Job, on_error: Callable[
 
 
 def _layout(args: dict) -> Any:
-    from lib_dynfuse.layout import BatchLayout
+    from lib_dynfuse.engine.layout import BatchLayout
 
     chunks = list(args["cond_or_uncond"])
     rows = int(args["input"].shape[0])

@@ -11,18 +11,26 @@ v) is cut into its parts by the rows of its up factor.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lib_dynfuse.hosts.patch_store import Piece
+
+@dataclass(frozen=True)
+class Piece:
+    """One LoRA's delta on output channels [start, start + length) of a layer (all of them, or a slice)."""
+
+    start: int
+    length: int
+    delta: Any  # lib_dynfuse.engine.deltas.Delta
 
 
 def layer_targets(path: str, module: torch.nn.Module, pieces: dict[str, list[Piece]]) -> list[Any]:
-    """The layer's targets (lib_dynfuse.session.LayerTarget) from each LoRA's pieces on it: one for the whole layer,
+    """The layer's targets (lib_dynfuse.engine.session.LayerTarget) from each LoRA's pieces on it: one for the whole layer,
     or one per part."""
-    from lib_dynfuse.deltas import LayerGeometry
-    from lib_dynfuse.session import LayerTarget
+    from lib_dynfuse.engine.deltas import LayerGeometry
+    from lib_dynfuse.engine.session import LayerTarget
 
     geometry = LayerGeometry.of(module)
     out = geometry.out_channels
@@ -52,7 +60,7 @@ def part_name(geometry: Any, start: int, length: int) -> str:
 
 def _channels(pieces: list[Piece], start: int, stop: int, geometry: Any) -> Any:
     """One LoRA's delta on output channels [start, stop): from the pieces that cover them (None when none does)."""
-    from lib_dynfuse.deltas import DenseDelta
+    from lib_dynfuse.engine.deltas import DenseDelta
 
     covering = [_rows(p.delta, start - p.start, stop - start) for p in pieces
                 if p.start <= start and stop <= p.start + p.length]
@@ -66,7 +74,7 @@ def _channels(pieces: list[Piece], start: int, stop: int, geometry: Any) -> Any:
 
 def _rows(delta: Any, first: int, count: int) -> Any:
     """``delta`` on ``count`` of its output rows from ``first`` on."""
-    from lib_dynfuse.deltas import DenseDelta, LowRankDelta
+    from lib_dynfuse.engine.deltas import DenseDelta, LowRankDelta
 
     if (first, count) == (0, delta.out_channels):
         return delta

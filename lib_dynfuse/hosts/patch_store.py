@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from lib_dynfuse.hosts.fused_layers import Piece, layer_targets
+
 ROLES = ("subject", "style")
 
 # (entries, a fresh float32 weight, model key) -> the weight with the entries merged, the host's own merge
@@ -72,7 +74,7 @@ class Taken:
 class Split:
     """What becomes of the taken entries: layers the hooks fuse, and entries the host keeps merging."""
 
-    targets: list = field(default_factory=list)  # lib_dynfuse.session.LayerTarget
+    targets: list = field(default_factory=list)  # lib_dynfuse.engine.session.LayerTarget
     # source -> model key -> [(stored entry, the entry the host merges instead: the same, or at the override)]
     kept: dict[Any, dict[str, list[tuple[Sequence, Sequence]]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -87,8 +89,6 @@ def split_patches(model: torch.nn.Module, taken: list[Taken], overrides: dict[st
     """Turn the subject's and style's entries into layer targets (one delta per LoRA and layer, or per part of a
     fused layer whose patches are slices of it); the entries of a layer no hook can add stay with the host, at the
     strength override if one is set."""
-    from lib_dynfuse.hosts.fused_layers import layer_targets
-
     # module path -> role -> "weight" | "bias" -> entries
     layers: dict[str, dict[str, dict[str, list]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     origin: dict[tuple[str, str], Taken] = {}
@@ -124,19 +124,10 @@ def split_patches(model: torch.nn.Module, taken: list[Taken], overrides: dict[st
 
 
 # ---- entries -> deltas ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Piece:
-    """One LoRA's delta on output channels [start, start + length) of a layer (all of them, or a slice)."""
-
-    start: int
-    length: int
-    delta: Any  # lib_dynfuse.deltas.Delta
-
-
 def layer_geometry(module: torch.nn.Module) -> Any:
     """The module's LayerGeometry, or NotFusable: hooks add a delta to a Linear's or Conv2d's output only (a norm
     layer's patches stay with the host's merge)."""
-    from lib_dynfuse.deltas import LayerGeometry
+    from lib_dynfuse.engine.deltas import LayerGeometry
 
     try:
         return LayerGeometry.of(module)
@@ -191,7 +182,7 @@ def layer_delta(params: dict[str, list], path: str, geometry: Any, base_weight: 
                 override: float | None, merge: Merge, channels: tuple[int, int]):
     """One LoRA's contribution to the output channels ``channels`` = (start, length) of one layer (all of them, or
     a slice's) from its entries on those channels (weight and optional bias)."""
-    from lib_dynfuse.deltas import DenseDelta, LowRankDelta
+    from lib_dynfuse.engine.deltas import DenseDelta, LowRankDelta
 
     start, length = channels
     weight_entries, bias_entries = params.get("weight", []), params.get("bias", [])

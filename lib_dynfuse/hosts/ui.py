@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 import gradio as gr
 
 from lib_dynfuse import __version__
-from lib_dynfuse.divergence import MEASURES
+from lib_dynfuse.engine.measure import MEASURES
 from lib_dynfuse.hosts import gradio_compat
-from lib_dynfuse.policies import KLORA_SCHEDULES, METHODS
+from lib_dynfuse.engine.policies import KLORA_SCHEDULES, METHODS
 from lib_dynfuse.settings import (
     DECIDE_PER,
     DECODERS,

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from lib_dynfuse.deltas import Delta, DenseDelta, LowRankDelta
+from lib_dynfuse.engine.deltas import Delta, DenseDelta, LowRankDelta
 
 # What a host-side message calls each tensor of a delta (the reader names them as the file does).
 DELTA_NAMES = {"down": "down factor", "up": "up factor", "mid": "mid factor", "alpha": "alpha",

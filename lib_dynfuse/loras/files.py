@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from lib_dynfuse.deltas import LayerGeometry, LowRankDelta
-from lib_dynfuse.factors import FactorError, check_factors
+from lib_dynfuse.engine.deltas import LayerGeometry, LowRankDelta
+from lib_dynfuse.loras.factors import FactorError, check_factors
 
 
 class LoraFileError(ValueError):
@@ -82,7 +82,7 @@ def read_lora(path: str | os.PathLike, *, text_encoder: bool = False) -> LoraFil
 
     Tensor names are matched first and only the factors of UNet layers are loaded, so a checkpoint or another
     large file that is not a LoRA is turned away without reading its data. Every layer's factors are checked
-    (:func:`lib_dynfuse.factors.check_factors`): present, fitting each other, finite. ``text_encoder``: read and
+    (:func:`lib_dynfuse.loras.factors.check_factors`): present, fitting each other, finite. ``text_encoder``: read and
     check the text encoder's factors too (they are not kept: the host applies them).
     """
     from safetensors import SafetensorError, safe_open

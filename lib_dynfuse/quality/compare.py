@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from lib_dynfuse.guidance import GuidanceParams
-from lib_dynfuse.policies import EngineOptions
+from lib_dynfuse.engine.policies import EngineOptions
 from lib_dynfuse.quality import world
 from lib_dynfuse.quality.model import World
 

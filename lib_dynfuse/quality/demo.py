@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from lib_dynfuse.guidance import GuidanceParams
-from lib_dynfuse.policies import EngineOptions
+from lib_dynfuse.engine.policies import EngineOptions
 from lib_dynfuse.quality import world
 from lib_dynfuse.quality.model import ASSETS, World
 from lib_dynfuse.report import selection_map

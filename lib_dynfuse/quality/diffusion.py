@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lib_dynfuse.layout import BatchLayout, StepClock
+from lib_dynfuse.engine.layout import BatchLayout, StepClock
 
 TRAIN_STEPS = 1000
 FOLD = 2
@@ -74,7 +74,7 @@ def sample(unet: nn.Module, context: Tensor, uncond: Tensor, seeds: Sequence[int
     """DDIM (η = 0) with CFG; returns RGB ``[B, 3, 32, 32]`` in [0, 1].
 
     ``context``/``uncond``: text-encoder states ``[B, 8, W]`` of the prompts and of the empty prompt.
-    ``session``: a :class:`~lib_dynfuse.session.FusionSession` (installed by the caller) that is told the batch
+    ``session``: a :class:`~lib_dynfuse.engine.session.FusionSession` (installed by the caller) that is told the batch
     layout and each step. ``guidance``: a :class:`~lib_dynfuse.guidance.Guidance` whose ``correct`` nudges the
     after-CFG x0 estimate.
     """

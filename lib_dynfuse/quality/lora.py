@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lib_dynfuse.deltas import LayerGeometry, LowRankDelta
+from lib_dynfuse.engine.deltas import LayerGeometry, LowRankDelta
 from lib_dynfuse.quality.diffusion import v_loss
 from lib_dynfuse.quality.optim import Log, fit
 

@@ -13,14 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from lib_dynfuse.guidance import Guidance, GuidanceParams
-from lib_dynfuse.lora_file import deltas_for_model, read_lora
-from lib_dynfuse.policies import EngineOptions
+from lib_dynfuse.loras.files import deltas_for_model, read_lora
+from lib_dynfuse.engine.policies import EngineOptions
 from lib_dynfuse.quality import world
 from lib_dynfuse.quality.diffusion import PixelDecoder, sample
 from lib_dynfuse.quality.scorers import HEADS, Encoder, EncoderPair, Judge
 from lib_dynfuse.quality.text import TextEncoder
 from lib_dynfuse.quality.unet import UNet2DConditionModel, UNetConfig
-from lib_dynfuse.session import FusionSession, LayerTarget
+from lib_dynfuse.engine.session import FusionSession, LayerTarget
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_FILE = "world_model.safetensors"

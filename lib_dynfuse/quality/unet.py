@@ -3,7 +3,7 @@
 Module paths follow diffusers (``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``, ``ff.net.0.proj``,
 ``proj_in``, ``resnets.0.conv1``, ...), so kohya LoRA keys such as
 ``lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k`` find their layers through
-``lib_dynfuse.lora_file``'s name mapping, exactly as they do on a real SDXL-style UNet.
+``lib_dynfuse.loras.files``'s name mapping, exactly as they do on a real SDXL-style UNet.
 """
 
 from __future__ import annotations
