@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import tolerances as tol
 
 PROMPT = "a dog <lora:subj:1> <lora:sty:0.8>"
 
@@ -99,7 +100,7 @@ def test_static_method_matches_the_host_merge_and_keeps_other_loras(a1111, funct
     finally:
         shared.opts.lora_functional = False
     assert "DynFuse method: static" in res.infotexts[0]
-    assert torch.allclose(p.fake_latents[0], p0.fake_latents[0], atol=1e-4, rtol=1e-4)
+    tol.assert_sampled_close(p.fake_latents[0], p0.fake_latents[0], ui.model, steps=3)
 
 
 def test_third_lora_is_merged_exactly_as_without_the_extension(a1111):
@@ -130,7 +131,7 @@ def _check_subject_only(a1111, prompt_pair, prompt_subject, **kwargs):
     p, res = ui.txt2img(prompt_pair, steps=3, seed=5, dynfuse=checks.dynfuse_args(method="subject-only"), **kwargs)
     assert len(p.fake_latents) == len(p0.fake_latents)
     for a, b in zip(p.fake_latents, p0.fake_latents):
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+        tol.assert_sampled_close(a, b, ui.model, steps=3)
     return p, res
 
 
@@ -211,7 +212,7 @@ def test_img2img(a1111, sampler):
     write_pair(ui, te=False, same_layers=True)
     p, res = ui.img2img(PROMPT, image, steps=4, seed=5, denoising_strength=0.5, sampler_name=sampler,
                         dynfuse=checks.dynfuse_args(method="subject-only"))
-    assert torch.allclose(p.fake_latents[0], p0.fake_latents[0], atol=1e-4, rtol=1e-4)
+    tol.assert_sampled_close(p.fake_latents[0], p0.fake_latents[0], ui.model, steps=4)
     assert "DynFuse method: subject-only" in res.infotexts[0]
 
 
@@ -286,7 +287,7 @@ def test_strength_override_and_full_weight_lora(a1111):
     ui = a1111()
     files(ui)
     p, _ = ui.txt2img(PROMPT, steps=3, seed=5, dynfuse=checks.dynfuse_args(method="static", subject_strength=0.4))
-    assert torch.allclose(p.fake_latents[0], p0.fake_latents[0], atol=1e-4, rtol=1e-4)
+    tol.assert_sampled_close(p.fake_latents[0], p0.fake_latents[0], ui.model, steps=3)
 
 
 def test_taken_loras_are_not_read_from_disk_again(a1111, monkeypatch):
@@ -304,7 +305,8 @@ def test_taken_loras_are_not_read_from_disk_again(a1111, monkeypatch):
 
 
 def _kl_decisions(a1111, prompt, **kwargs):
-    """A kl run of two images: its latents, each (layer, step, image)'s winner, the selection text and the weights."""
+    """A kl run of two images: its latents, each (layer, step, image)'s winner, the selection text, the weights and
+    the model."""
     import checks
 
     from lib_dynfuse.hosts import detect
@@ -315,7 +317,7 @@ def _kl_decisions(a1111, prompt, **kwargs):
     log = detect.get_adapter().last_job.last_log
     winners = {(d.layer, d.step, d.unit): d.winner for d in log.decisions()}
     selection = [line for line in res.infotexts[0].split(", ") if line.startswith("DynFuse selection")]
-    return p.fake_latents[0], winners, selection, checks.state()
+    return p.fake_latents[0], winners, selection, checks.state(), ui.model
 
 
 @pytest.mark.parametrize("prompt", [PROMPT, "a dog AND a cat " + PROMPT[6:]])
@@ -329,7 +331,7 @@ def test_cond_and_uncond_in_separate_calls_decide_as_in_one(a1111, prompt):
     assert split[1] == joined[1] and {unit for *_, unit in split[1]} == {0, 1}
     assert split[2] == joined[2]
     # float32 GEMMs round differently at other batch sizes: close, not equal
-    torch.testing.assert_close(split[0], joined[0], rtol=1e-4, atol=1e-4)
+    tol.assert_sampled_close(split[0], joined[0], joined[4], steps=3)
     checks.assert_same_state(split[3], joined[3])
 
 
@@ -344,7 +346,7 @@ def test_a_prompt_longer_than_the_negative_prompt_decides_as_in_one_call(a1111):
     split = _kl_decisions(a1111, long_prompt, cfg_scale=1.0, negative_prompt="blurry")
     assert split[1] == joined[1] and {unit for *_, unit in split[1]} == {0, 1}
     assert split[2] == joined[2]
-    torch.testing.assert_close(split[0], joined[0], rtol=1e-4, atol=1e-4)
+    tol.assert_sampled_close(split[0], joined[0], joined[4], steps=3)
     checks.assert_same_state(split[3], joined[3])
 
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import tolerances as tol
 from test_a1111_generation import PROMPT, write_pair
 
 
@@ -132,7 +133,7 @@ def test_skip_in_the_first_of_two_batches(a1111):
     assert checks.dynfuse_hooks() == 0
     assert len(p.fake_latents) == 2 and all("DynFuse method: subject-only" in t for t in res.infotexts)
     for a, b in zip(p.fake_latents, p0.fake_latents):
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+        tol.assert_sampled_close(a, b, ui.model, steps=4)
     plain, _ = ui.txt2img("a cat", steps=3, seed=7, dynfuse=checks.dynfuse_args(enabled=False))
     assert torch.equal(plain.fake_latents[0], plain0.fake_latents[0])
     checks.assert_same_state(checks.state(), state0)
@@ -262,7 +263,7 @@ def test_sdxl_lora_with_some_layers_of_other_shapes(a1111, capsys):
                       "LoRA 8x32, model 8x12); they are left out, as the host leaves them out.")]
     assert 'DynFuse note: "LoRA xl: 2 layers do not fit"' in text
     assert "DynFuse method: static" in text
-    assert torch.allclose(ours, host, atol=1e-4, rtol=1e-4)
+    tol.assert_sampled_close(ours, host, checks.current_model(), steps=3)
     assert checks.dynfuse_hooks() == 0
 
 
@@ -298,7 +299,8 @@ def test_inpainting_models_first_conv_gets_the_update_the_host_merges(a1111, kin
         merged = conv(x)  # the host's merge
         networks.loaded_networks.clear()
         delta = adapter._delta(module, conv, None)
-        torch.testing.assert_close(base + delta.output(x, LayerGeometry.of(conv)), merged, rtol=1e-5, atol=1e-5)
+        tol.assert_reordered_close(base + delta.output(x, LayerGeometry.of(conv)), merged,
+                                   terms=conv.weight[0].numel(), depth=2)
 
 
 def test_invalid_setting_from_the_ui(a1111, capsys):
@@ -332,7 +334,7 @@ def test_no_shared_layers_only_warns(a1111, capsys):
     assert lines == [("DynFuse: 'subj' and 'sty' share no UNet layer: each layer gets its own LoRA, as without "
                      "DynFuse.")]
     assert "DynFuse note: no shared layers" in text and "DynFuse method: kl" in text
-    assert torch.allclose(ours, host, atol=1e-4, rtol=1e-4)
+    tol.assert_sampled_close(ours, host, checks.current_model(), steps=3)
 
 
 # ---- damaged factors: found before sampling, the LoRAs stay with the host's merge -------------------------------

@@ -9,6 +9,7 @@ from unittest import mock
 
 import pytest
 import torch
+import tolerances as tol
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -156,7 +157,7 @@ def test_deciding_every_n_steps_keeps_each_decision_until_the_next(every):
         with torch.no_grad():
             chosen = subject if d.winner == "subject" else style
             expected = layer(inputs[d.step]) + chosen.output(inputs[d.step], LayerGeometry.of(layer))
-        torch.testing.assert_close(outputs[d.step], expected, rtol=1e-5, atol=1e-6)
+        tol.assert_reordered_close(outputs[d.step], expected, terms=layer.in_features, depth=2)
     assert len(set(divergences_per_step)) == -(-7 // every)
 
 
@@ -254,7 +255,7 @@ def test_a_layer_of_parts_keeps_each_parts_decision_until_the_next(every):
         with torch.no_grad():
             base = layer(inputs[step])[..., start:start + length]
             expected = base + chosen.output(inputs[step], LayerGeometry("linear", (length, 12)))
-        torch.testing.assert_close(outputs[step][..., start:start + length], expected, rtol=1e-5, atol=1e-6)
+        tol.assert_reordered_close(outputs[step][..., start:start + length], expected, terms=12, depth=2)
 
 
 def test_k_lora_weighs_each_part_by_its_own_ratio():
@@ -279,7 +280,7 @@ def test_k_lora_weighs_each_part_by_its_own_ratio():
         start, length = t.channels
         chosen = t.subject if winners[t.name] == "subject" else t.style
         expected = base[..., start:start + length] + chosen.output(x, LayerGeometry("linear", (length, 12)))
-        torch.testing.assert_close(fused[..., start:start + length], expected, rtol=1e-5, atol=1e-5)
+        tol.assert_reordered_close(fused[..., start:start + length], expected, terms=12, depth=2)
 
 
 def test_a_layer_cannot_take_deltas_on_its_whole_output_and_on_parts_of_it():

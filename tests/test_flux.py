@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import tolerances as tol
 
 from lib_dynfuse.hosts.base import NOTE_KEY, SELECTION_KEY
 from lib_dynfuse.settings import DynFuseSettings
@@ -141,7 +142,8 @@ def test_the_static_method_reproduces_the_webuis_merge_for_every_lora_layout(whi
             "files", files_in_store(which, host.sd_model.forge_objects.unet)))
         fused, p = host.txt2img(PROMPT, runner=runner, steps=3, **SIZE)
         assert seen["files"] == {"other.safetensors"}  # only the LoRA DynFuse does not fuse is merged
-        torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
+        tol.assert_sampled_close(fused.latents[0], merged.latents[0],
+                                 fh.diffusion_model(host.sd_model), steps=3)
         layers = script.job.last_log.layers
         sliced = "diffusers" in layouts
         assert layers == (DOUBLE_QKV + LINEAR1 if sliced else
@@ -228,7 +230,7 @@ def test_each_images_slices_follow_its_own_decisions(which, tmp_path, monkeypatc
         for image in (0, 1):
             chosen = part.subject if winners[(part.name, image)] == "subject" else part.style
             expected = base[image, :, channels] + chosen.output(x[image], LayerGeometry("linear", (16, 16)))
-            torch.testing.assert_close(fused[image, :, channels], expected, rtol=1e-5, atol=1e-5)
+            tol.assert_reordered_close(fused[image, :, channels], expected, terms=16, depth=2)
 
 
 # ---- storage: bf16, fp8 with online LoRAs --------------------------------------------------------------------------
@@ -368,7 +370,8 @@ def test_neos_linear1_qkv_patch_is_cut_into_the_q_k_and_v_the_other_lora_patches
         merged, _ = host.txt2img(PROMPT, steps=2, **SIZE)
         script, runner = dynfuse("neo", host, method="static")
         fused, _ = host.txt2img(PROMPT, runner=runner, steps=2, **SIZE)
-        torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=1e-4, atol=1e-4)
+        tol.assert_sampled_close(fused.latents[0], merged.latents[0],
+                                 fh.diffusion_model(host.sd_model), steps=2)
         assert [name for name in script.job.last_log.layers if name.startswith("diffusion_model.single")] == [
             f"diffusion_model.single_blocks.{i}.linear1:{x}" for i in (0, 1) for x in "qkv"]
 

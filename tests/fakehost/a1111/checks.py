@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 
-def _current_model():
+def current_model():
     from modules import shared
 
     return shared.sd_model
@@ -12,7 +12,7 @@ def _current_model():
 
 def probe(model=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The UNet's output on a fixed input and the text encoder's output on a fixed prompt (host LoRA paths run)."""
-    model = model or _current_model()
+    model = model or current_model()
     g = torch.Generator().manual_seed(99)
     x = torch.randn(2, 4, 8, 8, generator=g)
     t = torch.tensor([500.0, 20.0])
@@ -22,7 +22,7 @@ def probe(model=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def state(model=None) -> dict[str, torch.Tensor]:
-    model = model or _current_model()
+    model = model or current_model()
     return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=False).items()}
 
 
@@ -33,7 +33,7 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 
 
 def dynfuse_hooks(model=None) -> int:
-    model = model or _current_model()
+    model = model or current_model()
     return sum(1 for m in model.modules() for fn in m._forward_hooks.values() if getattr(fn, "__dynfuse_hook__", False))
 
 

@@ -295,9 +295,14 @@ def crash_at_step_1(host, monkeypatch, inside_unet: bool, layer: str) -> list[in
     return hooks_at_error
 
 
+def diffusion_model(sd_model) -> torch.nn.Module:
+    """The loaded UNet (or FLUX transformer) module, as the host loaded it."""
+    return sd_model.forge_objects_original.unet.model
+
+
 def unet_weights(sd_model) -> dict[str, torch.Tensor]:
     """A copy of every UNet parameter, taken outside inference mode."""
-    return {k: v.detach().clone() for k, v in sd_model.forge_objects_original.unet.model.named_parameters()}
+    return {k: v.detach().clone() for k, v in diffusion_model(sd_model).named_parameters()}
 
 
 LOHA_PROMPT = "a cat <lora:hada:0.7> <lora:style:1> <lora:other:0.5>"  # hada as the subject
