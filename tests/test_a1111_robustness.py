@@ -323,6 +323,7 @@ def test_lora_extension_disabled(a1111, capsys):
 
 
 def test_no_shared_layers_only_warns(a1111, capsys):
+    import checks
     import loras
 
     def disjoint(ui):

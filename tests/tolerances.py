@@ -43,7 +43,9 @@ def assert_sampled_close(actual: torch.Tensor, expected: torch.Tensor, model: nn
     goes through at most as many products as the model has weighted layers, and the widest sum is a layer's input
     (a linear layer's features, a convolution's channels times its kernel) or an attention's sum over the latent's
     H * W tokens."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    widest = max(m.in_features if isinstance(m, nn.Linear) else m.weight[0].numel() for m in layers)
+    # Any module with a linear or convolution weight: the hosts' own layer classes need not be torch's.
+    weights = [w for m in model.modules() if isinstance(w := getattr(m, "weight", None), torch.Tensor)
+               and w.dim() in (2, 4)]
+    widest = max(w[0].numel() for w in weights)
     tokens = expected.shape[-2] * expected.shape[-1]
-    assert_reordered_close(actual, expected, terms=max(widest, tokens), depth=steps * len(layers))
+    assert_reordered_close(actual, expected, terms=max(widest, tokens), depth=steps * len(weights))
