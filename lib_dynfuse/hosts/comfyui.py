@@ -294,6 +294,7 @@ def add_guidance(model: Any, vae: Any | None, subject_refs: Sequence, style_ref:
             say(f"guidance failed ({type(error).__name__}: {error}); it is off for the rest of this run.")
             return denoised
 
+    dynfuse_guidance.guidance = guidance  # its losses and state, for whoever holds the model
     guided = model.clone()
     guided.set_model_sampler_post_cfg_function(dynfuse_guidance)
     return guided
