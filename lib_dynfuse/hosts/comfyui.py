@@ -144,16 +144,16 @@ def load_pair(model: Any, clip: Any | None, loras: dict[str, tuple[str, float]],
         raise DynFuseInputError("DynFuse: this MODEL already comes from a DynFuse LoRA pair node; one pair per "
                                 "model (connect the model before that node).")
     options.validate()
-    recorder = LoadRecorder()
-    current_model, current_clip = model, clip
+    recorder = LoadRecorder()  # keyed weakly by patcher: the clones stay referenced in `loaded` until read
+    loaded, current_clip = [model], clip
     for role in ROLES:
         path, strength = loras[role]
         tensors = comfy.utils.load_torch_file(path, safe_load=True)
-        loaded_model, current_clip = comfy.sd.load_lora_for_models(current_model, current_clip, tensors,
-                                                                   strength, strength)
-        recorder.record(current_model, loaded_model, role)
-        current_model = loaded_model
-    merged = current_model  # both LoRAs in ComfyUI's store: what two LoraLoaders give
+        next_model, current_clip = comfy.sd.load_lora_for_models(loaded[-1], current_clip, tensors, strength,
+                                                                 strength)
+        recorder.record(loaded[-1], next_model, role)
+        loaded.append(next_model)
+    merged = loaded[-1]  # both LoRAs in ComfyUI's store: what two LoraLoaders give
     try:
         fusion = _take_over(merged, recorder, loras, options)
     except DynFuseInputError as e:
