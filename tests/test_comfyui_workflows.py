@@ -134,3 +134,23 @@ def test_a_workflow_fits_the_nodes_schemas(schemas, path):
     methods = [n["widgets_values"][4] for n in nodes.values() if n["type"] == "DynFuseLoraPair"]
     assert methods == (["static", "kl"] if "static" in path.stem else ["kl"])
     assert any(n["type"] == "DynFuseGuidance" for n in nodes.values()) == ("guidance" in path.stem)
+
+
+def test_the_api_graph_fits_the_nodes_schemas(schemas):
+    """workflows/api/: the graph POSTed to /prompt for a scripted check (kl, static and LoraLoader side by side)."""
+    found, _ = schemas
+    graph = json.loads((ROOT / "workflows/api/sd15_kl_static_loraloader.json").read_text())
+    for node in graph.values():
+        schema = found.get(node["class_type"])
+        inputs = node["inputs"]
+        for value in inputs.values():
+            if isinstance(value, list):
+                assert value[0] in graph  # a link: [node id, output slot]
+        if schema is None:
+            continue
+        by_id = {i.id: i for i in schema.inputs}
+        assert set(inputs) <= set(by_id)
+        assert {i.id for i in schema.inputs if not i.optional} <= set(inputs)
+        assert all(widget_ok(by_id[k], v) for k, v in inputs.items() if by_id[k].io_type not in SOCKETS)
+    methods = sorted(n["inputs"]["method"] for n in graph.values() if n["class_type"] == "DynFuseLoraPair")
+    assert methods == ["kl", "static"]
