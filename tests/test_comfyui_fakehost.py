@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-_spec = importlib.util.spec_from_file_location("comfyui_harness", Path(__file__).parent / "fakehost/comfyui/comfyui_harness.py")
+HARNESS = Path(__file__).parent / "fakehost/comfyui/comfyui_harness.py"
+_spec = importlib.util.spec_from_file_location("comfyui_harness", HARNESS)
 ch = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("comfyui_harness", ch)
 _spec.loader.exec_module(ch)
@@ -63,7 +64,8 @@ def test_injections_follow_patching_and_detaching(host):
 
     events = []
     model = host.model.clone()
-    model.set_injections("probe", [PatcherInjection(lambda p: events.append("inject"), lambda p: events.append("eject"))])
+    injection = PatcherInjection(lambda p: events.append("inject"), lambda p: events.append("eject"))
+    model.set_injections("probe", [injection])
     host.model_management.load_models_gpu([model])
     assert events[-1] == "inject" and model.is_injected
     host.model_management.load_models_gpu([host.model])  # another clone of the same model: this one is detached

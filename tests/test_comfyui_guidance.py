@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest_guidance import TINY, guidance_release_models  # noqa: F401 - autouse fixture
 
-_spec = importlib.util.spec_from_file_location("comfyui_harness", Path(__file__).parent / "fakehost/comfyui/comfyui_harness.py")
+HARNESS = Path(__file__).parent / "fakehost/comfyui/comfyui_harness.py"
+_spec = importlib.util.spec_from_file_location("comfyui_harness", HARNESS)
 ch = sys.modules.get("comfyui_harness") or importlib.util.module_from_spec(_spec)
 if "comfyui_harness" not in sys.modules:
     sys.modules["comfyui_harness"] = ch
@@ -31,7 +32,8 @@ def host(tmp_path, monkeypatch):
 
 def references() -> dict:
     g = torch.Generator().manual_seed(4)
-    return {"subject_images": torch.rand(2, 32, 32, 3, generator=g), "style_image": torch.rand(1, 32, 32, 3, generator=g)}
+    return {"subject_images": torch.rand(2, 32, 32, 3, generator=g),
+            "style_image": torch.rand(1, 32, 32, 3, generator=g)}
 
 
 def guide(host, model, decoder="approx", **inputs):

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-_spec = importlib.util.spec_from_file_location("comfyui_harness", Path(__file__).parent / "fakehost/comfyui/comfyui_harness.py")
+HARNESS = Path(__file__).parent / "fakehost/comfyui/comfyui_harness.py"
+_spec = importlib.util.spec_from_file_location("comfyui_harness", HARNESS)
 ch = sys.modules.get("comfyui_harness") or importlib.util.module_from_spec(_spec)
 if "comfyui_harness" not in sys.modules:
     sys.modules["comfyui_harness"] = ch

@@ -34,7 +34,8 @@ SHARED = [
     "input_blocks.1.0.in_layers.2",
 ]
 OTHER_ONLY = ["input_blocks.1.1.transformer_blocks.0.attn2.to_v", "out.2"]
-TEXT_LAYERS = ["transformer.text_model.encoder.layers.0.self_attn.q_proj", "transformer.text_model.encoder.layers.0.mlp.fc1"]
+TEXT_LAYERS = ["transformer.text_model.encoder.layers.0.self_attn.q_proj",
+               "transformer.text_model.encoder.layers.0.mlp.fc1"]
 
 
 def _is_host_module(name: str) -> bool:
@@ -65,8 +66,9 @@ class Host:
         with torch.inference_mode():
             return self.node(node_id).execute(**inputs).args
 
-    def pair(self, model: Any = None, clip: Any = None, subject: str = "subject.safetensors", style: str = "style.safetensors",
-             subject_strength: float = 0.8, style_strength: float = 1.0, **engine: Any) -> tuple:
+    def pair(self, model: Any = None, clip: Any = None, subject: str = "subject.safetensors",
+             style: str = "style.safetensors", subject_strength: float = 0.8, style_strength: float = 1.0,
+             **engine: Any) -> tuple:
         return self.run("DynFuseLoraPair", model=model or self.model, clip=clip if clip is not None else self.clip,
                         subject_lora=subject, subject_strength=subject_strength, style_lora=style,
                         style_strength=style_strength, **engine)

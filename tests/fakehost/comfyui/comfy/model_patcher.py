@@ -42,7 +42,8 @@ class AutoPatcherEjector:
 
 
 def set_model_options_post_cfg_function(model_options, post_cfg_function, disable_cfg1_optimization=False):
-    model_options["sampler_post_cfg_function"] = model_options.get("sampler_post_cfg_function", []) + [post_cfg_function]
+    functions = model_options.get("sampler_post_cfg_function", [])
+    model_options["sampler_post_cfg_function"] = functions + [post_cfg_function]
     if disable_cfg1_optimization:
         model_options["disable_cfg1_optimization"] = True
     return model_options
