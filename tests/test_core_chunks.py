@@ -92,3 +92,13 @@ def test_an_extra_call_after_the_step_follows_the_steps_decisions(model):
         model(xs[2:] * 3, cs[2:])
         assert {(d.layer, d.unit): d.winner for d in session.log.decisions()} == logged
         assert len(session.log) == len(logged)
+
+
+def test_a_batch_of_equal_chunks_in_the_hosts_order():
+    """ComfyUI's and the Forge family's batches: one chunk per cond_or_uncond entry (uncond first there), row i of
+    each chunk is image i; rows that do not split into the chunks give no layout."""
+    layout = BatchLayout.chunks([1, 0], 4)
+    assert layout.image_of_row == (0, 1, 0, 1) and layout.is_cond == (False, False, True, True)
+    assert layout.deciding_row == {0: 2, 1: 3}
+    assert BatchLayout.chunks([0], 3).is_cond == (True, True, True)
+    assert BatchLayout.chunks([1, 0], 3) is None and BatchLayout.chunks([], 2) is None

@@ -16,7 +16,7 @@ RULES = {
 # what each rule's docstring names as off limits
 FORBIDDEN_IN_DOCSTRING = {"engine": ("hosts/", "guidance/", "quality/", "bench/", "loras/"), "loras": ("engine/",)}
 # Foreign packages only the host glue may import.
-HOST_PACKAGES = ("modules", "backend", "gradio", "modules_forge", "comfy", "comfy_api")
+HOST_PACKAGES = ("modules", "backend", "gradio", "modules_forge", "comfy", "comfy_api", "folder_paths")
 
 
 def module_name(path: Path, root: Path = PACKAGE.parent) -> str:

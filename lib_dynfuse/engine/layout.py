@@ -47,6 +47,18 @@ class BatchLayout:
     def rows(cls, image_of_row: list[int] | tuple[int, ...], is_cond: list[bool] | tuple[bool, ...]) -> BatchLayout:
         return cls(tuple(int(i) for i in image_of_row), tuple(bool(c) for c in is_cond))
 
+    @classmethod
+    def chunks(cls, cond_or_uncond: list[int] | tuple[int, ...], rows: int) -> BatchLayout | None:
+        """A batch of equal chunks, one per entry of ``cond_or_uncond`` (0 = cond, 1 = uncond, in the host's
+        order), row ``i`` of every chunk belonging to image ``i``: the batches of ComfyUI's sampler and of the
+        Forge family's, which descends from it. None when the rows do not split so."""
+        kinds = list(cond_or_uncond)
+        if not kinds or rows % len(kinds):
+            return None
+        per_chunk = rows // len(kinds)
+        return cls.rows([i for _ in kinds for i in range(per_chunk)],
+                        [k == 0 for k in kinds for _ in range(per_chunk)])
+
     def __len__(self) -> int:
         return len(self.image_of_row)
 

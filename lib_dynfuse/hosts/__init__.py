@@ -1,1 +1,1 @@
-"""Host glue: the only code importing modules.*, backend.* or gradio."""
+"""Host glue: the only code importing modules.*, backend.*, gradio, comfy.*, comfy_api.* or folder_paths."""

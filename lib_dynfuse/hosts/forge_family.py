@@ -281,6 +281,8 @@ def _install_unet_wrapper(unet: Any, session: Any, job: Job, on_error: Callable[
     A closure, not an object: clones deep-copy model_options, and functions are copied by reference. The slot holds
     one wrapper, so an earlier one is chained (inside the hooks); an extension that replaces this one later leaves
     the hooks to the per-pass fallback in on_cfg_denoiser."""
+    from lib_dynfuse.engine.layout import BatchLayout
+
     previous = unet.model_options.get("model_function_wrapper")
     holder = [session]
     calls = job.host["wrapper_calls"] = [0]
@@ -296,7 +298,7 @@ def _install_unet_wrapper(unet: Any, session: Any, job: Job, on_error: Callable[
         if active is None:
             return call(apply_model, args)
         calls[0] += 1
-        active.set_layout(_layout(args))
+        active.set_layout(BatchLayout.chunks(args["cond_or_uncond"], args["input"].shape[0]))
         if active.installed:  # the per-pass fallback put them on
             return call(apply_model, args)
         try:
@@ -311,18 +313,6 @@ def _install_unet_wrapper(unet: Any, session: Any, job: Job, on_error: Callable[
 
     unet.set_model_unet_function_wrapper(dynfuse_unet_wrapper)
     job.host["wrapper"] = dynfuse_unet_wrapper
-
-
-def _layout(args: dict) -> Any:
-    from lib_dynfuse.engine.layout import BatchLayout
-
-    chunks = list(args["cond_or_uncond"])
-    rows = int(args["input"].shape[0])
-    if not chunks or rows % len(chunks):
-        return None
-    per_chunk = rows // len(chunks)
-    return BatchLayout.rows([i for _ in chunks for i in range(per_chunk)],
-                            [kind == 0 for kind in chunks for _ in range(per_chunk)])
 
 
 def _wrapper_in_place(job: Job) -> bool:
