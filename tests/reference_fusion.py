@@ -97,15 +97,18 @@ def reference_parts(x: Tensor, base: Tensor, parts: list[tuple[str, int, int, De
                     step: int = 0) -> tuple[Tensor, dict[tuple[str, int], tuple[float, float | None, float | None]]]:
     """The fused output of a linear layer whose output channels are ``parts`` (name, start, length, subject delta,
     style delta), and each contested part's decision per unit: every part on its own channels only, as
-    :func:`reference_layer` does a whole layer; a part one LoRA touches gets that delta; other channels keep the
-    base."""
+    :func:`reference_layer` does a whole layer; a part one LoRA touches gets that delta (none under the other
+    LoRA's one-LoRA method); other channels keep the base."""
     out = base.clone()
     decided = {}
+    absent = {"subject-only": "style", "style-only": "subject"}.get(options.method)
     for name, start, length, subject, style in parts:
         own = LayerGeometry("linear", (length, *geometry.weight_shape[1:]))
         channels = slice(start, start + length)
         if subject is None or style is None:
-            out[..., channels] = candidate(x, base[..., channels], subject or style, own)
+            role, lone = ("subject", subject) if style is None else ("style", style)
+            if role != absent:
+                out[..., channels] = candidate(x, base[..., channels], lone, own)
             continue
         fused, by_unit = reference_layer(x, base[..., channels], subject, style, own, unit_rows, options, step=step)
         out[..., channels] = fused

@@ -83,6 +83,9 @@ class Policy:
 
     needs_divergence = False
     one_hot = True  # every unit gets exactly one of the two LoRAs, at weight 1
+    # The weights of the subject's and the style's delta on a layer (or part) only that LoRA touches: there is
+    # nothing to choose, so it gets its LoRA; the one-LoRA methods leave the other LoRA out of every layer.
+    lone = (1.0, 1.0)
 
     def __init__(self, options: EngineOptions) -> None:
         self.options = options
@@ -105,7 +108,7 @@ class StaticPolicy(Policy):
 
     def __init__(self, options: EngineOptions, subject: float = 1.0, style: float = 1.0) -> None:
         super().__init__(options)
-        self.weights = (subject, style)
+        self.weights = self.lone = (subject, style)
 
     def fixed(self, layer, progress, step):
         return self.weights

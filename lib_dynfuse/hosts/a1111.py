@@ -18,8 +18,9 @@ import math
 from typing import Any
 
 from lib_dynfuse.hosts import options
-from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, say, say_once, turn_off
+from lib_dynfuse.hosts.base import HostAdapter, Job, absent_role, add_note, say, say_once, turn_off
 
+ROLES = ("subject", "style")
 # The name of the proxy that carries what the host keeps merging of a taken LoRA: a cache key of its own.
 PROXY_SUFFIX = "_dynfuse_static"
 LORA_DISABLED = ("the built-in Lora extension is not loaded (it is disabled, or the WebUI runs with "
@@ -98,6 +99,8 @@ class A1111Adapter(HostAdapter):
             if found is None:
                 return
             targets, static = found
+            # A one-LoRA method leaves the other LoRA out of the layers no hook can fuse too.
+            static = [{} if role == absent_role(job.settings) else kept for role, kept in zip(ROLES, static)]
             if self.damaged_factors(p, job, targets):
                 return
             overrides = (job.settings.subject_strength, job.settings.style_strength)
@@ -188,7 +191,7 @@ class A1111Adapter(HostAdapter):
     def _note_static(p: Any, job: Job, static: list[dict[str, str]]) -> None:
         """Said once per job, noted in every pass's infotext (as on Forge)."""
         notes = []
-        for role, kept in zip(("subject", "style"), static):
+        for role, kept in zip(ROLES, static):
             if kept:
                 key, why = next(iter(kept.items()))
                 layers = f"{key} keeps" if len(kept) == 1 else f"{key} and {len(kept) - 1} more layers keep"

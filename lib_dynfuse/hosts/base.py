@@ -89,6 +89,12 @@ def turn_off(p: Any, job: Job, message: str, note: str) -> None:
     refuse(p, f"{message} DynFuse is off for this generation.", note)
 
 
+def absent_role(settings: Any) -> str | None:
+    """The LoRA a one-LoRA method leaves out of every UNet layer, those no hook can fuse included ("style" for
+    subject-only); None for the other methods. Its text-encoder half stays with the host, as for every method."""
+    return {"subject-only": "style", "style-only": "subject"}.get(getattr(settings, "method", None))
+
+
 @dataclass
 class Job:
     """One generation with dynfuse on. Created by begin_job, closed by end_job or cleanup."""

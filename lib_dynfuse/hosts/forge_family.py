@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from lib_dynfuse.hosts import options
-from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, say, say_once, turn_off
+from lib_dynfuse.hosts.base import HostAdapter, Job, absent_role, add_note, say, say_once, turn_off
 from lib_dynfuse.hosts.patch_store import ROLES, Split, Taken, same_file, split_patches
 
 # How a UNet patcher keeps its LoRAs, for the message that refuses a store an adapter cannot read.
@@ -152,7 +152,8 @@ class ForgeFamilyAdapter(HostAdapter):
                                  "or made for another model family).", "off: LoRA has no UNet weights")
                 return
             split = split_patches(unet.model, taken, strength_overrides(job),
-                                  lambda key, module: self.base_weight(unet, key, module), self.merge)
+                                  lambda key, module: self.base_weight(unet, key, module), self.merge,
+                                  absent_role(job.settings))
             # Before the clone's store is rewritten or handed over: on a damaged LoRA the WebUI keeps the patcher
             # it had (Neo's patches_uuid included) and makes the image as it would without DynFuse.
             if self.damaged_factors(p, job, split.targets):
