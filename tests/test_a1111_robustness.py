@@ -186,9 +186,12 @@ def _broken_file(ui):
 
 def test_lora_file_that_fails_to_load(a1111, capsys):
     lines, text = _bad(a1111, capsys, "a dog <lora:subj:1> <lora:broken:1>", files=_broken_file)
-    assert lines == [("DynFuse: LoRA 'broken' is not loaded (file missing, failed to load, or not in this pass's "
-                     "prompt; see the console above). DynFuse is off for this generation.")]
+    assert lines == [("DynFuse: LoRA 'broken' is not loaded: broken.safetensors is not a .safetensors file or is "
+                      "damaged (Error while deserializing header: header too large). DynFuse is off for this "
+                      "generation.")]
     assert 'DynFuse note: "off: LoRA broken not loaded"' in text
+    # Pasting this infotext must not turn DynFuse on with a LoRA that cannot load.
+    assert not any(f"DynFuse {key}:" in text for key in ("method", "subject", "style", "version", "selection"))
 
 
 def _foreign_file(ui):
@@ -226,8 +229,8 @@ def test_sdxl_lora_whose_layers_all_have_other_shapes(a1111, capsys):
     files = _sdxl_file(misfits_only=True)
     lines, text = _bad(a1111, capsys, "a dog <lora:subj:1> <lora:xl:1>", files=files)
     assert len(files.misfits) == 2
-    assert lines == [("DynFuse: LoRA 'xl' has no layers that fit this model's UNet (is it made for another model "
-                     "family?). DynFuse is off for this generation.")]
+    assert lines == [("DynFuse: LoRA 'xl' has no layers that fit this model's UNet: xl.safetensors is made for SDXL "
+                      "and this model is SD1.5. DynFuse is off for this generation.")]
     assert 'DynFuse note: "off: LoRA xl does not fit the UNet"' in text
 
 
@@ -437,8 +440,9 @@ def test_non_finite_factors_turn_dynfuse_off_and_the_host_meets_them_as_without_
 def test_a_layer_without_its_up_factor_is_refused_by_the_host_itself(a1111, capsys):
     """The host turns the whole file away; DynFuse says that it is not loaded, and the host merges the other."""
     lines, text = _bad(a1111, capsys, PROMPT, files=_damaged("subj", lambda t: t.pop(f"lora_unet_{TO_Q}.lora_up.weight")))
-    assert lines == [("DynFuse: LoRA 'subj' is not loaded (file missing, failed to load, or not in this pass's "
-                      "prompt; see the console above). DynFuse is off for this generation.")]
+    assert lines == [(f"DynFuse: LoRA 'subj' is not loaded: subj.safetensors has missing or damaged factors (layer "
+                      f"lora_unet_{TO_Q}: lora_down.weight without its up factor; the file is damaged). DynFuse is "
+                      "off for this generation.")]
     assert 'DynFuse note: "off: LoRA subj not loaded"' in text
 
 

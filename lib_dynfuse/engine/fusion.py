@@ -81,6 +81,8 @@ class StepState:
             layout = self.layout
             if layout is None or start + rows > len(layout) or self.options.decide_per == "row":
                 plan = DecisionPlan.per_row(rows, start)
+                if layout is not None and start + rows <= len(layout):
+                    self.log.units_are_rows_of(dict(zip(plan.units, layout.image_of_row[start:start + rows])))
             else:
                 chunk = slice(start, start + rows)
                 plan = DecisionPlan.tied_to_images(BatchLayout.rows(layout.image_of_row[chunk],

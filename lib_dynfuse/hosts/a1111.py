@@ -120,8 +120,10 @@ class A1111Adapter(HostAdapter):
         for tag in (job.subject, job.style):
             net = next((n for n in loaded if tag.name in _net_names(n)), None)
             if net is None:
-                turn_off(p, job, f"LoRA '{tag.name}' is not loaded (file missing, failed to load, or not in this "
-                                 f"pass's prompt; see the console above).", f"off: LoRA {tag.name} not loaded")
+                cause = self.file_problem(p, tag.name)
+                why = f": {cause}" if cause else (" (file missing, failed to load, or not in this pass's prompt; see "
+                                                  "the console above)")
+                turn_off(p, job, f"LoRA '{tag.name}' is not loaded{why}.", f"off: LoRA {tag.name} not loaded")
                 return None
             found.append(net)
         if found[0] is found[1]:
@@ -158,8 +160,10 @@ class A1111Adapter(HostAdapter):
                 except Misfit as e:
                     skipped.append((key, e))
             if not layer_deltas:
-                turn_off(p, job, f"LoRA '{tag.name}' has no layers that fit this model's UNet (is it made for "
-                                 "another model family?).", f"off: LoRA {tag.name} does not fit the UNet")
+                cause = self.file_problem(p, tag.name)
+                why = f": {cause}" if cause else " (is it made for another model family?)"
+                turn_off(p, job, f"LoRA '{tag.name}' has no layers that fit this model's UNet{why}.",
+                         f"off: LoRA {tag.name} does not fit the UNet")
                 return None
             deltas.append(layer_deltas)
             static.append(kept)

@@ -147,9 +147,8 @@ class ForgeFamilyAdapter(HostAdapter):
             taken = self.take_patches(unet, job)
             missing = [role for role in ROLES if not any(item.role == role for item in taken)]
             if missing:
-                names = ", ".join(f"{role} '{getattr(job, role).name}'" for role in missing)
-                turn_off(p, job, f"the {names} LoRA has no UNet weights loaded by {self.host_label} (unknown name, "
-                                 "or made for another model family).", "off: LoRA has no UNet weights")
+                turn_off(p, job, " ".join(self._not_loaded(p, job, role) for role in missing),
+                         "off: LoRA has no UNet weights")
                 return
             split = split_patches(unet.model, taken, strength_overrides(job),
                                   lambda key, module: self.base_weight(unet, key, module), self.merge,
@@ -166,6 +165,14 @@ class ForgeFamilyAdapter(HostAdapter):
         except Exception as e:  # noqa: BLE001 - never stop the host's generation
             _restore_unet(p, job)
             self.fail(p, "could not take over the LoRAs", e)
+
+    def _not_loaded(self, p: Any, job: Job, role: str) -> str:
+        """The sentence for a LoRA the WebUI put no UNet weights of in the store, naming the cause when its file
+        tells it."""
+        name = getattr(job, role).name
+        cause = self.file_problem(p, name)
+        why = f": {cause}" if cause else " (unknown name, or made for another model family)"
+        return f"the {role} '{name}' LoRA has no UNet weights loaded by {self.host_label}{why}."
 
     def _start_session(self, p: Any, job: Job, engine: Any, source: Any, unet: Any, targets: list) -> None:
         """The layer targets -> the job's FusionSession, its hooks wired into the clone, the clone handed over."""
