@@ -154,7 +154,14 @@ def _bad(a1111, capsys, prompt, *, files=None, **fields):
     assert torch.equal(p.fake_latents[0], p0.fake_latents[0])
     assert checks.dynfuse_hooks() == 0
     lines = [line for line in out.splitlines() if line.startswith("DynFuse: ")]
+    _only_the_note(p.extra_generation_params)
     return lines, res.infotexts[0]
+
+
+def _only_the_note(params):
+    """DynFuse is off: its infotext has the note, and nothing that would turn it on again when pasted."""
+    assert [key for key in params if key.startswith("DynFuse ")] == ["DynFuse note"]
+    assert params["DynFuse note"].startswith("off: ")
 
 
 def test_tag_not_in_prompt(a1111, capsys):
@@ -431,6 +438,7 @@ def test_non_finite_factors_turn_dynfuse_off_and_the_host_meets_them_as_without_
     host_layer = _host_layer(f"lora_unet_{layer}")
     assert lines == [_damaged_line(name, host_layer, problem)]
     assert p.extra_generation_params["DynFuse note"] == f"off: LoRA {name} has non-finite values in layer {host_layer}"
+    _only_the_note(p.extra_generation_params)
     import networks
 
     assert [net.name for net in networks.loaded_networks] == ["subj", "sty"]  # as the host activated them
@@ -461,3 +469,16 @@ def test_each_lora_is_checked_once_per_job(a1111, monkeypatch):
     assert "DynFuse selection" in res.infotexts[0] and len(checked) == 2
     ui.txt2img(PROMPT, steps=2, seed=5, dynfuse=checks.dynfuse_args())
     assert len(checked) == 4  # a new job checks again
+
+
+def test_a_takeover_that_fails_turns_dynfuse_off_with_the_note_alone(a1111, capsys, monkeypatch):
+    from lib_dynfuse.hosts import a1111 as adapter
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(adapter.A1111Adapter, "_targets", broken)
+    lines, text = _bad(a1111, capsys, PROMPT)
+    assert lines == ["DynFuse: could not take over the LoRAs: RuntimeError: boom. The generation continues without "
+                     "DynFuse."]
+    assert 'DynFuse note: "off: could not take over the LoRAs (RuntimeError)"' in text

@@ -147,8 +147,7 @@ class ForgeFamilyAdapter(HostAdapter):
             taken = self.take_patches(unet, job)
             missing = [role for role in ROLES if not any(item.role == role for item in taken)]
             if missing:
-                turn_off(p, job, " ".join(self._not_loaded(p, job, role) for role in missing),
-                         "off: LoRA has no UNet weights")
+                turn_off(p, job, self._not_loaded(p, job, missing), "off: LoRA has no UNet weights")
                 return
             split = split_patches(unet.model, taken, strength_overrides(job),
                                   lambda key, module: self.base_weight(unet, key, module), self.merge,
@@ -166,13 +165,17 @@ class ForgeFamilyAdapter(HostAdapter):
             _restore_unet(p, job)
             self.fail(p, "could not take over the LoRAs", e)
 
-    def _not_loaded(self, p: Any, job: Job, role: str) -> str:
-        """The sentence for a LoRA the WebUI put no UNet weights of in the store, naming the cause when its file
-        tells it."""
-        name = getattr(job, role).name
-        cause = self.file_problem(p, name)
-        why = f": {cause}" if cause else " (unknown name, or made for another model family)"
-        return f"the {role} '{name}' LoRA has no UNet weights loaded by {self.host_label}{why}."
+    def _not_loaded(self, p: Any, job: Job, missing: list[str]) -> str:
+        """What to say of the LoRAs (roles) the WebUI put no UNet weights of in the store: the cause their files
+        show; when one file shows one, that LoRA alone (the WebUI stops loading the prompt's LoRAs at a file it
+        cannot read, so the others may be missing too)."""
+        causes = {role: self.file_problem(p, getattr(job, role).name) for role in missing}
+        if any(causes.values()):
+            return " ".join(f"the {role} '{getattr(job, role).name}' LoRA has no UNet weights loaded by "
+                            f"{self.host_label}: {cause}." for role, cause in causes.items() if cause)
+        names = ", ".join(f"{role} '{getattr(job, role).name}'" for role in missing)
+        return (f"the {names} LoRA has no UNet weights loaded by {self.host_label} (unknown name, or made for "
+                "another model family).")
 
     def _start_session(self, p: Any, job: Job, engine: Any, source: Any, unet: Any, targets: list) -> None:
         """The layer targets -> the job's FusionSession, its hooks wired into the clone, the clone handed over."""
