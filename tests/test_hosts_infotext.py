@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,35 @@ def test_when_dynfuse_turns_itself_off_the_infotext_has_the_note_and_nothing_to_
         assert "enabled" not in from_infotext(params)
     # The WebUI's own image (NaN too, with a NaN factor).
     torch.testing.assert_close(torch.stack(processed.latents), torch.stack(clean.latents), equal_nan=True)
+
+
+def test_a_missing_package_is_named_with_how_to_install_it(which, host, monkeypatch, capsys):
+    """A WebUI whose installer did not run: the console says which package is missing and how to install it, in
+    one line; the note says it in a few words; the fusion runs."""
+    from PIL import Image
+
+    from lib_dynfuse.guidance import scorers
+
+    def no_timm(config):
+        raise ModuleNotFoundError("No module named 'timm'", name="timm")
+
+    _factory, module, name = HOSTS[which]
+    monkeypatch.setattr(getattr(importlib.import_module(module), name), "guidance_factories",
+                        {"clip_factory": no_timm, "dino_factory": no_timm})
+    refs = {"subject_refs": (Image.new("RGB", (32, 32), (250, 10, 10)),),
+            "style_ref": Image.new("RGB", (32, 32), (10, 10, 250))}
+    capsys.readouterr()
+    try:
+        script, runner = dynfuse(which, host, **refs)
+        processed, _p = host.txt2img(PROMPT, runner=runner, steps=2)
+    finally:
+        scorers.unload()
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DynFuse")]
+    assert out == [f"DynFuse: no CLIP/DINO scores for this generation: could not load the DINO model "
+                   f"'vit_small_patch16_224.dino': the Python package timm is not installed. Restart the WebUI so "
+                   f"that DynFuse's install.py installs it, or run \"{sys.executable}\" -m pip install timm. To skip "
+                   "the scores, turn off Settings > DynFuse > Write CLIP/DINO scores to the infotext. Not said again "
+                   "until a CLIP/DINO setting changes."]
+    params = parsed(processed.infotexts[0])
+    assert params[NOTE_KEY] == "no scores: timm not installed" and params["DynFuse method"] == "kl"
+    assert not script.job.failed
