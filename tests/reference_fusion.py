@@ -75,8 +75,9 @@ def reference_layer(x: Tensor, base: Tensor, subject: Delta, style: Delta, geome
             if options.method == "kl":
                 w = 1.0 if d_s >= d_t else 0.0
             else:
-                e_s, e_t = (math.exp(d / options.soft_temperature) for d in (d_s, d_t))
-                w = e_s / (e_s + e_t)
+                # d_s^(1/T) / (d_s^(1/T) + d_t^(1/T)), in logs
+                log_ratio = (math.log(max(d_t, 1e-30)) - math.log(max(d_s, 1e-30))) / options.soft_temperature
+                w = 1.0 / (1.0 + math.exp(min(log_ratio, 700.0)))
         elif options.method == "switch":
             w = 1.0 if (step // options.switch_every) % 2 == 0 else 0.0
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -437,3 +438,18 @@ def test_k_lora_takes_a_loha_layers_rank_from_the_host(a1111, klora_ranks, style
     loha = {row["a1111_layer_name"] for row in loras.unet_rows() if row["kohya_key"] in keys[:4]}
     assert loha < klora_ranks.keys()
     assert set(klora_ranks.values()) == {(3, style_rank)}
+
+
+def test_kl_soft_chooses_between_loras_of_different_strength(a1111):
+    """The style at four times the subject's weight: kl-soft gives it most of each blend, not half."""
+    import checks
+
+    from lib_dynfuse.hosts import detect
+
+    ui = a1111()
+    write_pair(ui, same_layers=True)
+    _, res = ui.txt2img("a dog <lora:subj:0.25> <lora:sty:1>", steps=3, seed=5, batch_size=2,
+                        dynfuse=checks.dynfuse_args(method="kl-soft"))
+    weights = torch.tensor([d.subject_weight for d in detect.get_adapter().last_job.last_log.decisions()])
+    assert float((weights - 0.5).abs().mean()) > 0.2, weights
+    assert float(re.search(r"DynFuse selection: subject (\d\.\d\d)", res.infotexts[0])[1]) < 0.3

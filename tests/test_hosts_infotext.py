@@ -190,3 +190,14 @@ def test_a_missing_package_is_named_with_how_to_install_it(which, host, monkeypa
     params = parsed(processed.infotexts[0])
     assert params[NOTE_KEY] == "no scores: timm not installed" and params["DynFuse method"] == "kl"
     assert not script.job.failed
+
+
+def test_kl_soft_chooses_between_loras_of_different_strength(which, host):
+    """The style at three times the subject's weight moves most layers more: kl-soft gives it most of each blend,
+    not half (its temperature is relative to the divergences' scale, whatever the model)."""
+    script, runner = dynfuse(which, host, method="kl-soft")
+    processed, _p = host.txt2img(PROMPT.replace("subj:0.8", "subj:0.3"), runner=runner, steps=3, batch_size=2)
+    weights = torch.tensor([d.subject_weight for d in script.job.last_log.decisions()])
+    assert float((weights - 0.5).abs().mean()) > 0.2, weights
+    share = float(parsed(processed.infotexts[0])["DynFuse selection"].removeprefix("subject "))
+    assert share < 0.3
