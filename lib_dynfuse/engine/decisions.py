@@ -113,7 +113,8 @@ class DecisionLog:
         rows = self._rows()
         if image is None:
             return {key: row.weights for key, row in rows.items()}
-        found = {key: [w for u, w in zip(row.units, row.weights) if self._image(u) == image] for key, row in rows.items()}
+        found = {key: [w for u, w in zip(row.units, row.weights) if self._image(u) == image]
+                 for key, row in rows.items()}
         return {key: weights for key, weights in found.items() if weights}
 
     def subject_share(self, image: int | None = None) -> float | None:
