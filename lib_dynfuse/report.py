@@ -23,13 +23,14 @@ def cell_colour(subject_weight: float) -> tuple[int, int, int]:
 
 
 def selection_map(logs: DecisionLog | Sequence[DecisionLog], layer_names: list[str] | None = None, *,
-                  title: str = "", width: int = 640, min_height: int = 240) -> Image.Image:
-    """Layers (rows, in hook order) × steps (columns); orange = subject, blue = style, blends = share of the
-    batch (or soft weight). Several sampling runs of the same images (a first pass, then hires) are drawn one
-    after the other with a dark line between them. A legend line on top names the colours."""
+                  title: str = "", image: int | None = None, width: int = 640, min_height: int = 240) -> Image.Image:
+    """Layers (rows, in hook order) × steps (columns) of one image of the batch (or of all: blends = share of the
+    batch); orange = subject, blue = style, blends = soft weights. Several sampling runs of the same images (a
+    first pass, then hires) are drawn one after the other with a dark line between them. A legend line on top
+    names the colours."""
     runs = [logs] if isinstance(logs, DecisionLog) else list(logs)
     log = DecisionLog.joined(runs)
-    layers, steps, grid = log.matrix(layer_names)
+    layers, steps, grid = log.matrix(layer_names, image)
     n_layers, n_steps = max(len(layers), 1), max(len(steps), 1)
     cell_w = max(1, width // n_steps)
     cell_h = max(1, math.ceil(min_height / n_layers))
@@ -47,13 +48,13 @@ def selection_map(logs: DecisionLog | Sequence[DecisionLog], layer_names: list[s
     draw.rectangle((80, 4, 90, 14), fill=STYLE_RGB)
     draw.text((94, 3), "style", fill=(230, 230, 230))
     step_text = " + ".join(map(str, run_steps)) if len(run_steps) > 1 else str(len(steps))
-    summary = selection_summary(log)
+    summary = selection_summary(log, image)
     draw.text((150, 3), f"{title}{len(layers)} layers x {step_text} steps   {summary}", fill=(230, 230, 230))
     return image
 
 
-def selection_summary(logs: DecisionLog | Sequence[DecisionLog]) -> str:
-    """``subject 0.42``: the share of layer-step decisions won by the subject (over every given sampling run);
-    empty when nothing was decided."""
-    share = (logs if isinstance(logs, DecisionLog) else DecisionLog.joined(logs)).subject_share()
+def selection_summary(logs: DecisionLog | Sequence[DecisionLog], image: int | None = None) -> str:
+    """``subject 0.42``: the share of layer-step decisions won by the subject (over every given sampling run), for
+    one image of the batch or for all; empty when nothing was decided."""
+    share = (logs if isinstance(logs, DecisionLog) else DecisionLog.joined(logs)).subject_share(image)
     return "" if share is None else f"subject {share:.2f}"

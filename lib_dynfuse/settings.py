@@ -131,7 +131,8 @@ class DynFuseSettings:
         1.0,
         "float",
         "soft temperature",
-        "kl-soft: temperature of the softmax over the two divergences.",
+        "kl-soft: temperature of the blend, relative to the divergences' scale (1: each LoRA by its share of the "
+        "two divergences; lower: nearer kl's choice).",
         low=0.0,
         low_open=True,
     )

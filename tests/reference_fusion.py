@@ -75,8 +75,9 @@ def reference_layer(x: Tensor, base: Tensor, subject: Delta, style: Delta, geome
             if options.method == "kl":
                 w = 1.0 if d_s >= d_t else 0.0
             else:
-                e_s, e_t = (math.exp(d / options.soft_temperature) for d in (d_s, d_t))
-                w = e_s / (e_s + e_t)
+                # d_s^(1/T) / (d_s^(1/T) + d_t^(1/T)), in logs
+                log_ratio = (math.log(max(d_t, 1e-30)) - math.log(max(d_s, 1e-30))) / options.soft_temperature
+                w = 1.0 / (1.0 + math.exp(min(log_ratio, 700.0)))
         elif options.method == "switch":
             w = 1.0 if (step // options.switch_every) % 2 == 0 else 0.0
         else:
@@ -97,15 +98,18 @@ def reference_parts(x: Tensor, base: Tensor, parts: list[tuple[str, int, int, De
                     step: int = 0) -> tuple[Tensor, dict[tuple[str, int], tuple[float, float | None, float | None]]]:
     """The fused output of a linear layer whose output channels are ``parts`` (name, start, length, subject delta,
     style delta), and each contested part's decision per unit: every part on its own channels only, as
-    :func:`reference_layer` does a whole layer; a part one LoRA touches gets that delta; other channels keep the
-    base."""
+    :func:`reference_layer` does a whole layer; a part one LoRA touches gets that delta (none under the other
+    LoRA's one-LoRA method); other channels keep the base."""
     out = base.clone()
     decided = {}
+    absent = {"subject-only": "style", "style-only": "subject"}.get(options.method)
     for name, start, length, subject, style in parts:
         own = LayerGeometry("linear", (length, *geometry.weight_shape[1:]))
         channels = slice(start, start + length)
         if subject is None or style is None:
-            out[..., channels] = candidate(x, base[..., channels], subject or style, own)
+            role, lone = ("subject", subject) if style is None else ("style", style)
+            if role != absent:
+                out[..., channels] = candidate(x, base[..., channels], lone, own)
             continue
         fused, by_unit = reference_layer(x, base[..., channels], subject, style, own, unit_rows, options, step=step)
         out[..., channels] = fused

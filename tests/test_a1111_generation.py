@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -241,14 +242,14 @@ def _opened_sessions(monkeypatch) -> list:
     return opened
 
 
-def _share(*logs) -> str:
-    weights = [d.subject_weight for log in logs for d in log.decisions()]
+def _share(*logs, image=None) -> str:
+    weights = [d.subject_weight for log in logs for d in log.decisions() if image is None or d.unit == image]
     return f"subject {sum(weights) / len(weights):.2f}"
 
 
-def test_selection_and_map_cover_every_pass_of_each_batch(a1111, monkeypatch):
-    """Hires fix and two batches of two: an image's selection is the share over its batch's first pass and hires
-    pass; one map per batch, the hires steps after the first pass's."""
+def test_selection_and_map_cover_every_pass_of_each_image(a1111, monkeypatch):
+    """Hires fix and two batches of two: an image's selection is the share of its own decisions over its batch's
+    first pass and hires pass; one map per image, the hires steps after the first pass's."""
     import checks
 
     from lib_dynfuse import report
@@ -258,15 +259,19 @@ def test_selection_and_map_cover_every_pass_of_each_batch(a1111, monkeypatch):
     write_pair(ui)
     _, res = ui.txt2img(PROMPT, steps=3, seed=5, batch_size=2, n_iter=2, enable_hr=True, hr_scale=2.0,
                         hr_second_pass_steps=2, denoising_strength=0.6, dynfuse=checks.dynfuse_args(show_map=True))
-    assert len(sessions) == 4 and len(res.images) == 6 and len(res.infotexts) == 6
+    assert len(sessions) == 4 and len(res.images) == 8 and len(res.infotexts) == 8
+    shares = []
     for batch in (0, 1):
         first, hires = sessions[2 * batch].log, sessions[2 * batch + 1].log
         assert first.steps == [0, 1, 2] and hires.steps == [0, 1]
-        for image in (2 * batch, 2 * batch + 1):
-            assert f"DynFuse selection: {_share(first, hires)}," in res.infotexts[image]
-        expected = report.selection_map([first, hires], title=f"batch {batch + 1} of 2: ")
-        assert res.images[4 + batch].tobytes() == expected.tobytes()
-        assert res.infotexts[4 + batch] == res.infotexts[2 * batch]
+        for in_batch in (0, 1):
+            image = 2 * batch + in_batch
+            shares.append(_share(first, hires, image=in_batch))
+            assert f"DynFuse selection: {shares[-1]}," in res.infotexts[image]
+            expected = report.selection_map([first, hires], title=f"image {image + 1}: ", image=in_batch)
+            assert res.images[4 + image].tobytes() == expected.tobytes()
+            assert res.infotexts[4 + image] == res.infotexts[image]
+    assert len(set(shares)) > 1  # each image its own
     assert _share(sessions[3].log) != _share(sessions[2].log, sessions[3].log)  # the hires pass alone differs
 
 
@@ -435,3 +440,18 @@ def test_k_lora_takes_a_loha_layers_rank_from_the_host(a1111, klora_ranks, style
     loha = {row["a1111_layer_name"] for row in loras.unet_rows() if row["kohya_key"] in keys[:4]}
     assert loha < klora_ranks.keys()
     assert set(klora_ranks.values()) == {(3, style_rank)}
+
+
+def test_kl_soft_chooses_between_loras_of_different_strength(a1111):
+    """The style at four times the subject's weight: kl-soft gives it most of each blend, not half."""
+    import checks
+
+    from lib_dynfuse.hosts import detect
+
+    ui = a1111()
+    write_pair(ui, same_layers=True)
+    _, res = ui.txt2img("a dog <lora:subj:0.25> <lora:sty:1>", steps=3, seed=5, batch_size=2,
+                        dynfuse=checks.dynfuse_args(method="kl-soft"))
+    weights = torch.tensor([d.subject_weight for d in detect.get_adapter().last_job.last_log.decisions()])
+    assert float((weights - 0.5).abs().mean()) > 0.2, weights
+    assert float(re.search(r"DynFuse selection: subject (\d\.\d\d)", res.infotexts[0])[1]) < 0.3

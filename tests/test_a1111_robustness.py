@@ -155,7 +155,14 @@ def _bad(a1111, capsys, prompt, *, files=None, **fields):
     assert torch.equal(p.fake_latents[0], p0.fake_latents[0])
     assert checks.dynfuse_hooks() == 0
     lines = [line for line in out.splitlines() if line.startswith("DynFuse: ")]
+    _only_the_note(p.extra_generation_params)
     return lines, res.infotexts[0]
+
+
+def _only_the_note(params):
+    """DynFuse is off: its infotext has the note, and nothing that would turn it on again when pasted."""
+    assert [key for key in params if key.startswith("DynFuse ")] == ["DynFuse note"]
+    assert params["DynFuse note"].startswith("off: ")
 
 
 def test_tag_not_in_prompt(a1111, capsys):
@@ -187,9 +194,12 @@ def _broken_file(ui):
 
 def test_lora_file_that_fails_to_load(a1111, capsys):
     lines, text = _bad(a1111, capsys, "a dog <lora:subj:1> <lora:broken:1>", files=_broken_file)
-    assert lines == [("DynFuse: LoRA 'broken' is not loaded (file missing, failed to load, or not in this pass's "
-                     "prompt; see the console above). DynFuse is off for this generation.")]
+    assert lines == [("DynFuse: LoRA 'broken' is not loaded: broken.safetensors is not a .safetensors file or is "
+                      "damaged (Error while deserializing header: header too large). DynFuse is off for this "
+                      "generation.")]
     assert 'DynFuse note: "off: LoRA broken not loaded"' in text
+    # Pasting this infotext must not turn DynFuse on with a LoRA that cannot load.
+    assert not any(f"DynFuse {key}:" in text for key in ("method", "subject", "style", "version", "selection"))
 
 
 def _foreign_file(ui):
@@ -227,8 +237,8 @@ def test_sdxl_lora_whose_layers_all_have_other_shapes(a1111, capsys):
     files = _sdxl_file(misfits_only=True)
     lines, text = _bad(a1111, capsys, "a dog <lora:subj:1> <lora:xl:1>", files=files)
     assert len(files.misfits) == 2
-    assert lines == [("DynFuse: LoRA 'xl' has no layers that fit this model's UNet (is it made for another model "
-                     "family?). DynFuse is off for this generation.")]
+    assert lines == [("DynFuse: LoRA 'xl' has no layers that fit this model's UNet: xl.safetensors is made for SDXL "
+                      "and this model is SD1.5. DynFuse is off for this generation.")]
     assert 'DynFuse note: "off: LoRA xl does not fit the UNet"' in text
 
 
@@ -431,6 +441,7 @@ def test_non_finite_factors_turn_dynfuse_off_and_the_host_meets_them_as_without_
     host_layer = _host_layer(f"lora_unet_{layer}")
     assert lines == [_damaged_line(name, host_layer, problem)]
     assert p.extra_generation_params["DynFuse note"] == f"off: LoRA {name} has non-finite values in layer {host_layer}"
+    _only_the_note(p.extra_generation_params)
     import networks
 
     assert [net.name for net in networks.loaded_networks] == ["subj", "sty"]  # as the host activated them
@@ -440,8 +451,9 @@ def test_non_finite_factors_turn_dynfuse_off_and_the_host_meets_them_as_without_
 def test_a_layer_without_its_up_factor_is_refused_by_the_host_itself(a1111, capsys):
     """The host turns the whole file away; DynFuse says that it is not loaded, and the host merges the other."""
     lines, text = _bad(a1111, capsys, PROMPT, files=_damaged("subj", lambda t: t.pop(f"lora_unet_{TO_Q}.lora_up.weight")))
-    assert lines == [("DynFuse: LoRA 'subj' is not loaded (file missing, failed to load, or not in this pass's "
-                      "prompt; see the console above). DynFuse is off for this generation.")]
+    assert lines == [(f"DynFuse: LoRA 'subj' is not loaded: subj.safetensors has missing or damaged factors (layer "
+                      f"lora_unet_{TO_Q}: lora_down.weight without its up factor; the file is damaged). DynFuse is "
+                      "off for this generation.")]
     assert 'DynFuse note: "off: LoRA subj not loaded"' in text
 
 
@@ -460,3 +472,16 @@ def test_each_lora_is_checked_once_per_job(a1111, monkeypatch):
     assert "DynFuse selection" in res.infotexts[0] and len(checked) == 2
     ui.txt2img(PROMPT, steps=2, seed=5, dynfuse=checks.dynfuse_args())
     assert len(checked) == 4  # a new job checks again
+
+
+def test_a_takeover_that_fails_turns_dynfuse_off_with_the_note_alone(a1111, capsys, monkeypatch):
+    from lib_dynfuse.hosts import a1111 as adapter
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(adapter.A1111Adapter, "_targets", broken)
+    lines, text = _bad(a1111, capsys, PROMPT)
+    assert lines == ["DynFuse: could not take over the LoRAs: RuntimeError: boom. The generation continues without "
+                     "DynFuse."]
+    assert 'DynFuse note: "off: could not take over the LoRAs (RuntimeError)"' in text

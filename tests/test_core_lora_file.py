@@ -321,3 +321,37 @@ def test_only_the_unet_factors_are_read(tmp_path, spy_open):
     lora = read_lora(write(tmp_path / "mixed.safetensors", {**tensors, **others}))
     assert sorted(spy_open.loaded) == sorted(tensors)
     assert len(lora.layers) == 2 and lora.text_encoder_keys == ["lora_te_text_model_encoder_layers_0_mlp_fc1"]
+
+
+K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+
+
+@pytest.mark.parametrize("tensors,family,expected", [
+    (None, "SD1.5", "x.safetensors is not a .safetensors file or is damaged (Error while deserializing header: "
+                    "header too large)"),
+    ({"model.diffusion_model.out.2.weight": torch.zeros(4, 4)}, "SD1.5",
+     "x.safetensors holds no LoRA weights (no lora_down/lora_up or lora_A/lora_B tensors)"),
+    ({f"{K}.lora_down.weight": torch.zeros(2, 768)}, "SD1.5",
+     f"x.safetensors has missing or damaged factors (layer {K}: lora_down.weight without its up factor; the file is "
+     "damaged)"),
+    ({f"{K}.lora_down.weight": torch.zeros(2, 2048), f"{K}.lora_up.weight": torch.zeros(320, 2)}, "SD1.5",
+     "x.safetensors is made for SDXL and this model is SD1.5"),
+    ({f"{K}.lora_down.weight": torch.zeros(2, 2048), f"{K}.lora_up.weight": torch.zeros(320, 2)}, None,
+     "x.safetensors is made for SDXL and this model is of another family"),
+    ({f"{K}.lora_down.weight": torch.zeros(2, 768), f"{K}.lora_up.weight": torch.zeros(320, 2)}, "SD1.5", None),
+    ({f"{K}.hada_w1_a": torch.zeros(320, 2), f"{K}.hada_w1_b": torch.zeros(2, 768)}, "SD1.5", None),  # LoHa
+])
+def test_file_problem_names_what_the_file_shows(tmp_path, tensors, family, expected):
+    """Why a WebUI may have loaded nothing of a LoRA file, read from the file; None when it looks fine (or is a kind
+    this reader does not read)."""
+    from safetensors.torch import save_file
+
+    from lib_dynfuse.loras.files import file_problem
+
+    path = tmp_path / "x.safetensors"
+    if tensors is None:
+        path.write_bytes(b"not a safetensors file")
+    else:
+        save_file(tensors, str(path))
+    assert file_problem(path, family) == expected
+    assert file_problem(tmp_path / "gone.safetensors", family) == "its file gone.safetensors is missing"

@@ -12,11 +12,21 @@ def test_kl_hard_switch_picks_the_larger_divergence_per_unit_ties_to_the_subject
     assert policy.one_hot and policy.decide(sums, tokens=5).tolist() == [0, 1, 0]  # winner index, 0 = subject
 
 
-def test_kl_soft_blends_by_softmax_of_the_mean_divergence():
-    policy = make_policy(EngineOptions(method="kl-soft", soft_temperature=0.5))
-    w_s = policy.decide(torch.tensor([[0.3 * 4], [0.1 * 4]]), tokens=4)
-    expected = torch.softmax(torch.tensor([0.3, 0.1]) / 0.5, 0)
-    assert not policy.one_hot and w_s.tolist() == pytest.approx([float(expected[0])])
+def test_kl_soft_weights_each_lora_by_its_share_of_the_divergences_sharpened_by_the_temperature():
+    sums = torch.tensor([[0.03 * 4, 0.002 * 4, 0.0], [0.01 * 4, 0.002 * 4, 0.0]])  # summed over 4 tokens
+    at_one = make_policy(EngineOptions(method="kl-soft")).decide(sums, tokens=4)
+    assert at_one.tolist() == pytest.approx([0.75, 0.5, 0.5])  # d_s / (d_s + d_t); two zeros share equally
+    sharp = make_policy(EngineOptions(method="kl-soft", soft_temperature=0.5))
+    assert not sharp.one_hot and sharp.decide(sums, tokens=4).tolist() == pytest.approx([0.9, 0.5, 0.5])
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e-2, 1.0, 100.0])
+def test_kl_soft_chooses_whatever_the_divergences_scale(scale):
+    """Divergences of different strength (one LoRA moves the layer three times as much): the same clear weights
+    at any scale of the divergences (a mean KL per token is often 0.001-0.1), not a half-and-half merge."""
+    policy = make_policy(EngineOptions(method="kl-soft"))
+    w_s = policy.decide(torch.tensor([[3.0 * scale, 1.0 * scale], [1.0 * scale, 3.0 * scale]]) * 64, tokens=64)
+    assert w_s.tolist() == pytest.approx([0.75, 0.25])
 
 
 @pytest.mark.parametrize("method,expected", [("static", (1, 1)), ("subject-only", (1, 0)), ("style-only", (0, 1))])

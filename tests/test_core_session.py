@@ -86,16 +86,18 @@ def test_conv_layers_are_fused_too(model):
         torch.testing.assert_close(layer(x), base + style.output(x, geometry))
 
 
-def test_layers_touched_by_one_lora_always_get_it(model):
+@pytest.mark.parametrize("method", ["kl", "static", "switch", "style-only"])
+def test_layers_touched_by_one_lora_get_it_except_under_the_other_ones_method(model, method):
     subject = lora_deltas(model, ALL_LAYERS[:3], seed=7)
     style = lora_deltas(model, ATTENTION, seed=8)
-    session = FusionSession(targets_for(model, subject, style), EngineOptions(method="style-only"))
+    session = FusionSession(targets_for(model, subject, style), EngineOptions(method=method))
     name = ALL_LAYERS[0]
     layer = dict(model.named_modules())[name]
     x = torch.randn(1, 4, 8, 8)
     base = layer(x)
     with session:
-        torch.testing.assert_close(layer(x), base + subject[name].output(x, LayerGeometry.of(layer)))
+        expected = base if method == "style-only" else base + subject[name].output(x, LayerGeometry.of(layer))
+        torch.testing.assert_close(layer(x), expected)
     assert all(d.layer in ATTENTION for d in session.log.decisions())
 
 

@@ -199,9 +199,10 @@ def test_every_slice_decides_for_each_image_at_distilled_and_real_cfg(which, tmp
         decided = {(d.layer, d.step, d.unit) for d in log.decisions()}
         assert decided == {(layer, step, image) for layer in log.layers for step in range(3) for image in (0, 1)}
         assert all(d.d_subject is not None and d.d_style is not None for d in log.decisions())
-        selection = re.search(rf"{SELECTION_KEY}: subject (\d\.\d\d)", processed.infotexts[0])
-        assert selection and float(selection[1]) == pytest.approx(log.subject_share(), abs=0.005)
-        assert len(processed.images) == 3  # the two images and the selection map
+        for image in (0, 1):  # each image's own share
+            selection = re.search(rf"{SELECTION_KEY}: subject (\d\.\d\d)", processed.infotexts[image])
+            assert selection and float(selection[1]) == pytest.approx(log.subject_share(image), abs=0.005)
+        assert len(processed.images) == 4  # the two images and their selection maps
 
 
 def test_each_images_slices_follow_its_own_decisions(which, tmp_path, monkeypatch):

@@ -403,3 +403,27 @@ def test_forge_without_references_writes_no_scores(forge, capsys):
     processed, _ = forge.txt2img(fh.PROMPT, runner=forge.scripts.ScriptRunner([script]), steps=2)
     assert "DynFuse scores" not in processed.infotexts[0] and "DynFuse method: kl" in processed.infotexts[0]
     assert [line for line in dynfuse_lines(capsys) if "scores" in line] == [NO_REFERENCE]
+
+
+def test_a_missing_package_says_which_and_how_to_install_it(webui, capsys):
+    """A WebUI whose installer did not run (open_clip or timm missing): one line naming the package and how to
+    install it; guidance is off, the fusion runs."""
+    import sys
+
+    import checks
+
+    from lib_dynfuse.hosts import a1111 as adapter
+
+    def no_open_clip(config):
+        raise ModuleNotFoundError("No module named 'open_clip'", name="open_clip")
+
+    adapter.A1111Adapter.guidance_factories = {"clip_factory": no_open_clip, "dino_factory": no_open_clip}
+    capsys.readouterr()
+    _, res = webui.txt2img(PROMPT, steps=2, seed=5, dynfuse=checks.dynfuse_args(guidance=True, **REFS))
+    assert dynfuse_lines(capsys) == [
+        "DynFuse: guidance: could not load the DINO model 'vit_small_patch16_224.dino': the Python package "
+        "open_clip_torch is not installed. Restart the WebUI so that DynFuse's install.py installs it, or run "
+        f"\"{sys.executable}\" -m pip install open_clip_torch, or turn guidance off. Guidance is off for this "
+        f"generation and no CLIP/DINO scores are written; the fusion still runs. {UNTIL_SETTINGS_CHANGE}"]
+    assert note(res.infotexts[0]) == "guidance off: open_clip_torch not installed"
+    assert "DynFuse method: kl" in res.infotexts[0]

@@ -54,6 +54,21 @@ class DecisionLog:
         self._entries: dict[tuple[str, int], list[_Entry]] = {}
         self._layers: dict[str, None] = {}
         self._host: dict[tuple[str, int], _Row] | None = None
+        # The image of the batch each unit belongs to, where units are rows (deciding per row); an image's unit is
+        # the image itself.
+        self._image_of_unit: dict[int, int] = {}
+
+    def units_are_rows_of(self, image_of_unit: dict[int, int]) -> None:
+        """Say which image of the batch each of these units (rows that decide alone) belongs to."""
+        self._image_of_unit.update(image_of_unit)
+
+    def _image(self, unit: int) -> int:
+        return self._image_of_unit.get(unit, unit)
+
+    @property
+    def images(self) -> list[int]:
+        """The images of the batch that have decisions."""
+        return sorted({self._image(u) for row in self._rows().values() for u in row.units})
 
     def record(self, layer: str, step: int, units: tuple[int, ...], value: Tensor | float,
                sums: Tensor | None = None, tokens: int = 1, *, winners: bool = False) -> None:
@@ -93,23 +108,32 @@ class DecisionLog:
                 for (layer, step), row in self._rows().items()
                 for u, w, a, b in zip(row.units, row.weights, row.d_subject, row.d_style)]
 
-    def subject_share(self) -> float | None:
-        """Share of layer-step-image decisions won by the subject (mean subject weight for soft rules)."""
+    def _weights(self, image: int | None) -> dict[tuple[str, int], list[float]]:
+        """The subject weights of every layer and step: of all units, or of one image's."""
         rows = self._rows()
-        if not rows:
-            return None
-        return sum(sum(row.weights) for row in rows.values()) / len(self)
+        if image is None:
+            return {key: row.weights for key, row in rows.items()}
+        found = {key: [w for u, w in zip(row.units, row.weights) if self._image(u) == image]
+                 for key, row in rows.items()}
+        return {key: weights for key, weights in found.items() if weights}
 
-    def matrix(self, layers: list[str] | None = None) -> tuple[list[str], list[int], Tensor]:
-        """Mean subject weight over the batch, as a ``[layers, steps]`` fp32 tensor (NaN: no decision)."""
+    def subject_share(self, image: int | None = None) -> float | None:
+        """Share of layer-step-image decisions won by the subject (mean subject weight for soft rules), of the
+        whole batch or of one of its images."""
+        weights = [w for row in self._weights(image).values() for w in row]
+        return sum(weights) / len(weights) if weights else None
+
+    def matrix(self, layers: list[str] | None = None, image: int | None = None) -> tuple[list[str], list[int], Tensor]:
+        """Mean subject weight over the batch (or of one image), as a ``[layers, steps]`` fp32 tensor (NaN: no
+        decision)."""
         layers = layers if layers is not None else self.layers
         steps = self.steps
         grid = torch.full((len(layers), len(steps)), float("nan"))
         row_of = {name: i for i, name in enumerate(layers)}
         col_of = {step: j for j, step in enumerate(steps)}
-        for (layer, step), row in self._rows().items():
+        for (layer, step), weights in self._weights(image).items():
             if layer in row_of:
-                grid[row_of[layer], col_of[step]] = sum(row.weights) / len(row.weights)
+                grid[row_of[layer], col_of[step]] = sum(weights) / len(weights)
         return layers, steps, grid
 
     @classmethod
@@ -120,6 +144,7 @@ class DecisionLog:
         offset = 0
         for log in logs:
             out._layers.update(log._layers)
+            out._image_of_unit.update(log._image_of_unit)
             out._entries.update({(layer, step + offset): entries for (layer, step), entries in log._entries.items()})
             if log._entries:
                 offset += max(log.steps) + 1
@@ -128,6 +153,7 @@ class DecisionLog:
     def clear(self) -> None:
         self._entries.clear()
         self._layers.clear()
+        self._image_of_unit.clear()
         self._host = None
 
     def _rows(self) -> dict[tuple[str, int], _Row]:

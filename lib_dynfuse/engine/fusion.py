@@ -81,6 +81,8 @@ class StepState:
             layout = self.layout
             if layout is None or start + rows > len(layout) or self.options.decide_per == "row":
                 plan = DecisionPlan.per_row(rows, start)
+                if layout is not None and start + rows <= len(layout):
+                    self.log.units_are_rows_of(dict(zip(plan.units, layout.image_of_row[start:start + rows])))
             else:
                 chunk = slice(start, start + rows)
                 plan = DecisionPlan.tied_to_images(BatchLayout.rows(layout.image_of_row[chunk],
@@ -157,9 +159,11 @@ class LayerFusion:
         return self._cached((x.device, x.dtype),
                             lambda: pair_kernel(self.subject, self.style, self.geometry, x.device, x.dtype))
 
-    def weighted(self, x: Tensor, base: Tensor, weights: tuple[tuple[float, float], ...]) -> Tensor:
-        """The output with the deltas at ``weights``: one (subject, style) pair per layer of ``names``."""
-        return self.kernel(x).weighted(x, base, *weights[0])
+    def weighted(self, x: Tensor, base: Tensor, weights: tuple[tuple[float, float], ...],
+                 lone: tuple[float, float] = (1.0, 1.0)) -> Tensor:
+        """The output with the deltas at ``weights``: one (subject, style) pair per layer of ``names``; a layer
+        only one LoRA touches (no names) at ``lone``."""
+        return self.kernel(x).weighted(x, base, *(weights[0] if self.contested else lone))
 
     def static_output(self, x: Tensor, base: Tensor) -> Tensor:
         """What the host's merge would give: base plus both deltas at their strengths."""
@@ -167,7 +171,7 @@ class LayerFusion:
 
     def fuse(self, x: Tensor, base: Tensor, state: StepState) -> Tensor:
         if not self.contested:
-            return self.static_output(x, base)
+            return self.weighted(x, base, (), state.policy.lone)
         plan = state.plan(base.shape[0], self._start_row(base.shape[0], state))
         if not state.policy.needs_divergence:
             return self._fixed(x, base, plan, state)
@@ -183,7 +187,7 @@ class LayerFusion:
         if fresh:
             for name, (w_subject, _) in zip(self.names, weights):
                 state.log.record(name, step, fresh, w_subject)
-        return self.weighted(x, base, weights)
+        return self.weighted(x, base, weights, state.policy.lone)
 
     def _candidates(self, x: Tensor, base: Tensor) -> Tensor:
         return self.kernel(x).candidates(x, base)
@@ -313,14 +317,15 @@ class SlicedLayerFusion(LayerFusion):
                     [[(part.style if part.contested else part.only, 1.0)] for part in self.parts]]
         return self._sliced(x, ("candidates",), slots).outputs(x, base)
 
-    def weighted(self, x: Tensor, base: Tensor, weights: tuple[tuple[float, float], ...]) -> Tensor:
+    def weighted(self, x: Tensor, base: Tensor, weights: tuple[tuple[float, float], ...],
+                 lone: tuple[float, float] = (1.0, 1.0)) -> Tensor:
         """The output with each contested part's deltas at its (subject, style) weights and every other part's
-        delta at its strength."""
+        delta at its LoRA's weight in ``lone``."""
         def slots() -> list[list[Terms]]:
             rival = iter(weights)
-            return [[list(zip((part.subject, part.style), next(rival))) if part.contested else [(part.only, 1.0)]
-                     for part in self.parts]]
-        return self._sliced(x, ("weighted", weights), slots).outputs(x, base)[0]
+            return [[[(d, w) for d, w in zip((part.subject, part.style), next(rival) if part.contested else lone)
+                      if d is not None] for part in self.parts]]
+        return self._sliced(x, ("weighted", weights, lone), slots).outputs(x, base)[0]
 
     def _measure(self, base: Tensor, candidates: Tensor, state: StepState, budget: int) -> tuple[Tensor, int]:
         """``[2, rows, parts]``: each run of equal parts measured as that many groups of channels."""

@@ -83,6 +83,9 @@ class Policy:
 
     needs_divergence = False
     one_hot = True  # every unit gets exactly one of the two LoRAs, at weight 1
+    # The weights of the subject's and the style's delta on a layer (or part) only that LoRA touches: there is
+    # nothing to choose, so it gets its LoRA; the one-LoRA methods leave the other LoRA out of every layer.
+    lone = (1.0, 1.0)
 
     def __init__(self, options: EngineOptions) -> None:
         self.options = options
@@ -105,7 +108,7 @@ class StaticPolicy(Policy):
 
     def __init__(self, options: EngineOptions, subject: float = 1.0, style: float = 1.0) -> None:
         super().__init__(options)
-        self.weights = (subject, style)
+        self.weights = self.lone = (subject, style)
 
     def fixed(self, layer, progress, step):
         return self.weights
@@ -122,13 +125,23 @@ class KLPolicy(Policy):
 
 
 class KLSoftPolicy(Policy):
-    """Both LoRAs, weighted by softmax(divergence / soft temperature) over the two."""
+    """Both LoRAs, weighted by softmax(log divergence / soft temperature) over the two: the subject's weight is
+    d_s^(1/T) / (d_s^(1/T) + d_t^(1/T)), its share of the two divergences at T = 1, nearer the hard switch (kl) as T
+    goes to 0.
+
+    The temperature is relative to the divergences' own scale, which depends on the model, the layer and the
+    measure: a mean KL divergence per token is often 0.001-0.1, where a softmax of the divergences themselves
+    would give every layer nearly half of each LoRA."""
 
     needs_divergence = True
     one_hot = False
 
     def decide(self, sums, tokens):
-        return torch.softmax(sums * (1.0 / (tokens * self.options.soft_temperature)), dim=0)[0]
+        # Summed over the same tokens, the two sums are in the divergences' ratio; two zeros share equally.
+        return torch.softmax(sums.clamp_min(_TINY).log() * (1.0 / self.options.soft_temperature), dim=0)[0]
+
+
+_TINY = 1e-30  # a divergence of 0 as the least positive one, whose log the softmax can take
 
 
 class SwitchPolicy(Policy):

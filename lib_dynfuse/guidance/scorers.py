@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -156,6 +157,9 @@ def timm_dino_factory(config: ScorerConfig) -> nn.Module:
     return timm.create_model(name, pretrained=True, num_classes=0, cache_dir=config.cache_dir or None)
 
 
+# The pip name of a module the models import, where it is not the module's own.
+PACKAGES = {"open_clip": "open_clip_torch"}
+
 _CACHE: dict[str, tuple[tuple, nn.Module]] = {}
 # Per slot, the key and error of a download that failed. Offline, each try waits through the hub's retries (most
 # of a minute) before it fails: it is not tried again with the same settings until the process ends.
@@ -192,6 +196,11 @@ def _load_error(slot: str, name: str, error: Exception, config: ScorerConfig,
     """The message for a model that did not load, naming the option that most likely fixes it."""
     label = slot.upper()
     failed = f"{PREFIX}could not load the {label} model '{name}'"
+    if isinstance(error, ImportError) and error.name:
+        package = PACKAGES.get(error.name.partition(".")[0], error.name.partition(".")[0])
+        return ScorerLoadError(f"{failed}: the Python package {package} is not installed. Restart the WebUI so that "
+                               f"DynFuse's install.py installs it, or run \"{sys.executable}\" -m pip install "
+                               f"{package}, or turn guidance off.", f"{slot}_model", f"{package} not installed")
     if isinstance(error, ScorerSettingError):
         return ScorerLoadError(f"{failed} ({error}). Check {where(error.setting)}, or turn guidance off.",
                                error.setting, f"{SETTING_LABELS[error.setting].partition(' (')[0]} unknown")

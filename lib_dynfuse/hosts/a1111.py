@@ -18,8 +18,9 @@ import math
 from typing import Any
 
 from lib_dynfuse.hosts import options
-from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, say, say_once, turn_off
+from lib_dynfuse.hosts.base import HostAdapter, Job, absent_role, add_note, say, say_once, turn_off
 
+ROLES = ("subject", "style")
 # The name of the proxy that carries what the host keeps merging of a taken LoRA: a cache key of its own.
 PROXY_SUFFIX = "_dynfuse_static"
 LORA_DISABLED = ("the built-in Lora extension is not loaded (it is disabled, or the WebUI runs with "
@@ -98,6 +99,8 @@ class A1111Adapter(HostAdapter):
             if found is None:
                 return
             targets, static = found
+            # A one-LoRA method leaves the other LoRA out of the layers no hook can fuse too.
+            static = [{} if role == absent_role(job.settings) else kept for role, kept in zip(ROLES, static)]
             if self.damaged_factors(p, job, targets):
                 return
             overrides = (job.settings.subject_strength, job.settings.style_strength)
@@ -117,8 +120,10 @@ class A1111Adapter(HostAdapter):
         for tag in (job.subject, job.style):
             net = next((n for n in loaded if tag.name in _net_names(n)), None)
             if net is None:
-                turn_off(p, job, f"LoRA '{tag.name}' is not loaded (file missing, failed to load, or not in this "
-                                 f"pass's prompt; see the console above).", f"off: LoRA {tag.name} not loaded")
+                cause = self.file_problem(p, tag.name)
+                why = f": {cause}" if cause else (" (file missing, failed to load, or not in this pass's prompt; see "
+                                                  "the console above)")
+                turn_off(p, job, f"LoRA '{tag.name}' is not loaded{why}.", f"off: LoRA {tag.name} not loaded")
                 return None
             found.append(net)
         if found[0] is found[1]:
@@ -155,8 +160,10 @@ class A1111Adapter(HostAdapter):
                 except Misfit as e:
                     skipped.append((key, e))
             if not layer_deltas:
-                turn_off(p, job, f"LoRA '{tag.name}' has no layers that fit this model's UNet (is it made for "
-                                 "another model family?).", f"off: LoRA {tag.name} does not fit the UNet")
+                cause = self.file_problem(p, tag.name)
+                why = f": {cause}" if cause else " (is it made for another model family?)"
+                turn_off(p, job, f"LoRA '{tag.name}' has no layers that fit this model's UNet{why}.",
+                         f"off: LoRA {tag.name} does not fit the UNet")
                 return None
             deltas.append(layer_deltas)
             static.append(kept)
@@ -188,7 +195,7 @@ class A1111Adapter(HostAdapter):
     def _note_static(p: Any, job: Job, static: list[dict[str, str]]) -> None:
         """Said once per job, noted in every pass's infotext (as on Forge)."""
         notes = []
-        for role, kept in zip(("subject", "style"), static):
+        for role, kept in zip(ROLES, static):
             if kept:
                 key, why = next(iter(kept.items()))
                 layers = f"{key} keeps" if len(kept) == 1 else f"{key} and {len(kept) - 1} more layers keep"

@@ -85,8 +85,22 @@ def refuse(p: Any, message: str, note: str) -> None:
 def turn_off(p: Any, job: Job, message: str, note: str) -> None:
     """A job found wrong while the LoRAs are taken over runs without DynFuse from here: the message and that it
     is off in one console line, and one note."""
-    job.failed = True
+    off(p, job)
     refuse(p, f"{message} DynFuse is off for this generation.", note)
+
+
+def off(p: Any, job: Job) -> None:
+    """The rest of the job runs as without DynFuse: its images' infotexts keep the note only, without the settings
+    that would turn DynFuse on again when pasted (the images of earlier batches were made with it and keep
+    them)."""
+    job.failed = True
+    _drop_stale_keys(p, keep=(NOTE_KEY,))
+
+
+def absent_role(settings: Any) -> str | None:
+    """The LoRA a one-LoRA method leaves out of every UNet layer, those no hook can fuse included ("style" for
+    subject-only); None for the other methods. Its text-encoder half stays with the host, as for every method."""
+    return {"subject-only": "style", "style-only": "subject"}.get(getattr(settings, "method", None))
 
 
 @dataclass
@@ -192,16 +206,18 @@ class HostAdapter(abc.ABC):
     def selection_text(self, job: Job, p: Any = None, index: int | None = None, all_prompts: Any = None,
                        use_main_prompt: bool = False, **_: Any) -> str | None:
         """The "DynFuse selection" value of one image's infotext (create_infotext's locals, see scores_text): the
-        passes of the image's batch; a grid, or a call without an image, gets every pass of the job."""
+        image's own decisions in the passes of its batch; a grid, or a call without an image, gets every decision
+        of the job."""
         if job.failed:
             return None
         image = None if use_main_prompt else _image_index(p, index, all_prompts)
-        logs = job.logs(None if image is None else image // max(int(getattr(p, "batch_size", 1) or 1), 1))
+        batch_size = _batch_size(p)
+        logs = job.logs(None if image is None else image // batch_size)
         if not logs:
             return None
         from lib_dynfuse import report
 
-        return report.selection_summary(logs) or None
+        return report.selection_summary(logs, None if image is None else image % batch_size) or None
 
     def end_job(self, p: Any, job: Job | None, processed: Any) -> None:
         """Remove everything, then add the selection map when asked."""
@@ -220,12 +236,16 @@ class HostAdapter(abc.ABC):
             from lib_dynfuse import report
 
             if job.settings.show_map:
-                # One map per batch (each decides anew), its hires steps after its first pass's.
-                batches = job.batches()
-                for batch, logs in batches:
-                    title = f"batch {batch + 1} of {len(batches)}: " if len(batches) > 1 else ""
-                    first_image = batch * int(getattr(p, "batch_size", 1) or 1)
-                    _add_image(processed, report.selection_map(logs, title=title), first_image)
+                # One map per image (each decides for itself), its hires steps after its first pass's, with the
+                # image's infotext.
+                from lib_dynfuse.engine.decisions import DecisionLog
+
+                batch_size = _batch_size(p)
+                images = [(batch * batch_size + i, logs, i)
+                          for batch, logs in job.batches() for i in DecisionLog.joined(logs).images]
+                for image, logs, in_batch in images:
+                    title = f"image {image + 1}: " if len(images) > 1 else ""
+                    _add_image(processed, report.selection_map(logs, title=title, image=in_batch), image)
             if job.guidance is not None and job.settings.show_loss_plot and job.guidance.losses:
                 _add_image(processed, job.guidance.loss_plot())
         except Exception as e:  # noqa: BLE001
@@ -252,7 +272,7 @@ class HostAdapter(abc.ABC):
         add_note(p, f"off: {what} ({type(error).__name__})")
         job = self.job
         if job is not None:
-            job.failed = True
+            off(p, job)
             try:
                 self.release(job, keep_job=True)
             except Exception as e:  # noqa: BLE001
@@ -274,12 +294,22 @@ class HostAdapter(abc.ABC):
             try:
                 check_deltas((t.name, delta) for t in targets if (delta := getattr(t, role)) is not None)
             except FactorError as e:
-                job.failed = True
+                off(p, job)
                 refuse(p, f"LoRA '{tag.name}' has a damaged layer ({e}). DynFuse is off for this generation and "
                           "leaves the LoRAs to the WebUI.", f"off: LoRA {tag.name} has {e.kind} in layer {e.layer}")
                 return True
         job.host["factors checked"] = True
         return False
+
+    def file_problem(self, p: Any, name: str) -> str | None:
+        """What is wrong with the file of the LoRA tag ``name``, read from the file (lib_dynfuse.loras.files), for a
+        LoRA the host loaded nothing of: the end of a sentence, or None when the file does not tell."""
+        try:
+            from lib_dynfuse.loras.files import file_problem
+
+            return file_problem(self.lora_path(name), self.model_family(p))
+        except Exception:  # noqa: BLE001 - only a better message was at stake
+            return None
 
     # ---- guidance and scores ----------------------------------------------------------------------
     def prepare(self, p: Any, job: Job) -> None:
@@ -551,6 +581,10 @@ def _image_index(p: Any, index: int | None, all_prompts: Any) -> int | None:
     return index
 
 
+def _batch_size(p: Any) -> int:
+    return max(int(getattr(p, "batch_size", 1) or 1), 1)
+
+
 def _add_image(processed: Any, image: Any, source: int | None = None) -> None:
     """An extra output image with the infotext of the job's ``source``-th image (None: the first infotext)."""
     processed.images.append(image)
@@ -576,11 +610,12 @@ def _preview_extensions() -> tuple[str, ...]:
     return (extension,) if extension else ()
 
 
-def _drop_stale_keys(p: Any) -> None:
-    """XYZ cells share one extra_generation_params dict (a shallow copy of p): start each job clean."""
+def _drop_stale_keys(p: Any, keep: tuple[str, ...] = ()) -> None:
+    """Remove the DynFuse keys (but ``keep``) from the job's infotext. XYZ cells share one extra_generation_params
+    dict (a shallow copy of p): each job starts clean."""
     params = getattr(p, "extra_generation_params", None)
     if params:
-        for key in [k for k in params if isinstance(k, str) and k.startswith("DynFuse ")]:
+        for key in [k for k in params if isinstance(k, str) and k.startswith("DynFuse ") and k not in keep]:
             del params[key]
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from lib_dynfuse.hosts import options
-from lib_dynfuse.hosts.base import HostAdapter, Job, add_note, say, say_once, turn_off
+from lib_dynfuse.hosts.base import HostAdapter, Job, absent_role, add_note, say, say_once, turn_off
 from lib_dynfuse.hosts.patch_store import ROLES, Split, Taken, same_file, split_patches
 
 # How a UNet patcher keeps its LoRAs, for the message that refuses a store an adapter cannot read.
@@ -147,12 +147,11 @@ class ForgeFamilyAdapter(HostAdapter):
             taken = self.take_patches(unet, job)
             missing = [role for role in ROLES if not any(item.role == role for item in taken)]
             if missing:
-                names = ", ".join(f"{role} '{getattr(job, role).name}'" for role in missing)
-                turn_off(p, job, f"the {names} LoRA has no UNet weights loaded by {self.host_label} (unknown name, "
-                                 "or made for another model family).", "off: LoRA has no UNet weights")
+                turn_off(p, job, self._not_loaded(p, job, missing), "off: LoRA has no UNet weights")
                 return
             split = split_patches(unet.model, taken, strength_overrides(job),
-                                  lambda key, module: self.base_weight(unet, key, module), self.merge)
+                                  lambda key, module: self.base_weight(unet, key, module), self.merge,
+                                  absent_role(job.settings))
             # Before the clone's store is rewritten or handed over: on a damaged LoRA the WebUI keeps the patcher
             # it had (Neo's patches_uuid included) and makes the image as it would without DynFuse.
             if self.damaged_factors(p, job, split.targets):
@@ -165,6 +164,18 @@ class ForgeFamilyAdapter(HostAdapter):
         except Exception as e:  # noqa: BLE001 - never stop the host's generation
             _restore_unet(p, job)
             self.fail(p, "could not take over the LoRAs", e)
+
+    def _not_loaded(self, p: Any, job: Job, missing: list[str]) -> str:
+        """What to say of the LoRAs (roles) the WebUI put no UNet weights of in the store: the cause their files
+        show; when one file shows one, that LoRA alone (the WebUI stops loading the prompt's LoRAs at a file it
+        cannot read, so the others may be missing too)."""
+        causes = {role: self.file_problem(p, getattr(job, role).name) for role in missing}
+        if any(causes.values()):
+            return " ".join(f"the {role} '{getattr(job, role).name}' LoRA has no UNet weights loaded by "
+                            f"{self.host_label}: {cause}." for role, cause in causes.items() if cause)
+        names = ", ".join(f"{role} '{getattr(job, role).name}'" for role in missing)
+        return (f"the {names} LoRA has no UNet weights loaded by {self.host_label} (unknown name, or made for "
+                "another model family).")
 
     def _start_session(self, p: Any, job: Job, engine: Any, source: Any, unet: Any, targets: list) -> None:
         """The layer targets -> the job's FusionSession, its hooks wired into the clone, the clone handed over."""

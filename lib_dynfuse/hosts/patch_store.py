@@ -85,10 +85,10 @@ class Split:
 
 
 def split_patches(model: torch.nn.Module, taken: list[Taken], overrides: dict[str, float | None],
-                  base_weight: BaseWeight, merge: Merge) -> Split:
+                  base_weight: BaseWeight, merge: Merge, absent: str | None = None) -> Split:
     """Turn the subject's and style's entries into layer targets (one delta per LoRA and layer, or per part of a
     fused layer whose patches are slices of it); the entries of a layer no hook can add stay with the host, at the
-    strength override if one is set."""
+    strength override if one is set, except the ``absent`` role's (a one-LoRA method), which go nowhere."""
     # module path -> role -> "weight" | "bias" -> entries
     layers: dict[str, dict[str, dict[str, list]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     origin: dict[tuple[str, str], Taken] = {}
@@ -109,6 +109,8 @@ def split_patches(model: torch.nn.Module, taken: list[Taken], overrides: dict[st
                 pieces[role] = layer_pieces(params, path, module, lambda: base_weight(f"{path}.weight", module),
                                             override, merge)
             except (NotFusable, AttributeError) as e:
+                if role == absent:
+                    continue
                 source = origin[(role, path)].source
                 kept = split.kept.setdefault(source, {})
                 for param, entries in params.items():

@@ -303,3 +303,45 @@ def guess_family(lora: LoraFile) -> str:
         linear = [layer.down.dim() == 2 for k, layer in lora.layers.items() if k.endswith(("proj_in", "proj_out"))]
         return "SD2" if any(linear) else "SD1.5"
     return "unknown"
+
+
+# Tensor names of the LoRA-like networks the hosts load and this reader does not (LoHa, LoKr, full diff, OFT, IA3).
+_OTHER_NETWORKS = re.compile(r"\.(hada_w1_a|lokr_w1|lokr_w1_a|diff|oft_blocks|oft_diag|weight_norm|on_input)$")
+
+
+def file_problem(path: str | os.PathLike | None, family: str | None = None) -> str | None:
+    """Why a host may have loaded no UNet weights from a LoRA file, read from the file itself, as the end of a
+    sentence ("it is not a .safetensors file or is damaged (…)"); None when the file looks like a LoRA that fits
+    (or is of a kind this reader does not read): the cause is then elsewhere (the name, the host's loader).
+
+    ``family``: the model's ("SD1.5", "SD2", "SDXL"; None for any other), to tell a LoRA of another family."""
+    from safetensors import safe_open
+
+    if path is None:
+        return None
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        return f"its file {name} is missing"
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = list(f.keys())
+    except Exception as error:  # noqa: BLE001 - the reader's own error, whatever the damage
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return f"{name} is not a .safetensors file or is damaged ({reason})"
+    if any(_OTHER_NETWORKS.search(n) for n in names):
+        return None
+    try:
+        lora = read_lora(path)
+    except LoraFileError as error:
+        text = str(error)
+        if "is not a LoRA file" in text:
+            return f"{name} holds no LoRA weights (no lora_down/lora_up or lora_A/lora_B tensors)"
+        return f"{name} has missing or damaged factors ({text.removeprefix(name + ': ')})"
+    if not lora.layers:
+        return f"{name} has text-encoder layers only"
+    found = lora.family
+    if found != "unknown" and found != family:
+        model = f"this model is {family}" if family else "this model is of another family"
+        return f"{name} is made for {found} and {model}"
+    return None

@@ -1,5 +1,6 @@
 # Fake of modules/extra_networks.py (stable-diffusion-webui-forge dfdcbab6): <name:args> parsing and activation.
 import re
+import sys
 from collections import defaultdict
 
 re_extra_net = re.compile(r"<(\w+):([^>]+)>")
@@ -56,13 +57,23 @@ def parse_prompts(prompts):
 
 
 def activate(p, extra_network_data):
+    # As the WebUI: an extra network that fails to activate (e.g. a LoRA file that cannot be read) is reported
+    # (errors.display: the message and the traceback) and the generation goes on.
     for extra_network_name, extra_network_args in extra_network_data.items():
         extra_network = extra_network_registry.get(extra_network_name, None)
         if extra_network is not None:
-            extra_network.activate(p, extra_network_args)
+            try:
+                extra_network.activate(p, extra_network_args)
+            except Exception as e:
+                print(f"*** Error activating extra network {extra_network_name} with arguments {extra_network_args}: "
+                      f"{type(e).__name__}: {e}", file=sys.stderr)
     for extra_network_name, extra_network in extra_network_registry.items():
         if extra_network_name not in extra_network_data:
-            extra_network.activate(p, [])
+            try:
+                extra_network.activate(p, [])
+            except Exception as e:
+                print(f"*** Error activating extra network {extra_network_name}: {type(e).__name__}: {e}",
+                      file=sys.stderr)
 
 
 def deactivate(p, extra_network_data):
