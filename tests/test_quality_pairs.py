@@ -125,9 +125,11 @@ def test_each_pair_is_compared_with_the_best_of_25_merges():
 
 
 def test_the_held_out_mean_is_the_mean_of_the_pairs_means_with_their_pooled_interval():
-    differences = {"a": {"balance": torch.tensor([0.1, 0.3]), "prompt": torch.tensor([0.0, 0.0])},
-                   "b": {"balance": torch.tensor([-0.2, 0.0, 0.2, 0.4]), "prompt": torch.tensor([1.0] * 4)},
-                   "t": {"balance": torch.tensor([9.0, 9.0])}}
+    default = compare.DEFAULT_METHOD
+    differences = {"a": {default: {"balance": torch.tensor([0.1, 0.3]), "prompt": torch.tensor([0.0, 0.0])},
+                         "switch": {"balance": torch.tensor([1.0, 1.0])}},
+                   "b": {default: {"balance": torch.tensor([-0.2, 0.0, 0.2, 0.4]), "prompt": torch.tensor([1.0] * 4)}},
+                   "t": {default: {"balance": torch.tensor([9.0, 9.0])}}}
     held = compare.held_out(differences, ["a", "b"])
     assert held["pairs"] == ["a", "b"] and held["default_method"] == compare.DEFAULT_METHOD
     assert held["default_minus_best_static"]["mean"] == pytest.approx((0.2 + 0.1) / 2)
@@ -135,3 +137,5 @@ def test_the_held_out_mean_is_the_mean_of_the_pairs_means_with_their_pooled_inte
     assert held["default_minus_best_static"]["ci"] == pytest.approx(1.96 * math.sqrt(variance), abs=1e-4)
     assert held["prompt_default_minus_best_static"]["mean"] == pytest.approx(0.5)
     assert held["default_minus_best_static_guided"] is None  # no guided rows ran
+    assert list(held["by_method"]) == [default]  # switch ran on one held-out pair only
+    assert held["by_method"][default]["minus_best_static"] == held["default_minus_best_static"]

@@ -31,7 +31,7 @@ class EngineOptions:
     standardize: bool = False
     decide_per: str = "image"
     soft_temperature: float = 1.0
-    even_power: float = 0.5
+    even_power: float = -0.5
     switch_every: int = 5
     klora_alpha: float = 1.5
     klora_beta: float = 0.5

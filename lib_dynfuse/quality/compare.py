@@ -147,9 +147,9 @@ def plan_rows(*, base: dict[str, object] | None = None, sweeps: Sequence[tuple[s
                             guidance={**guidance, **s_guidance}, **{**weights, **s_weights}))
     static = [Row(f"static {s:g}/{t:g}", {"method": "static"}, s, t)
               for s in static_weights for t in static_weights if (s, t) != (1.0, 1.0)]
-    # With guidance: the default rule and kl (the best static with guidance is added once the sweep has run).
-    guided_rows = [dataclasses.replace(r, guided=True, guidance=guidance) for r in rows[3:3 + len(dynamic)]
-                   if r.label in (DEFAULT_METHOD, "kl")] if guided else []
+    # With guidance: the dynamic rules (the best static with guidance is added once the sweep has run).
+    guided_rows = [dataclasses.replace(r, guided=True, guidance=guidance) for r in rows[3:3 + len(dynamic)]] \
+        if guided else []
     return rows, static, guided_rows
 
 
@@ -252,40 +252,51 @@ def compare(model: World, *, seeds: int = 64, prompts: Sequence[str] = PROMPTS, 
     return summary, results
 
 
-def versus_best(results: list[Result]) -> dict[str, Tensor]:
-    """Per image: the default method minus the best static merge, in balance, in balance with guidance (each with
-    the guided best static) and in prompt score; the default rule's row at the tag weights. Missing rows give no
-    entry."""
+def versus_best(results: list[Result]) -> dict[str, dict[str, Tensor]]:
+    """Per method that chooses (by row label, at the tag weights), per image: the method minus the best static
+    merge in balance and in prompt score, and with guidance the guided method minus the guided best static.
+    Missing rows give no entry."""
     by_name = {r.row.name: r for r in results}
     statics = [r for r in results if not r.row.guided and r.row.engine.get("method") == "static"]
     best = max(statics, key=lambda r: float(r.scores["balance"].mean()))
-    w = f"{best.row.subject_strength:g}/{best.row.style_strength:g}"
-    out = {}
-    default = by_name.get(DEFAULT_METHOD)
-    if default is not None:
-        out["balance"] = default.scores["balance"] - best.scores["balance"]
-        out["prompt"] = default.scores["prompt"] - best.scores["prompt"]
-    guided, best_guided = by_name.get(f"{DEFAULT_METHOD} + guidance"), by_name.get(f"best static {w} + guidance")
-    if guided is not None and best_guided is not None:
-        out["balance_guided"] = guided.scores["balance"] - best_guided.scores["balance"]
+    best_guided = by_name.get(f"best static {best.row.subject_strength:g}/{best.row.style_strength:g} + guidance")
+    out: dict[str, dict[str, Tensor]] = {}
+    for r in results:
+        if r.row.engine.get("method") not in CHOOSING or r.row.label != r.row.engine.get("method"):
+            continue
+        entry = out.setdefault(r.row.label, {})
+        if not r.row.guided:
+            entry["balance"] = r.scores["balance"] - best.scores["balance"]
+            entry["prompt"] = r.scores["prompt"] - best.scores["prompt"]
+        elif best_guided is not None:
+            entry["balance_guided"] = r.scores["balance"] - best_guided.scores["balance"]
     return out
 
 
-def held_out(differences: dict[str, dict[str, Tensor]], pairs: Sequence[str]) -> dict:
-    """The mean over ``pairs`` of each pair's mean per-image difference, with the 95 % half-width of that mean of
-    means (each pair's variance of its mean, summed, over the number of pairs squared)."""
-    def mean_of_means(key: str) -> dict[str, float] | None:
-        values = [differences[p][key].double() for p in pairs if key in differences[p]]
+def held_out(differences: dict[str, dict[str, dict[str, Tensor]]], pairs: Sequence[str]) -> dict:
+    """For the default method (and under ``by_method`` for every method that ran on every pair): the mean over
+    ``pairs`` of each pair's mean per-image difference to its best static merge, with the 95 % half-width of that
+    mean of means (each pair's variance of its mean, summed, over the number of pairs squared)."""
+    def mean_of_means(method: str, key: str) -> dict[str, float] | None:
+        values = [differences[p][method][key].double() for p in pairs if key in differences[p].get(method, {})]
         if not values or len(values) < len(pairs):
             return None
         mean = sum(float(v.mean()) for v in values) / len(values)
         var = sum(float(v.var()) / v.numel() if v.numel() > 1 else math.nan for v in values) / len(values) ** 2
         return {"mean": round(mean, 4), "ci": round(1.96 * math.sqrt(var), 4)}
 
+    def entry(method: str) -> dict:
+        return {"minus_best_static": mean_of_means(method, "balance"),
+                "minus_best_static_guided": mean_of_means(method, "balance_guided"),
+                "prompt_minus_best_static": mean_of_means(method, "prompt")}
+
+    methods = set.intersection(*(set(differences[p]) for p in pairs)) if pairs else set()
+    default = entry(DEFAULT_METHOD)
     return {"pairs": list(pairs), "default_method": DEFAULT_METHOD,
-            "default_minus_best_static": mean_of_means("balance"),
-            "default_minus_best_static_guided": mean_of_means("balance_guided"),
-            "prompt_default_minus_best_static": mean_of_means("prompt")}
+            "default_minus_best_static": default["minus_best_static"],
+            "default_minus_best_static_guided": default["minus_best_static_guided"],
+            "prompt_default_minus_best_static": default["prompt_minus_best_static"],
+            "by_method": {m: entry(m) for m in sorted(methods)}}
 
 
 def summarise(results: list[Result], best: Result, **settings) -> dict:
@@ -356,17 +367,18 @@ def pairs_table(summaries: dict[str, dict], differences: dict[str, dict[str, Ten
         def cell(row: dict | None) -> str:
             return f"{row['balance']:>9.3f} ±{row['balance_ci']:.3f}" if row else f"{'-':>16}"
 
-        d = differences[name]
+        d = differences[name].get(DEFAULT_METHOD, {})
         diff = "".join(f"{float(d[k].mean()):>+10.3f} ±{mean_ci(d[k])[1]:.3f}" if k in d else f"{'-':>16}"
                        for k in ("balance", "prompt"))
         mark = "" if name in held else " (tuning)"
         lines.append(f"{name + mark:<22}{best['row']:>22}{cell(best)}{cell(rows.get(DEFAULT_METHOD))}"
                      f"{cell(rows.get('kl'))}{diff}")
     h = held_out(differences, held) if held else None
-    if h and h["default_minus_best_static"]:
-        d = h["default_minus_best_static"]
-        lines.append(f"held-out mean of {DEFAULT_METHOD} - best static ({', '.join(held)}): "
-                     f"{d['mean']:+.3f} ±{d['ci']:.3f}")
+    for method, entry in (h["by_method"] if h else {}).items():
+        cells = [f"{label} {d['mean']:+.3f} ±{d['ci']:.3f}" for label, d in
+                 (("balance", entry["minus_best_static"]), ("with guidance", entry["minus_best_static_guided"]),
+                  ("prompt", entry["prompt_minus_best_static"])) if d]
+        lines.append(f"held-out mean of {method} - best static ({', '.join(held)}): {'; '.join(cells)}")
     return "\n".join(lines)
 
 
