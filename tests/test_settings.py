@@ -129,7 +129,7 @@ def test_defaults_are_valid():
         (
             {"method": "foo"},
             (
-                "DynFuse: method 'foo' is unknown; use one of kl, kl-soft, k-lora, switch, static, "
+                "DynFuse: method 'foo' is unknown; use one of kl, kl-even, kl-soft, k-lora, switch, static, "
                 "subject-only, style-only"
             ),
         ),
@@ -551,6 +551,7 @@ def test_json_schema_lists_exactly_the_fields():
     props = schema["properties"]
     assert props["method"]["enum"] == [
         "kl",
+        "kl-even",
         "kl-soft",
         "k-lora",
         "switch",
