@@ -294,9 +294,12 @@ class SlicedLayerFusion(LayerFusion):
         # Each output channel's column in a decision (channels of no contested part are equal in both candidates:
         # any column does for them), on each device it is used on.
         columns = torch.zeros(self.geometry.out_channels, dtype=torch.long)
+        contested = torch.zeros(self.geometry.out_channels, dtype=torch.bool)
         for column, part in enumerate(self.rivals):
             columns[part.start:part.stop] = column
+            contested[part.start:part.stop] = True
         self._columns = {columns.device: columns}
+        self._contested = {contested.device: contested}  # for the two-weight rules, whose weights do not sum to 1
 
     @property
     def contested(self) -> bool:
@@ -361,8 +364,13 @@ class SlicedLayerFusion(LayerFusion):
         if state.policy.one_hot:
             return candidates.gather(0, per_channel.view(1, *shape).expand(1, *candidates.shape[1:]))[0]
         if state.policy.two_weights:  # per_channel [rows, channels, 2]
-            weights = per_channel.to(candidates.dtype).movedim(-1, 0).reshape((2,) + shape)
-            return _two_weighted(base, candidates, weights)
+            # A channel of no contested part has the same candidate twice: it takes the subject one at weight 1.
+            contested = self._contested.get(device)
+            if contested is None:
+                contested = self._contested[device] = next(iter(self._contested.values())).to(device)
+            weights = torch.where(contested.view(-1, 1), per_channel.to(candidates.dtype),
+                                  torch.tensor([1.0, 0.0], dtype=candidates.dtype, device=device))
+            return _two_weighted(base, candidates, weights.movedim(-1, 0).reshape((2,) + shape))
         return torch.lerp(candidates[1], candidates[0], per_channel.to(candidates.dtype).view(shape))
 
 
