@@ -107,6 +107,7 @@ def test_engine_options_carry_the_same_values():
         "standardize": False,
         "decide_per": "image",
         "soft_temperature": 1.0,
+        "even_power": -0.5,
         "switch_every": 5,
         "klora_alpha": 2.0,
         "klora_beta": 0.5,
