@@ -116,7 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="static merge vs DynFuse on one prompt of the bundled world model")
     demo.add_argument("--out", default="dynfuse_demo.png", help="the PNG to write (default dynfuse_demo.png)")
     demo.add_argument("--prompt", default=None, help='a prompt of the world (default "a sks, zwx style")')
-    demo.add_argument("--method", default="kl", help="the DynFuse method shown against the static merge")
+    demo.add_argument("--method", default=None,
+                      help="a further DynFuse method, shown beside the default and kl (and its selection map)")
+    demo.add_argument("--pair", default="heart-zwx", help="the world's LoRA pair (python -m lib_dynfuse.bench "
+                                                         "--quality --help lists them; default heart-zwx)")
     demo.add_argument("--guidance", action="store_true", help="add guidance to the DynFuse row")
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -142,7 +145,8 @@ def _demo(args: argparse.Namespace) -> int:
     # a second thread that waits for a core slows every operation down many times.
     torch.set_num_threads(1)
     try:
-        demo.run(args.out, prompt=args.prompt or demo.DEMO_PROMPT, method=args.method, guidance=args.guidance)
+        demo.run(args.out, prompt=args.prompt or demo.DEMO_PROMPT, method=args.method, guidance=args.guidance,
+                 pair=args.pair)
     except (OSError, ValueError) as error:  # missing weights, an unknown word or method: one line
         print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         return 2

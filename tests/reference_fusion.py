@@ -60,7 +60,7 @@ def reference_layer(x: Tensor, base: Tensor, subject: Delta, style: Delta, geome
     """The fused output of one call and each unit's (subject weight, d_subject, d_style).
 
     ``unit_rows`` lists, for every unit, its deciding row and then all rows that follow its decision. Only the
-    rules that read the outputs (kl, kl-soft) and the constant ones (static, subject-only, style-only, switch)
+    rules that read the outputs (kl, kl-soft, kl-even) and the constant ones (static, subject-only, style-only, switch)
     are covered; k-lora's weight statistics have their own tests.
     """
     channel_dim = -1 if geometry.kind == "linear" else 1
@@ -69,11 +69,15 @@ def reference_layer(x: Tensor, base: Tensor, subject: Delta, style: Delta, geome
     decided = {}
     for unit, (deciding, rows) in enumerate(unit_rows):
         d_s = d_t = None
-        if options.method in ("kl", "kl-soft"):
+        w_style = None  # the style's own weight, for the rules that give each LoRA one
+        if options.method in ("kl", "kl-soft", "kl-even"):
             d_s = row_divergence(base[deciding], with_subject[deciding], channel_dim, options)
             d_t = row_divergence(base[deciding], with_style[deciding], channel_dim, options)
             if options.method == "kl":
                 w = 1.0 if d_s >= d_t else 0.0
+            elif options.method == "kl-even":
+                w, w_style = (min(1.0, (max(b, 1e-30) / max(a, 1e-30)) ** options.even_power)
+                              for a, b in ((d_s, d_t), (d_t, d_s)))
             else:
                 # d_s^(1/T) / (d_s^(1/T) + d_t^(1/T)), in logs
                 log_ratio = (math.log(max(d_t, 1e-30)) - math.log(max(d_s, 1e-30))) / options.soft_temperature
@@ -86,6 +90,8 @@ def reference_layer(x: Tensor, base: Tensor, subject: Delta, style: Delta, geome
         for r in rows:
             if options.method == "static":
                 out[r] = with_subject[r] + with_style[r] - base[r]
+            elif w_style is not None:
+                out[r] = base[r] + w * (with_subject[r] - base[r]) + w_style * (with_style[r] - base[r])
             elif w in (0.0, 1.0):
                 out[r] = with_subject[r] if w == 1.0 else with_style[r]
             else:

@@ -21,7 +21,7 @@ from lib_dynfuse.engine.session import BatchLayout, FusionSession, LayerTarget, 
 from tests.reference_fusion import reference_layer, reference_parts
 
 KINDS = ("linear", "linear-2d", "locon", "tucker", "locon+tucker", "dense", "low-rank+dense")
-METHODS = ("kl", "kl-soft", "static", "subject-only", "style-only", "switch")
+METHODS = ("kl", "kl-even", "kl-soft", "static", "subject-only", "style-only", "switch")
 # Half-precision candidates are rounded differently by the batched products than by the reference's one
 # delta at a time, which moves a divergence by up to a few percent of the delta's size.
 TOLERANCE = {torch.float32: (1e-4, 1e-5), torch.float16: (3e-2, 4e-3), torch.bfloat16: (6e-2, 3e-2)}

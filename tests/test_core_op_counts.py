@@ -60,6 +60,13 @@ def test_kl_at_the_default_settings_stays_within_20_operations_on_an_unchunked_l
     assert ops <= 20
 
 
+@pytest.mark.parametrize("layer,x", [(LINEAR, linear_input(2)), (CONV, torch.randn(4, 320, 8, 8))])
+def test_kl_even_adds_its_two_weights_within_30_operations(layer, x):
+    # Both deltas at their own weight cost 11 operations more than kl's one winner: over the 20 of kl's budget.
+    ops = ops_per_hooked_call(layer, x, EngineOptions(method="kl-even"), BatchLayout.a1111(2), "unbounded")
+    assert ops <= 30
+
+
 def test_the_count_does_not_grow_with_the_batch_or_the_deciding_rows():
     """Consecutive deciding rows are a view, others one index per tensor; when every row decides alone there is
     nothing to select."""

@@ -29,6 +29,25 @@ def test_kl_soft_chooses_whatever_the_divergences_scale(scale):
     assert w_s.tolist() == pytest.approx([0.75, 0.25])
 
 
+@pytest.mark.parametrize("power,expected", [
+    (-0.5, [[1.0, 0.5], [0.5, 1.0], [1.0, 1.0]]),  # the louder at 1, the quieter at sqrt(ratio)
+    (0.5, [[0.5, 1.0], [1.0, 0.5], [1.0, 1.0]]),  # the quieter at 1, the louder turned down
+    (0.0, [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]),  # the static merge
+])
+def test_kl_even_weighs_each_lora_by_the_ratio_of_the_divergences(power, expected):
+    policy = make_policy(EngineOptions(method="kl-even", even_power=power))
+    sums = torch.tensor([[0.8, 0.2, 0.3], [0.2, 0.8, 0.3]])
+    weights = policy.decide(sums, tokens=7)
+    assert policy.two_weights and not policy.one_hot
+    torch.testing.assert_close(weights, torch.tensor(expected))  # [units, (subject, style)]
+    assert policy.subject_weight(weights).tolist() == pytest.approx([row[0] for row in expected])
+
+
+def test_kl_even_gives_full_weight_when_a_layer_does_not_move():
+    policy = make_policy(EngineOptions(method="kl-even"))
+    assert policy.decide(torch.tensor([[0.0], [0.0]]), tokens=3).tolist() == [[1.0, 1.0]]
+
+
 @pytest.mark.parametrize("method,expected", [("static", (1, 1)), ("subject-only", (1, 0)), ("style-only", (0, 1))])
 def test_constant_rules(method, expected):
     policy = make_policy(EngineOptions(method=method))
@@ -45,7 +64,7 @@ def test_switch_alternates_every_k_steps_subject_first():
 def test_validation_names_the_bad_fields():
     with pytest.raises(ValueError, match="method='nope'.*temperature=0"):
         make_policy(EngineOptions(method="nope", temperature=0))
-    assert set(METHODS) == {"kl", "kl-soft", "k-lora", "switch", "static", "subject-only", "style-only"}
+    assert set(METHODS) == {"kl", "kl-even", "kl-soft", "k-lora", "switch", "static", "subject-only", "style-only"}
 
 
 def brute_force_klora(pairs, alpha, beta, progress, schedule):

@@ -21,15 +21,15 @@ def test_a_short_comparison_prints_every_row_with_confidence_intervals(tmp_path,
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = {r["row"]: r for r in summary["rows"]}
-    methods = ["subject-only", "style-only", "static", "kl", "kl-soft", "k-lora S", "k-lora S*", "switch"]
-    assert set(methods + [f"{m} + guidance" for m in methods]) <= set(rows)
+    dynamic = ["kl", "kl-even", "kl-soft", "k-lora S", "k-lora S*", "switch"]
+    assert set(["subject-only", "style-only", "static"] + dynamic + [f"{m} + guidance" for m in dynamic]) <= set(rows)
     assert {"kl temperature=0.5", "kl temperature=2.0", "static 0.5/0.5", "static 1/0.5"} <= set(rows)
     assert rows["kl temperature=0.5"]["options"] == {"temperature": 0.5}
     assert summary["best_static"]["row"] in rows
     weights = f"{summary['best_static']['subject_strength']:g}/{summary['best_static']['style_strength']:g}"
     assert f"best static {weights} + guidance" in rows
-    # kl again at the best static's weights, when those are not the tag weights the kl row already ran at
-    assert ({f"kl {weights}", f"kl {weights} + guidance"} <= set(rows)) == (weights != "1/1")
+    # the default rule again at the best static's weights, when those are not the tag weights it already ran at
+    assert (f"{compare.DEFAULT_METHOD} {weights}" in rows) == (weights != "1/1")
     for row in rows.values():
         assert row["n"] == 2
         for key in ("subject", "style", "prompt", "balance"):
@@ -38,6 +38,8 @@ def test_a_short_comparison_prints_every_row_with_confidence_intervals(tmp_path,
     assert set(summary["sanity"]) == {"subject_only_beats_style_only_on_subject",
                                       "subject_only_loses_to_style_only_on_style"}
     assert "balance_diff_ci" in summary["versus_best_static"]["kl"]
+    assert list(summary["pairs"]) == ["heart-zwx"] and summary["tuning_pairs"] == ["heart-zwx"]
+    assert summary["held_out"]["pairs"] == [] and summary["pairs"]["heart-zwx"]["rows"] == summary["rows"]
     assert Image.open(tmp_path / "quality_grid.png").size[1] == 32 * 3 * len(rows)
     assert json.loads((tmp_path / "quality.json").read_text())["rows"] == summary["rows"]
 
@@ -67,7 +69,13 @@ def test_the_demo_writes_one_picture(tmp_path, capsys):
     image = Image.open(out)
     assert image.width >= 4 * 32 * 4 and image.height > 3 * 32 * 4
     printed = capsys.readouterr().out
-    assert "static merge" in printed and "DynFuse kl" in printed and f"saved {out}" in printed
+    assert "best static merge" in printed and "(of 25)" in printed and f"saved {out}" in printed
+    assert f"DynFuse {compare.DEFAULT_METHOD} (default)" in printed and "DynFuse kl" in printed
+
+
+def test_the_demo_takes_a_pair(tmp_path, capsys):
+    assert cli_main(["demo", "--out", str(tmp_path / "x.png"), "--pair", "nope"]) == 2
+    assert "unknown pair 'nope'" in capsys.readouterr().err
 
 
 def test_the_demo_names_an_unknown_word(tmp_path, capsys):

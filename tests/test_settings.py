@@ -107,6 +107,7 @@ def test_engine_options_carry_the_same_values():
         "standardize": False,
         "decide_per": "image",
         "soft_temperature": 1.0,
+        "even_power": -0.5,
         "switch_every": 5,
         "klora_alpha": 2.0,
         "klora_beta": 0.5,
@@ -129,7 +130,7 @@ def test_defaults_are_valid():
         (
             {"method": "foo"},
             (
-                "DynFuse: method 'foo' is unknown; use one of kl, kl-soft, k-lora, switch, static, "
+                "DynFuse: method 'foo' is unknown; use one of kl, kl-even, kl-soft, k-lora, switch, static, "
                 "subject-only, style-only"
             ),
         ),
@@ -551,6 +552,7 @@ def test_json_schema_lists_exactly_the_fields():
     props = schema["properties"]
     assert props["method"]["enum"] == [
         "kl",
+        "kl-even",
         "kl-soft",
         "k-lora",
         "switch",

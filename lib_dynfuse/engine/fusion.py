@@ -177,7 +177,7 @@ class LayerFusion:
             return self._fixed(x, base, plan, state)
         candidates = self._candidates(x, base)
         decision = self._decision(base, candidates, plan, state)
-        return self._apply(candidates, decision, plan, state)
+        return self._apply(base, candidates, decision, plan, state)
 
     def _fixed(self, x: Tensor, base: Tensor, plan: DecisionPlan, state: StepState) -> Tensor:
         """A rule that does not read the outputs: the same weights for every unit, logged once per step."""
@@ -240,7 +240,7 @@ class LayerFusion:
         return torch.stack([self._value(u) for u in plan.units])
 
     def _log_kept(self, units: tuple[int, ...], values: Tensor, step: int, state: StepState) -> None:
-        state.log.record(self.name, step, units, values, winners=state.policy.one_hot)
+        state.log.record(self.name, step, units, state.policy.subject_weight(values), winners=state.policy.one_hot)
 
     def _value(self, unit: int) -> Tensor:
         decided, position = self._made[unit]
@@ -266,15 +266,20 @@ class LayerFusion:
                                budget_bytes=budget)
 
     def _log(self, decided: _Decided, step: int, state: StepState) -> None:
-        state.log.record(self.name, step, decided.units, decided.decision, decided.sums, decided.tokens,
-                         winners=state.policy.one_hot)
+        state.log.record(self.name, step, decided.units, state.policy.subject_weight(decided.decision), decided.sums,
+                         decided.tokens, winners=state.policy.one_hot)
 
-    def _apply(self, candidates: Tensor, decision: Tensor, plan: DecisionPlan, state: StepState) -> Tensor:
-        """Each row's candidate: the winner's (hard rules), or the blend by the subject's weight (soft rules)."""
+    def _apply(self, base: Tensor, candidates: Tensor, decision: Tensor, plan: DecisionPlan,
+               state: StepState) -> Tensor:
+        """Each row's candidate: the winner's (hard rules), the blend by the subject's weight (soft rules), or the
+        base plus each delta at its own weight (two-weight rules)."""
         device = candidates.device
         per_row = decision if plan.one_row_per_unit else decision[state.index(plan.unit_of_row, device)]
         if state.policy.one_hot:
             return candidates[per_row, state.index(tuple(range(len(plan.unit_of_row))), device)]
+        if state.policy.two_weights:
+            weights = per_row.to(candidates.dtype).T.reshape((2, -1) + (1,) * (candidates.dim() - 2))
+            return _two_weighted(base, candidates, weights)
         weight = per_row.to(candidates.dtype).view((-1,) + (1,) * (candidates.dim() - 2))
         return torch.lerp(candidates[1], candidates[0], weight)
 
@@ -293,9 +298,12 @@ class SlicedLayerFusion(LayerFusion):
         # Each output channel's column in a decision (channels of no contested part are equal in both candidates:
         # any column does for them), on each device it is used on.
         columns = torch.zeros(self.geometry.out_channels, dtype=torch.long)
+        contested = torch.zeros(self.geometry.out_channels, dtype=torch.bool)
         for column, part in enumerate(self.rivals):
             columns[part.start:part.stop] = column
+            contested[part.start:part.stop] = True
         self._columns = {columns.device: columns}
+        self._contested = {contested.device: contested}  # for the two-weight rules, whose weights do not sum to 1
 
     @property
     def contested(self) -> bool:
@@ -341,13 +349,15 @@ class SlicedLayerFusion(LayerFusion):
         return (sums[0] if len(sums) == 1 else torch.cat(sums, dim=2)), tokens
 
     def _log(self, decided: _Decided, step: int, state: StepState) -> None:
-        state.log.record_parts(self.names, step, decided.units, decided.decision, decided.sums, decided.tokens,
-                               winners=state.policy.one_hot)
+        state.log.record_parts(self.names, step, decided.units, state.policy.subject_weight(decided.decision),
+                               decided.sums, decided.tokens, winners=state.policy.one_hot)
 
     def _log_kept(self, units: tuple[int, ...], values: Tensor, step: int, state: StepState) -> None:
-        state.log.record_parts(self.names, step, units, values, winners=state.policy.one_hot)
+        state.log.record_parts(self.names, step, units, state.policy.subject_weight(values),
+                               winners=state.policy.one_hot)
 
-    def _apply(self, candidates: Tensor, decision: Tensor, plan: DecisionPlan, state: StepState) -> Tensor:
+    def _apply(self, base: Tensor, candidates: Tensor, decision: Tensor, plan: DecisionPlan,
+               state: StepState) -> Tensor:
         """Each row's channels from the candidate its part chose, or blended by the part's subject weight."""
         device = candidates.device
         per_row = decision if plan.one_row_per_unit else decision.index_select(0, state.index(plan.unit_of_row, device))
@@ -358,7 +368,20 @@ class SlicedLayerFusion(LayerFusion):
         shape = (per_channel.shape[0],) + (1,) * (candidates.dim() - 3) + (per_channel.shape[1],)
         if state.policy.one_hot:
             return candidates.gather(0, per_channel.view(1, *shape).expand(1, *candidates.shape[1:]))[0]
+        if state.policy.two_weights:  # per_channel [rows, channels, 2]
+            # A channel of no contested part has the same candidate twice: it takes the subject one at weight 1.
+            contested = self._contested.get(device)
+            if contested is None:
+                contested = self._contested[device] = next(iter(self._contested.values())).to(device)
+            weights = torch.where(contested.view(-1, 1), per_channel.to(candidates.dtype),
+                                  torch.tensor([1.0, 0.0], dtype=candidates.dtype, device=device))
+            return _two_weighted(base, candidates, weights.movedim(-1, 0).reshape((2,) + shape))
         return torch.lerp(candidates[1], candidates[0], per_channel.to(candidates.dtype).view(shape))
+
+
+def _two_weighted(base: Tensor, candidates: Tensor, weights: Tensor) -> Tensor:
+    """base + w_subject · (subject candidate − base) + w_style · (style candidate − base)."""
+    return torch.addcmul(base, weights, candidates - base).sum(0) - base
 
 
 def _rows(base: Tensor, candidates: Tensor, rows: tuple[int, ...], state: StepState) -> tuple[Tensor, Tensor]:

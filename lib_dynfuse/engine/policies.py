@@ -16,8 +16,8 @@ from lib_dynfuse.engine.deltas import Delta, LayerGeometry
 from lib_dynfuse.engine.measure import MEASURES, MeasureOptions
 from lib_dynfuse.engine.layout import StepClock
 
-METHODS = ("kl", "kl-soft", "k-lora", "switch", "static", "subject-only", "style-only")
-DIVERGENCE_METHODS = ("kl", "kl-soft")
+METHODS = ("kl", "kl-even", "kl-soft", "k-lora", "switch", "static", "subject-only", "style-only")
+DIVERGENCE_METHODS = ("kl", "kl-even", "kl-soft")
 KLORA_SCHEDULES = ("S", "S*")
 
 
@@ -31,6 +31,7 @@ class EngineOptions:
     standardize: bool = False
     decide_per: str = "image"
     soft_temperature: float = 1.0
+    even_power: float = -0.5
     switch_every: int = 5
     klora_alpha: float = 1.5
     klora_beta: float = 0.5
@@ -86,6 +87,11 @@ class Policy:
     # The weights of the subject's and the style's delta on a layer (or part) only that LoRA touches: there is
     # nothing to choose, so it gets its LoRA; the one-LoRA methods leave the other LoRA out of every layer.
     lone = (1.0, 1.0)
+    two_weights = False  # decide gives each unit a (subject, style) weight pair, not one weight
+
+    def subject_weight(self, decision: Tensor) -> Tensor:
+        """The subject's part of a decision, as the log keeps it."""
+        return decision[..., 0] if self.two_weights else decision
 
     def __init__(self, options: EngineOptions) -> None:
         self.options = options
@@ -142,6 +148,22 @@ class KLSoftPolicy(Policy):
 
 
 _TINY = 1e-30  # a divergence of 0 as the least positive one, whose log the softmax can take
+
+
+class KLEvenPolicy(Policy):
+    """Both LoRAs, the louder one turned down towards the quieter: each LoRA's weight is
+    min(1, (other's divergence / its own) ** even_power). The quieter LoRA keeps its full weight; the louder one,
+    which would take the layer over, gets less the more it outweighs the other (power 0 is the static merge; a
+    negative power turns the quieter one down instead, towards ``kl``'s hard choice)."""
+
+    needs_divergence = True
+    one_hot = False
+    two_weights = True
+
+    def decide(self, sums, tokens):
+        d = sums.clamp_min(1e-30)
+        # [2, units(, parts)] -> [units(, parts), 2]
+        return (d.flip(0) / d).pow_(self.options.even_power).clamp_(max=1.0).movedim(0, -1)
 
 
 class SwitchPolicy(Policy):
@@ -215,6 +237,7 @@ def make_policy(options: EngineOptions) -> Policy:
     options.validate()
     builders = {
         "kl": KLPolicy,
+        "kl-even": KLEvenPolicy,
         "kl-soft": KLSoftPolicy,
         "k-lora": KLoraPolicy,
         "switch": SwitchPolicy,

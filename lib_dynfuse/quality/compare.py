@@ -25,15 +25,16 @@ from lib_dynfuse.quality import world
 from lib_dynfuse.quality.model import World
 
 PROMPTS = ("a sks, zwx style", "a big sks, zwx style", "a small sks, zwx style")
-STATIC_WEIGHTS = (0.5, 0.75, 1.0)
+STATIC_WEIGHTS = (0.25, 0.5, 0.75, 1.0, 1.25)  # both LoRAs' weights: 25 merges
 SCORES = ("subject", "style", "prompt", "balance")
 # The dynamic methods every comparison runs, as (label, EngineOptions overrides).
-DYNAMIC = (("kl", {"method": "kl"}), ("kl-soft", {"method": "kl-soft"}),
+DYNAMIC = (("kl", {"method": "kl"}), ("kl-even", {"method": "kl-even"}), ("kl-soft", {"method": "kl-soft"}),
            ("k-lora S", {"method": "k-lora", "klora_schedule": "S"}),
            ("k-lora S*", {"method": "k-lora", "klora_schedule": "S*"}), ("switch", {"method": "switch"}))
 GUIDANCE_PREFIX = "guidance_"
 STRENGTHS = ("subject_strength", "style_strength")  # the LoRAs' tag weights, sweepable like the options
-CHOOSING = ("kl", "kl-soft", "k-lora", "switch")  # the methods whose decisions make a subject share
+DEFAULT_METHOD = EngineOptions().method
+CHOOSING = ("kl", "kl-even", "kl-soft", "k-lora", "switch")  # the methods whose decisions make a subject share
 
 
 @dataclass(frozen=True)
@@ -124,15 +125,18 @@ def _split(settings: dict[str, object]) -> tuple[dict, dict, dict]:
 
 def plan_rows(*, base: dict[str, object] | None = None, sweeps: Sequence[tuple[str, list[object]]] = (),
               sweep_methods: Sequence[str] = ("kl",), guided: bool = True,
-              static_weights: Sequence[float] = STATIC_WEIGHTS) -> tuple[list[Row], list[Row], list[Row]]:
+              static_weights: Sequence[float] = STATIC_WEIGHTS,
+              methods: Sequence[str] | None = None) -> tuple[list[Row], list[Row], list[Row]]:
     """(anchor and method rows without guidance, the static sweep rows, the rows with guidance); the best static
     with guidance is added once the sweep has picked its weights. ``base`` settings apply to every row: engine
     options to the dynamic rules, guidance_* to the guided rows, subject_strength / style_strength (the tag
-    weights) to every row but the single-LoRA anchors and the static sweep."""
+    weights) to every row but the single-LoRA anchors and the static sweep. ``methods``: the labels of DYNAMIC to
+    run (default all)."""
     engine, guidance, weights = _split(dict(base or {}))
     rows = [Row("subject-only", {"method": "subject-only"}), Row("style-only", {"method": "style-only"}),
             Row("static", {"method": "static"}, **weights)]
-    rows += [Row(label, {**engine, **overrides}, **weights) for label, overrides in DYNAMIC]
+    dynamic = [(label, o) for label, o in DYNAMIC if methods is None or label in methods]
+    rows += [Row(label, {**engine, **overrides}, **weights) for label, overrides in dynamic]
     names = [name for name, _ in sweeps]
     for values in itertools.product(*(v for _, v in sweeps)) if sweeps else ():
         setting = dict(zip(names, values))
@@ -143,7 +147,9 @@ def plan_rows(*, base: dict[str, object] | None = None, sweeps: Sequence[tuple[s
                             guidance={**guidance, **s_guidance}, **{**weights, **s_weights}))
     static = [Row(f"static {s:g}/{t:g}", {"method": "static"}, s, t)
               for s in static_weights for t in static_weights if (s, t) != (1.0, 1.0)]
-    guided_rows = [dataclasses.replace(r, guided=True, guidance=guidance) for r in rows[:3 + len(DYNAMIC)]] if guided else []
+    # With guidance: the dynamic rules (the best static with guidance is added once the sweep has run).
+    guided_rows = [dataclasses.replace(r, guided=True, guidance=guidance) for r in rows[3:3 + len(dynamic)]] \
+        if guided else []
     return rows, static, guided_rows
 
 
@@ -172,12 +178,18 @@ def run_row(model: World, row: Row, prompts: Sequence[str], seeds: Sequence[int]
 def add_balance(results: list[Result], subject_only: Result, style_only: Result) -> None:
     """balance = mean of the subject score rescaled so that style-only is 0 and subject-only is 1, and the style
     score rescaled so that subject-only is 0 and style-only is 1: 1 means both as good as their own LoRA alone."""
-    s_hi, s_lo = float(subject_only.scores["subject"].mean()), float(style_only.scores["subject"].mean())
-    t_hi, t_lo = float(style_only.scores["style"].mean()), float(subject_only.scores["style"].mean())
     for r in results:
-        subject = (r.scores["subject"] - s_lo) / _nonzero(s_hi - s_lo)
-        style = (r.scores["style"] - t_lo) / _nonzero(t_hi - t_lo)
-        r.scores["balance"] = 0.5 * (subject + style)
+        add_balance_to_scores(r.scores, subject_only.scores, style_only.scores)
+
+
+def add_balance_to_scores(scores: dict[str, Tensor], subject_only: dict[str, Tensor],
+                          style_only: dict[str, Tensor]) -> None:
+    """:func:`add_balance` for one row's scores, given the scores of both single-LoRA rows."""
+    s_hi, s_lo = float(subject_only["subject"].mean()), float(style_only["subject"].mean())
+    t_hi, t_lo = float(style_only["style"].mean()), float(subject_only["style"].mean())
+    subject = (scores["subject"] - s_lo) / _nonzero(s_hi - s_lo)
+    style = (scores["style"] - t_lo) / _nonzero(t_hi - t_lo)
+    scores["balance"] = 0.5 * (subject + style)
 
 
 def _nonzero(x: float) -> float:
@@ -197,12 +209,13 @@ def compare(model: World, *, seeds: int = 64, prompts: Sequence[str] = PROMPTS, 
             cfg_scale: float = 1.5, base: dict[str, object] | None = None,
             sweeps: Sequence[tuple[str, list[object]]] = (), sweep_methods: Sequence[str] = ("kl",),
             guided: bool = True, static_weights: Sequence[float] = STATIC_WEIGHTS,
+            methods: Sequence[str] | None = None,
             log: Callable[[str], None] = print) -> tuple[dict, list[Result]]:
     """Run every row; return the summary (the JSON object) and the per-row results."""
     seed_list = list(range(seeds))
     judge = model.judge()
     rows, static_rows, guided_rows = plan_rows(base=base, sweeps=sweeps, sweep_methods=sweep_methods, guided=guided,
-                                               static_weights=static_weights)
+                                               static_weights=static_weights, methods=methods)
     results: list[Result] = []
 
     def run(row: Row) -> Result:
@@ -221,7 +234,7 @@ def compare(model: World, *, seeds: int = 64, prompts: Sequence[str] = PROMPTS, 
     # The default rule at the best static's weights too: a rule is only better than the merge if it is better at
     # the weights a user would pick for the merge.
     engine, _, tag_weights = _split(dict(base or {}))
-    default = EngineOptions().method
+    default = DEFAULT_METHOD
     same_weights = Row(f"{default} {best_weights[0]:g}/{best_weights[1]:g}", {**engine, "method": default},
                        *best_weights)
     other_weights = best_weights != (tag_weights.get("subject_strength", 1.0), tag_weights.get("style_strength", 1.0))
@@ -233,10 +246,57 @@ def compare(model: World, *, seeds: int = 64, prompts: Sequence[str] = PROMPTS, 
         guidance = guided_rows[0].guidance
         run(Row(f"best static {best_weights[0]:g}/{best_weights[1]:g}", {"method": "static"}, *best_weights,
                 guided=True, guidance=guidance))
-        if other_weights:
-            run(dataclasses.replace(same_weights, guided=True, guidance=guidance))
     add_balance(results, results[0], results[1])
-    return summarise(results, best, prompts=prompts, seeds=seeds, steps=steps, cfg_scale=cfg_scale), results
+    summary = summarise(results, best, prompts=prompts, seeds=seeds, steps=steps, cfg_scale=cfg_scale)
+    summary["pair"] = model.pair
+    return summary, results
+
+
+def versus_best(results: list[Result]) -> dict[str, dict[str, Tensor]]:
+    """Per method that chooses (by row label, at the tag weights), per image: the method minus the best static
+    merge in balance and in prompt score, and with guidance the guided method minus the guided best static.
+    Missing rows give no entry."""
+    by_name = {r.row.name: r for r in results}
+    statics = [r for r in results if not r.row.guided and r.row.engine.get("method") == "static"]
+    best = max(statics, key=lambda r: float(r.scores["balance"].mean()))
+    best_guided = by_name.get(f"best static {best.row.subject_strength:g}/{best.row.style_strength:g} + guidance")
+    out: dict[str, dict[str, Tensor]] = {}
+    for r in results:
+        if r.row.engine.get("method") not in CHOOSING or r.row.label != r.row.engine.get("method"):
+            continue
+        entry = out.setdefault(r.row.label, {})
+        if not r.row.guided:
+            entry["balance"] = r.scores["balance"] - best.scores["balance"]
+            entry["prompt"] = r.scores["prompt"] - best.scores["prompt"]
+        elif best_guided is not None:
+            entry["balance_guided"] = r.scores["balance"] - best_guided.scores["balance"]
+    return out
+
+
+def held_out(differences: dict[str, dict[str, dict[str, Tensor]]], pairs: Sequence[str]) -> dict:
+    """For the default method (and under ``by_method`` for every method that ran on every pair): the mean over
+    ``pairs`` of each pair's mean per-image difference to its best static merge, with the 95 % half-width of that
+    mean of means (each pair's variance of its mean, summed, over the number of pairs squared)."""
+    def mean_of_means(method: str, key: str) -> dict[str, float] | None:
+        values = [differences[p][method][key].double() for p in pairs if key in differences[p].get(method, {})]
+        if not values or len(values) < len(pairs):
+            return None
+        mean = sum(float(v.mean()) for v in values) / len(values)
+        var = sum(float(v.var()) / v.numel() if v.numel() > 1 else math.nan for v in values) / len(values) ** 2
+        return {"mean": round(mean, 4), "ci": round(1.96 * math.sqrt(var), 4)}
+
+    def entry(method: str) -> dict:
+        return {"minus_best_static": mean_of_means(method, "balance"),
+                "minus_best_static_guided": mean_of_means(method, "balance_guided"),
+                "prompt_minus_best_static": mean_of_means(method, "prompt")}
+
+    methods = set.intersection(*(set(differences[p]) for p in pairs)) if pairs else set()
+    default = entry(DEFAULT_METHOD)
+    return {"pairs": list(pairs), "default_method": DEFAULT_METHOD,
+            "default_minus_best_static": default["minus_best_static"],
+            "default_minus_best_static_guided": default["minus_best_static_guided"],
+            "prompt_default_minus_best_static": default["prompt_minus_best_static"],
+            "by_method": {m: entry(m) for m in sorted(methods)}}
 
 
 def summarise(results: list[Result], best: Result, **settings) -> dict:
@@ -267,7 +327,9 @@ def summarise(results: list[Result], best: Result, **settings) -> dict:
     for r in results:
         if r.row.engine.get("method") in CHOOSING and not r.row.guided:
             mean, ci = mean_ci(r.scores["balance"] - best.scores["balance"])
-            versus[r.row.name] = {"balance_diff": round(mean, 4), "balance_diff_ci": round(ci, 4)}
+            p_mean, p_ci = mean_ci(r.scores["prompt"] - best.scores["prompt"])
+            versus[r.row.name] = {"balance_diff": round(mean, 4), "balance_diff_ci": round(ci, 4),
+                                  "prompt_diff": round(p_mean, 4), "prompt_diff_ci": round(p_ci, 4)}
     return {"benchmark": "quality", **settings, "prompts": list(settings["prompts"]),
             "best_static": {"row": best.row.name, "subject_strength": best.row.subject_strength,
                             "style_strength": best.row.style_strength},
@@ -290,6 +352,33 @@ def table(summary: dict) -> str:
         share = "" if r["subject_share"] is None else f"{r['subject_share']:.2f}"
         best = "  <- best static" if r["row"] == summary["best_static"]["row"] else ""
         lines.append(f"{r['row']:<36}{cells}{share:>11}{best}")
+    return "\n".join(lines)
+
+
+def pairs_table(summaries: dict[str, dict], differences: dict[str, dict[str, Tensor]], held: Sequence[str]) -> str:
+    """One line per pair: its best static merge, the default method and ``kl`` (balance, and the default's paired
+    difference to the best static), then the held-out mean."""
+    lines = [f"{'pair':<22}{'best static':>22}{'balance':>16}{DEFAULT_METHOD:>16}{'kl':>16}{'default - best':>18}"
+             f"{'prompt diff':>16}"]
+    for name, summary in summaries.items():
+        rows = {r["row"]: r for r in summary["rows"]}
+        best = rows[summary["best_static"]["row"]]
+
+        def cell(row: dict | None) -> str:
+            return f"{row['balance']:>9.3f} ±{row['balance_ci']:.3f}" if row else f"{'-':>16}"
+
+        d = differences[name].get(DEFAULT_METHOD, {})
+        diff = "".join(f"{float(d[k].mean()):>+10.3f} ±{mean_ci(d[k])[1]:.3f}" if k in d else f"{'-':>16}"
+                       for k in ("balance", "prompt"))
+        mark = "" if name in held else " (tuning)"
+        lines.append(f"{name + mark:<22}{best['row']:>22}{cell(best)}{cell(rows.get(DEFAULT_METHOD))}"
+                     f"{cell(rows.get('kl'))}{diff}")
+    h = held_out(differences, held) if held else None
+    for method, entry in (h["by_method"] if h else {}).items():
+        cells = [f"{label} {d['mean']:+.3f} ±{d['ci']:.3f}" for label, d in
+                 (("balance", entry["minus_best_static"]), ("with guidance", entry["minus_best_static_guided"]),
+                  ("prompt", entry["prompt_minus_best_static"])) if d]
+        lines.append(f"held-out mean of {method} - best static ({', '.join(held)}): {'; '.join(cells)}")
     return "\n".join(lines)
 
 

@@ -27,9 +27,9 @@ LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
 KOHYA_PREFIX = "lora_unet_"
 
 
-def lora_layers(unet: nn.Module) -> dict[str, nn.Linear]:
+def lora_layers(unet: nn.Module, targets: tuple[str, ...] = LORA_TARGETS) -> dict[str, nn.Linear]:
     return {name: m for name, m in unet.named_modules()
-            if isinstance(m, nn.Linear) and ".transformer_blocks." in name and name.endswith(LORA_TARGETS)}
+            if isinstance(m, nn.Linear) and ".transformer_blocks." in name and name.endswith(targets)}
 
 
 def kohya_key(module_name: str) -> str:
@@ -77,12 +77,14 @@ class TrainableLora:
 
 
 def train_lora(unet: nn.Module, context: Tensor, images: Tensor, *, rank: int, alpha: float, steps: int,
-               lr: float, batch: int = 16, seed: int = 0, label: str = "lora", log: Log = print) -> TrainableLora:
+               lr: float, batch: int = 16, seed: int = 0, label: str = "lora", log: Log = print,
+               targets: tuple[str, ...] = LORA_TARGETS) -> TrainableLora:
     """Train a LoRA on ``images`` (model space, ``[N, 12, 16, 16]``) with their text states ``context``
-    (``[N, 8, W]``, from the frozen text encoder); the base ``unet`` stays frozen."""
+    (``[N, 8, W]``, from the frozen text encoder) on the linears whose names end with one of ``targets``; the base
+    ``unet`` stays frozen."""
     g = torch.Generator().manual_seed(seed)
     unet.requires_grad_(False)
-    lora = TrainableLora(lora_layers(unet), rank, alpha, g)
+    lora = TrainableLora(lora_layers(unet, targets), rank, alpha, g)
 
     def loss_at(step: int) -> Tensor:
         index = torch.randint(images.shape[0], (batch,), generator=g)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from lib_dynfuse.loras.files import deltas_for_model, read_lora
 from lib_dynfuse.engine.policies import EngineOptions
 from lib_dynfuse.quality import world
 from lib_dynfuse.quality.diffusion import PixelDecoder, sample
-from lib_dynfuse.quality.scorers import HEADS, Encoder, EncoderPair, Judge
+from lib_dynfuse.quality.scorers import KINDS, WORLD_CLASSES, Encoder, EncoderPair, Judge, heads
 from lib_dynfuse.quality.text import TextEncoder
 from lib_dynfuse.quality.unet import UNet2DConditionModel, UNetConfig
 from lib_dynfuse.engine.session import FusionSession, LayerTarget
@@ -34,23 +34,6 @@ class AssetsMissing(FileNotFoundError):
     """The world's weights are not there; the message says how to make them."""
 
 
-# ---- what the LoRAs were trained on, and the references the scorers compare with --------------------------------
-
-def subject_scenes() -> list[world.Scene]:
-    """The subject LoRA's training renders (DreamBooth's handful of photos): ``sks`` in the plain style."""
-    return [world.Scene(world.SUBJECT, "plain", size, 1000 + i) for i, size in enumerate(("big", "small") * 3)]
-
-
-def style_scenes() -> list[world.Scene]:
-    """The style LoRA's training renders: base objects in the ``zwx`` style."""
-    return [world.Scene(obj, world.STYLE, ("big", "small")[i % 2], 2000 + i)
-            for i, obj in enumerate(world.BASE_OBJECTS + world.BASE_OBJECTS[:2])]
-
-
-def training_captions(scenes: Sequence[world.Scene]) -> list[str]:
-    return [s.caption(with_size=i % 2 == 0) for i, s in enumerate(scenes)]
-
-
 # ---- weights on disk ------------------------------------------------------------------------------------------
 
 def save_model(text: TextEncoder, unet: UNet2DConditionModel, path: str | os.PathLike) -> None:
@@ -62,17 +45,35 @@ def save_model(text: TextEncoder, unet: UNet2DConditionModel, path: str | os.Pat
               metadata={"unet_config": json.dumps(unet.config.to_dict())})
 
 
-def save_scorers(sets: dict[str, EncoderPair], path: str | os.PathLike) -> None:
+def save_scorers(sets: dict[str, EncoderPair], path: str | os.PathLike,
+                 classes: dict[str, tuple[str, ...]] = WORLD_CLASSES) -> None:
     from safetensors.torch import save_file
 
     tensors = {}
     widths = {}
     for name, pair in sets.items():
-        for kind in HEADS:
+        for kind in KINDS:
             encoder = getattr(pair, kind)
             widths[f"{name}.{kind}"] = encoder.features[0].out_channels
             tensors |= {f"{name}.{kind}.{k}": v.detach().contiguous() for k, v in encoder.state_dict().items()}
-    save_file(tensors, os.fspath(path), metadata={"widths": json.dumps(widths)})
+    save_file(tensors, os.fspath(path), metadata={"widths": json.dumps(widths), "classes": json.dumps(classes)})
+
+
+def load_scorers(path: str | os.PathLike) -> tuple[dict[str, EncoderPair], dict[str, tuple[str, ...]]]:
+    """Both scorer sets of a file and the classes they were trained on."""
+    tensors, metadata = _load_file(Path(path))
+    widths = json.loads(metadata["widths"])
+    classes = ({k: tuple(v) for k, v in json.loads(metadata["classes"]).items()} if "classes" in metadata
+               else WORLD_CLASSES)
+    sets = {}
+    for name in SCORER_SETS:
+        encoders = {}
+        for kind in KINDS:
+            encoder = Encoder(heads(kind, classes), widths[f"{name}.{kind}"])
+            encoder.load_state_dict(_part(tensors, f"{name}.{kind}."))
+            encoders[kind] = encoder.eval().requires_grad_(False)
+        sets[name] = EncoderPair(**encoders)
+    return sets, classes
 
 
 def _load_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -102,34 +103,34 @@ def load_base(folder: str | os.PathLike = ASSETS) -> tuple[TextEncoder, UNet2DCo
 
 @dataclass
 class World:
-    """The bundled world model, its two scorer sets and the paths of its two LoRA files."""
+    """The bundled world model, its two scorer sets (and the classes they know), one pair's two LoRA files."""
 
     text: TextEncoder
     unet: UNet2DConditionModel
     scorers: dict[str, EncoderPair]
     subject_lora: Path
     style_lora: Path
+    classes: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(WORLD_CLASSES))
+    pair: str = "heart-zwx"
 
     @classmethod
     def load(cls, folder: str | os.PathLike = ASSETS) -> World:
+        """The world with its original pair (the ``sks`` heart and the ``zwx`` style)."""
         folder = Path(folder)
         text, unet = load_base(folder)
-        tensors, metadata = _load_file(folder / SCORERS_FILE)
-        widths = json.loads(metadata["widths"])
-        sets = {}
-        for name in SCORER_SETS:
-            encoders = {}
-            for kind in HEADS:
-                encoder = Encoder(HEADS[kind], widths[f"{name}.{kind}"])
-                encoder.load_state_dict(_part(tensors, f"{name}.{kind}."))
-                encoders[kind] = encoder.eval().requires_grad_(False)
-            sets[name] = EncoderPair(**encoders)
+        sets, classes = load_scorers(folder / SCORERS_FILE)
         for path in (folder / SUBJECT_FILE, folder / STYLE_FILE):
             if not path.is_file():
                 raise AssetsMissing(f"DynFuse: the world's LoRA file {path} is missing; "
                                     "make it with `python -m lib_dynfuse.bench --quality --retrain`")
-        return cls(text, unet, sets,
-                   folder / SUBJECT_FILE, folder / STYLE_FILE)
+        return cls(text, unet, sets, folder / SUBJECT_FILE, folder / STYLE_FILE, classes)
+
+    def with_pair(self, pair: str, subject_lora: str | os.PathLike, style_lora: str | os.PathLike,
+                  scorers: tuple[dict[str, EncoderPair], dict[str, tuple[str, ...]]] | None = None) -> World:
+        """The same base model with another pair's LoRA files (and scorers that know its subject and style)."""
+        sets, classes = scorers or (self.scorers, self.classes)
+        return replace(self, subject_lora=Path(subject_lora), style_lora=Path(style_lora), scorers=sets,
+                       classes=classes, pair=pair)
 
     # ---- generation ------------------------------------------------------------------------------------------
 
@@ -156,11 +157,17 @@ class World:
     def references(self) -> tuple[Tensor, Tensor]:
         """The subject references (the subject LoRA's training renders) and the style references (the style
         LoRA's), as RGB tensors."""
-        return world.render(subject_scenes()), world.render(style_scenes())
+        from lib_dynfuse.quality.pairs import PAIRS
+
+        pair = PAIRS[self.pair]
+        return world.render(pair.subject_scenes()), world.render(pair.style_scenes())
 
     def judge(self) -> Judge:
+        from lib_dynfuse.quality.pairs import PAIRS, SUBJECTS
+
         subject, style = self.references()
-        return Judge(self.scorers["judge"], subject, style)
+        return Judge(self.scorers["judge"], subject, style, objects=self.classes["object"],
+                     subject_shape=SUBJECTS[PAIRS[self.pair].subject].shape)
 
     def guidance(self, params: GuidanceParams, log=print) -> Guidance:
         """The real guidance correction with this world's guide encoders in the DINO and CLIP slots and the

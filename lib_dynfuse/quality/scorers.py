@@ -23,8 +23,18 @@ from lib_dynfuse.guidance.scorers import ScorerConfig, Scorers
 from lib_dynfuse.quality import world
 from lib_dynfuse.quality.optim import Log, fit
 
-HEADS = {"identity": {"object": len(world.OBJECTS), "size": len(world.SIZES)},
-         "style": {"style": len(world.STYLES) + 1}}  # the last style class: any style outside the world
+KINDS = ("identity", "style")
+# The classes the bundled scorers were trained on; scorers trained for more subjects or styles carry their own.
+WORLD_CLASSES = {"object": world.OBJECTS, "style": world.STYLES}
+
+
+def heads(kind: str, classes: dict[str, tuple[str, ...]]) -> dict[str, int]:
+    """The classifier heads of an encoder of ``kind``: objects and sizes, or styles and one more class for any
+    style outside ``classes``."""
+    if kind == "identity":
+        return {"object": len(classes["object"]), "size": len(world.SIZES)}
+    return {"style": len(classes["style"]) + 1}
+
 _COSINE_SCALE = 12.0
 
 
@@ -102,8 +112,12 @@ class Judge:
     prompt fidelity (the identity encoder's probability of what the prompt says: the object, and the size when
     the prompt names one)."""
 
-    def __init__(self, encoders: EncoderPair, subject_refs: Tensor, style_refs: Tensor) -> None:
+    def __init__(self, encoders: EncoderPair, subject_refs: Tensor, style_refs: Tensor, *,
+                 objects: tuple[str, ...] = world.OBJECTS, subject_shape: str = world.SUBJECT) -> None:
         self.encoders = encoders
+        # The prompts name the subject by its LoRA's token; the identity encoder by its shape.
+        self.objects = {world.SUBJECT: objects.index(subject_shape),
+                        **{o: i for i, o in enumerate(objects) if o in world.BASE_OBJECTS}}
         with torch.no_grad():
             self.subject_ref = unit_mean(encoders.identity(subject_refs))
             self.style_ref = unit_mean(encoders.style(style_refs))
@@ -117,7 +131,7 @@ class Judge:
         fidelity = []
         for i, prompt in enumerate(prompts):
             words = prompt.replace(",", " ").split()
-            parts = [objects[i, world.OBJECTS.index(w)] for w in words if w in world.OBJECTS]
+            parts = [objects[i, self.objects[w]] for w in words if w in self.objects]
             parts += [sizes[i, world.SIZES.index(w)] for w in words if w in world.SIZES]
             fidelity.append(torch.stack(parts).mean() if parts else torch.tensor(float("nan")))
         return {"subject": F.normalize(identity, dim=-1) @ self.subject_ref,
@@ -136,30 +150,33 @@ def _augment(images: Tensor, g: torch.Generator) -> Tensor:
     return x.clamp(0, 1)
 
 
-def _training_set(kind: str, n: int, seed: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """Half the renders in the world's styles, half in styles outside it: random ones and look-alikes of the
-    world's (the identity encoder learns to ignore them, the style encoder to call them "other")."""
-    extra = {**world.random_styles(256, seed + 1), **world.near_miss_styles()}
+def _training_set(kind: str, n: int, seed: int, classes: dict[str, tuple[str, ...]]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Half the renders in known styles, half in styles outside them: random ones and look-alikes of the known
+    ones (the identity encoder learns to ignore them, the style encoder to call them "other"). The identity
+    encoder learns ``classes``' objects in the world's styles, the style encoder ``classes``' styles on the world's
+    objects."""
+    objects, styles = (classes["object"], world.STYLES) if kind == "identity" else (world.OBJECTS, classes["style"])
+    extra = {**world.random_styles(256, seed + 1), **world.near_miss_styles(styles)}
     book = {**world.STYLE_BOOK, **extra}
     half = n // 2
-    scenes = (world.random_scenes(half, seed, world.OBJECTS, world.STYLES)
-              + world.random_scenes(n - half, seed + 2, world.OBJECTS, tuple(extra)))
+    scenes = (world.random_scenes(half, seed, objects, styles)
+              + world.random_scenes(n - half, seed + 2, objects, tuple(extra)))
     images = world.render_many(scenes, book)
     if kind == "identity":
-        labels = {"object": torch.tensor([world.OBJECTS.index(s.object) for s in scenes]),
+        labels = {"object": torch.tensor([objects.index(s.object) for s in scenes]),
                   "size": torch.tensor([world.SIZES.index(s.size) for s in scenes])}
     else:
-        labels = {"style": torch.tensor([world.STYLES.index(s.style) if s.style in world.STYLES
-                                         else len(world.STYLES) for s in scenes])}
+        labels = {"style": torch.tensor([styles.index(s.style) if s.style in styles else len(styles)
+                                         for s in scenes])}
     return images, labels
 
 
 def train_encoder(kind: str, *, seed: int, steps: int, width: int = 16, batch: int = 128, pool: int = 8000,
-                  lr: float = 1e-3, log: Log = print) -> Encoder:
+                  lr: float = 1e-3, classes: dict[str, tuple[str, ...]] = WORLD_CLASSES, log: Log = print) -> Encoder:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    images, labels = _training_set(kind, pool, seed)
-    encoder = Encoder(HEADS[kind], width)
+    images, labels = _training_set(kind, pool, seed, classes)
+    encoder = Encoder(heads(kind, classes), width)
 
     def loss_at(step: int) -> Tensor:
         index = torch.randint(pool, (batch,), generator=g)

@@ -213,12 +213,13 @@ def random_styles(n: int, seed: int) -> dict[str, Style]:
     return styles
 
 
-def near_miss_styles() -> dict[str, Style]:
+def near_miss_styles(names: Sequence[str] = STYLES) -> dict[str, Style]:
     """Styles that share a world style's colours or textures but not the whole of it: its background and fill
     swapped, or each of its layers' colours on every other texture. A style scorer that must tell a style
     from its look-alikes learns on them what makes the style, not just its palette."""
     styles = {}
-    for name, style in STYLE_BOOK.items():
+    for name in names:
+        style = STYLE_BOOK[name]
         styles[f"{name}-swapped"] = Style(style.fill, style.background, style.outline)
         for texture in TEXTURES:
             if texture not in (style.background.texture, style.fill.texture):
