@@ -251,3 +251,27 @@ def test_forge_family_jobs_leave_nothing_alive(tmp_path, monkeypatch, name, case
             assert all(now == on[0] for now in on[1:])
         if name == "neo":  # one merge of the other LoRA when DynFuse took over, none after
             assert host.sd_model.forge_objects_original.unet.model.merge_count == 2
+
+
+# ---- the finished job's decisions ----------------------------------------------------------------------------------
+def test_a_settled_log_reads_as_before_and_holds_no_tensor():
+    from lib_dynfuse.engine.decisions import DecisionLog
+
+    def filled() -> DecisionLog:
+        log = DecisionLog()
+        log.record("a", 0, (0, 1), torch.tensor([0, 1]), torch.tensor([[4.0, 1.0], [2.0, 3.0]]), 2, winners=True)
+        log.record("a", 0, (2,), torch.tensor([1]), torch.tensor([[0.5], [1.5]]), 2, winners=True)  # a second chunk
+        log.record("b", 1, (0, 1), 0.25)  # a fixed rule: one weight for all, no divergences
+        log.record_parts(("c:q", "c:k"), 1, (0,), torch.tensor([[0.2, 0.9]]), torch.tensor([[[1.0, 2.0]], [[3.0, 4.0]]]),
+                         4)
+        return log
+
+    live, settled = filled(), filled()
+    settled.settle()
+    assert tensors_reached(settled) == []
+    assert settled.decisions() == live.decisions() and settled.steps == live.steps and len(settled) == len(live)
+    assert settled.subject_share() == live.subject_share()
+    torch.testing.assert_close(settled.matrix()[2], live.matrix()[2], equal_nan=True)
+    joined = DecisionLog.joined([settled, filled()]).decisions()
+    assert joined == DecisionLog.joined([live, filled()]).decisions()
+    assert [d for d in live.decisions() if d.layer == "a"][0].d_subject == 2.0  # 4 over 2 tokens: really compared

@@ -241,6 +241,10 @@ class HostAdapter(abc.ABC):
         if job is not None:
             try:
                 self.release(job)
+                # p (and its infotext callables, which hold the job) outlives a crashed job too.
+                job.scorer = None
+                _release_guidance(job)
+                _settle_logs(job)
             except Exception as e:  # noqa: BLE001
                 say(f"cleanup failed: {e}")
         self.remove_leftovers()
