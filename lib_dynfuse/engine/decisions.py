@@ -1,7 +1,8 @@
 """The record of every decision of a generation: layer × step × image → subject weight and both divergences.
 
 While sampling runs, the hooks only append the tensors their decisions already are (no operation, no host
-sync per layer); everything is brought to the host in one transfer when the log is first read. A layer made of
+sync per layer); everything is brought to the host in one transfer when the log is first read. A finished
+generation's log is settled: it keeps those host values only, and lets go of the tensors. A layer made of
 parts (the q, k and v of a fused projection) decides for all its parts at once: each part is a layer of the log,
 whose entries read their column of the shared tensors.
 """
@@ -34,9 +35,11 @@ class _Entry:
     """One call's decisions for ``units``, as the hook made them."""
 
     units: tuple[int, ...]
-    value: Tensor | float  # the subject weight per unit (or for all units), or the winner index (0 = subject)
+    # the subject weight per unit (or for all units), or the winner index (0 = subject); settled: the weights
+    value: Tensor | float | tuple[float, ...]
     winners: bool  # value holds winner indices
-    sums: Tensor | None  # [2, units]: the divergences summed over `tokens` tokens
+    # [2, units]: the divergences summed over `tokens` tokens; settled: (d_subject..., d_style...) per unit
+    sums: Tensor | tuple[float | None, ...] | None
     tokens: int
     part: int | None = None  # the column of value ([units, parts]) and sums ([2, units, parts]) that is this layer's
 
@@ -150,6 +153,12 @@ class DecisionLog:
                 offset += max(log.steps) + 1
         return out
 
+    def settle(self) -> None:
+        """Keep the decisions as host values only (one entry per layer and step) and let go of the tensors the
+        hooks made: what a finished generation keeps for its infotext and for inspection."""
+        self._entries = {key: [_Entry(row.units, tuple(row.weights), False, (*row.d_subject, *row.d_style), 1)]
+                         for key, row in self._rows().items()}
+
     def clear(self) -> None:
         self._entries.clear()
         self._layers.clear()
@@ -161,11 +170,13 @@ class DecisionLog:
         if self._host is None:
             flat = [(key, e) for key, entries in self._entries.items() for e in entries]
             weights = _host_lists([_weights(e) for _, e in flat])
-            divergences = _host_lists([None if e.sums is None else (_column(e.sums, e).float() / e.tokens).flatten()
-                                       for _, e in flat])
+            divergences = _host_lists([(_column(e.sums, e).float() / e.tokens).flatten()
+                                       if isinstance(e.sums, Tensor) else None for _, e in flat])
             host: dict[tuple[str, int], _Row] = {}
             for (key, entry), w, d in zip(flat, weights, divergences):
                 n = len(entry.units)
+                if isinstance(entry.value, tuple):  # settled
+                    w, d = list(entry.value), list(entry.sums)
                 w = w if w is not None else [float(entry.value)] * n
                 d_s, d_t = (d[:n], d[n:]) if d is not None else ([None] * n, [None] * n)
                 previous = host.get(key)

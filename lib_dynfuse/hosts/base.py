@@ -252,6 +252,7 @@ class HostAdapter(abc.ABC):
             self.fail(p, "could not draw the report images", e)
         finally:
             _release_guidance(job)
+            _settle_logs(job)
             options.unload_models_if_asked()
 
     def cleanup(self) -> None:
@@ -260,6 +261,10 @@ class HostAdapter(abc.ABC):
         if job is not None:
             try:
                 self.release(job)
+                # p (and its infotext callables, which hold the job) outlives a crashed job too.
+                job.scorer = None
+                _release_guidance(job)
+                _settle_logs(job)
             except Exception as e:  # noqa: BLE001
                 say(f"cleanup failed: {e}")
         self.remove_leftovers()
@@ -602,6 +607,13 @@ def _release_guidance(job: Job) -> None:
     job.guidance = None
     for key in GUIDANCE_STEP_STATE:
         job.host.pop(key, None)
+
+
+def _settle_logs(job: Job) -> None:
+    """A finished job keeps its decisions as host values only: p's infotext callables and the adapter's last_job
+    hold the job after it ended, and must not hold the tensors its hooks made."""
+    for log in {id(log): log for log in [job.last_log, *(log for _, log in job.passes)] if log is not None}.values():
+        log.settle()
 
 
 def _preview_extensions() -> tuple[str, ...]:

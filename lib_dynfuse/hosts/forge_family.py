@@ -238,7 +238,12 @@ class ForgeFamilyAdapter(HostAdapter):
     # ---- lifetime -------------------------------------------------------------------------------
     def release(self, job: Job, keep_job: bool = False) -> None:
         self._close_session(job)
-        for key in ("clone", "source", "engine"):
+        # The WebUI gets the patcher it had back: DynFuse's clone (whose store lacks the two LoRAs) is not left in
+        # forge_objects until the next generation resets it, and dies with the job.
+        objects = getattr(job.host.get("engine"), "forge_objects", None)
+        if objects is not None and objects.unet is job.host.get("clone"):
+            objects.unet = job.host["source"]
+        for key in ("clone", "source", "engine", "wrapper", "wrapper_session"):
             job.host.pop(key, None)
         tap = job.host.pop("uncond_x0", None)
         if tap is not None:
@@ -248,7 +253,9 @@ class ForgeFamilyAdapter(HostAdapter):
         session = job.session
         holder = job.host.get("wrapper_session")
         if holder is not None:
-            holder[0] = None  # the wrapper in the WebUI's patcher passes straight through from now on
+            # The wrapper in the WebUI's patcher passes straight through from now on, and keeps neither the session
+            # nor the error handler (which holds p, and p's infotext holds the job).
+            holder[:] = [None, None]
         if session is not None:
             session.remove()
             job.last_log = session.log
@@ -295,7 +302,7 @@ def _install_unet_wrapper(unet: Any, session: Any, job: Job, on_error: Callable[
     from lib_dynfuse.engine.layout import BatchLayout
 
     previous = unet.model_options.get("model_function_wrapper")
-    holder = [session]
+    holder = [session, on_error]  # emptied when the session closes
     calls = job.host["wrapper_calls"] = [0]
     job.host["wrapper_session"] = holder
 
@@ -305,7 +312,7 @@ def _install_unet_wrapper(unet: Any, session: Any, job: Job, on_error: Callable[
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     def dynfuse_unet_wrapper(apply_model: Callable, args: dict) -> torch.Tensor:
-        active = holder[0]
+        active, failed = holder
         if active is None:
             return call(apply_model, args)
         calls[0] += 1
@@ -315,7 +322,7 @@ def _install_unet_wrapper(unet: Any, session: Any, job: Job, on_error: Callable[
         try:
             active.install()
         except Exception as e:  # noqa: BLE001 - never stop the host's generation
-            on_error(e)
+            failed(e)
             return call(apply_model, args)
         try:
             return call(apply_model, args)

@@ -3,8 +3,12 @@
 # model is taken off the list with detach(unpatch_all=False), which leaves its merged weights in the model; then
 # LoadedModel.model_load -> ModelPatcher.partially_load, which unpatches and merges anew only when the model's
 # current_weight_patches_uuid differs from the patcher's patches_uuid; lora_compute_dtype (float32 off CUDA).
+# A LoadedModel holds its patcher by a weak reference (l.446): a patcher nothing else holds dies, and the
+# LoadedModel then stands for the patcher's parent (_switch_parent, through a weakref.finalize on the patcher).
 # The cast, size and free-memory helpers are the fake Forge's (the same functions in Neo).
-# Simplified: one CPU device, every model loads completely, no memory accounting, no finalizers or weak references.
+# Simplified: one CPU device, every model loads completely, no memory accounting, no finalizer on the nn model.
+import weakref
+
 import torch
 from neo_overlay import forge_module
 
@@ -25,8 +29,25 @@ def lora_compute_dtype(device):
 
 class LoadedModel:
     def __init__(self, model):
-        self.model = model
+        self._patcher_finalizer = None
+        self._set_model(model)
         self.device = model.load_device
+
+    def _set_model(self, model):
+        self._model = weakref.ref(model)
+        if model.parent is not None:
+            self._parent_model = weakref.ref(model.parent)
+            self._patcher_finalizer = weakref.finalize(model, self._switch_parent)
+            self._patcher_finalizer.atexit = False
+
+    def _switch_parent(self):
+        model = self._parent_model()
+        if model is not None:
+            self._set_model(model)
+
+    @property
+    def model(self):
+        return self._model()
 
     def model_load(self, lowvram_model_memory=0, force_patch_weights=False):
         self.model.model_patches_to(self.device)
@@ -35,6 +56,10 @@ class LoadedModel:
 
     def __eq__(self, other):
         return self.model is other.model
+
+    def __del__(self):
+        if self._patcher_finalizer is not None:
+            self._patcher_finalizer.detach()
 
 
 def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
