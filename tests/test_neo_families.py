@@ -213,3 +213,46 @@ def test_an_exception_inside_the_model_leaves_no_hook_and_the_weights_as_they_we
         after, _ = host.txt2img(PROMPT, runner=runner, steps=3, **SIZE)
         assert torch.equal(after.images[0], clean.images[0])
         assert equal_weights(nh.unet_weights(host.sd_model), weights)
+
+
+# ---- refusals -------------------------------------------------------------------------------------------------------
+def refused_run(host, capsys, runner):
+    capsys.readouterr()
+    processed, p = host.txt2img(PROMPT, runner=runner, steps=2, **SIZE)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DynFuse")]
+    return processed, p, lines
+
+
+def test_a_nunchaku_model_is_refused_with_its_family_and_why(tmp_path, capsys):
+    """Forge Neo hands an SVDQ model (Qwen-Image, Z-Image, FLUX) the LoRA files' names: no patch is in the store."""
+    with Opened(tmp_path, "qwen", "diffusers", "diffusers") as host:
+        importlib.import_module("backend.args").dynamic_args["nunchaku"] = True
+        model_of(host).diffusion_model.loras = []
+        plain, _ = host.txt2img(PROMPT, steps=2, **SIZE)
+        assert [Path(f).name for f, _ in model_of(host).diffusion_model.loras] == [
+            "subj.safetensors", "style.safetensors", "other.safetensors"]
+        assert not host.sd_model.forge_objects_after_applying_lora.unet.patches
+        script, runner = dynfuse(host)
+        processed, p, lines = refused_run(host, capsys, runner)
+        why = ("Forge Neo runs this Qwen-Image model with Nunchaku (SVDQ), which composes LoRAs into its quantised "
+               "weights instead of weight patches DynFuse can take over.")
+        assert lines == [f"DynFuse: {why} DynFuse is off for this generation."]
+        assert p.extra_generation_params[NOTE_KEY] == f"off: {why}"
+        assert script.job is None and hooks_on(host) == 0
+        assert torch.equal(processed.images[0], plain.images[0])
+
+
+def test_an_int8_model_is_refused_with_its_family_and_why(tmp_path, capsys):
+    """Neo's int8 layers (quantised, `_is_quantized`) belong to a patcher that keeps online LoRAs outside `patches`."""
+    with Opened(tmp_path, "zimage", "diffusers", "diffusers") as host:
+        model_of(host).diffusion_model.get_submodule("layers.0.attention.qkv")._is_quantized = True
+        plain, _ = host.txt2img(PROMPT, steps=2, **SIZE)
+        weights = nh.unet_weights(host.sd_model)
+        script, runner = dynfuse(host)
+        processed, p, lines = refused_run(host, capsys, runner)
+        why = ("Forge Neo runs this Z-Image model in int8, whose patcher keeps online LoRAs out of its patch store and "
+               "merges the others into rotated, requantised weights; DynFuse cannot take them over.")
+        assert lines == [f"DynFuse: {why} DynFuse is off for this generation."]
+        assert p.extra_generation_params[NOTE_KEY] == f"off: {why}"
+        assert torch.equal(processed.images[0], plain.images[0])
+        assert equal_weights(nh.unet_weights(host.sd_model), weights) and hooks_on(host) == 0
