@@ -5,6 +5,7 @@ why it has none."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 import sys
@@ -137,3 +138,22 @@ def test_a_family_of_another_latent_keeps_the_fusion_and_says_why_guidance_is_of
     assert script.job.guidance is None and script.job.last_log.layers
     assert 'DynFuse note: "guidance off: no decoder for this model"' in processed.infotexts[0]
     assert "no latent decoder for guidance" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("which", ["forge", "neo"])
+def test_flux1_gets_guidance_and_scores_on_forge_and_neo(tmp_path, monkeypatch, capsys, which):
+    """FLUX.1 dev at its distilled CFG 1 (no uncond pass: the x0 estimate sizes the step)."""
+    pytest.importorskip("open_clip")
+    pytest.importorskip("timm")
+    fh = _load("forge_harness", "fakehost/forge/forge_harness.py")
+    factory, adapter = {"forge": (fh.forge_host, "lib_dynfuse.hosts.forge:ForgeAdapter"),
+                        "neo": (nh.neo_host, "lib_dynfuse.hosts.neo:NeoAdapter")}[which]
+    with factory(tmp_path, family="flux") as host, fh.tiny_guidance_models(host, monkeypatch, adapter=adapter):
+        fh.write_flux_loras(tmp_path, host.sd_model)
+        module, name = adapter.split(":")
+        script = fh.AdapterScript(host, getattr(importlib.import_module(module), name)(),
+                                  DynFuseSettings(enabled=True, **GUIDED))
+        processed, _ = host.txt2img(PROMPT, runner=host.scripts.ScriptRunner([script]), steps=3, cfg_scale=1.0,
+                                    width=32, height=32)
+    assert "guidance off" not in processed.infotexts[0] and "failed" not in capsys.readouterr().out
+    assert [step for step, _ in script.job.guided.losses] == [0, 1, 2] and SCORES.search(processed.infotexts[0])
