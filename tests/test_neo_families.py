@@ -151,6 +151,20 @@ def test_the_other_lora_stays_merged_as_it_alone_would_be(tmp_path, family):
         assert equal_weights(during["weights"], nh.unet_weights(host.sd_model))
 
 
+@pytest.mark.parametrize("family", ["zimage", "qwen", "chroma"])
+def test_bf16_weights_are_fused_in_bf16_and_left_as_they_were(tmp_path, family):
+    with Opened(tmp_path, *FIRST[family], storage_dtype=torch.bfloat16) as host:
+        merged, _ = host.txt2img(PROMPT, steps=3, cfg_scale=3.0, **SIZE)
+        weights = nh.unet_weights(host.sd_model)
+        script, runner = dynfuse(host, method="static")
+        fused, _ = host.txt2img(PROMPT, runner=runner, steps=3, cfg_scale=3.0, **SIZE)
+        # Neo rounds its merge into bf16 weights, the hooks add the deltas to bf16 outputs: bf16's 8 bits apart.
+        torch.testing.assert_close(fused.latents[0], merged.latents[0], rtol=0.1, atol=0.1)
+        assert set(script.job.last_log.layers) == fl.decided_layers(*FIRST[family])
+        host.txt2img(PROMPT, steps=3, cfg_scale=3.0, **SIZE)
+        assert equal_weights(nh.unet_weights(host.sd_model), weights) and hooks_on(host) == 0
+
+
 # ---- kl: per image, per layer and part ------------------------------------------------------------------------------
 @pytest.mark.parametrize(("family", "subject", "style"), CASES)
 def test_kl_decides_every_layer_and_part_for_each_image(tmp_path, family, subject, style):
