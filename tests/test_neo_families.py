@@ -103,7 +103,8 @@ def test_the_fused_layers_have_the_families_shapes(tmp_path, family):
 def test_each_family_has_its_own_layer_names_and_repo(tmp_path):
     names = {"zimage": "noise_refiner.0.adaLN_modulation.0", "lumina2": "noise_refiner.0.adaLN_modulation.1",
              "qwen": "transformer_blocks.0.img_mlp.net.0.proj", "chroma": "distilled_guidance_layer.out_proj",
-             "flux2": "double_stream_modulation_img.lin", "wan": "blocks.0.cross_attn.o", "krea2": "txtfusion.projector"}
+             "flux2": "double_stream_modulation_img.lin", "wan": "blocks.0.cross_attn.o",
+             "krea2": "txtfusion.projector"}
     for family, name in names.items():
         folder = tmp_path / family
         folder.mkdir()
@@ -142,7 +143,8 @@ def test_the_other_lora_stays_merged_as_it_alone_would_be(tmp_path, family):
     with Opened(tmp_path, *case) as host:
         _script, runner = dynfuse(host)
         during = {}
-        host.script_callbacks.on_cfg_denoiser(lambda params: during.setdefault("weights", nh.unet_weights(host.sd_model)))
+        host.script_callbacks.on_cfg_denoiser(
+            lambda params: during.setdefault("weights", nh.unet_weights(host.sd_model)))
         host.txt2img(PROMPT, runner=runner, steps=2, **SIZE)
     fresh = tmp_path / "fresh"
     fresh.mkdir()
@@ -190,7 +192,8 @@ def test_a_lumina2_layer_with_neos_too_wide_k_slice_stays_with_neos_merge(tmp_pa
         for i in (0, 1):
             for x, rows in (("q", 32), ("k", 16)):
                 extra[f"transformer.layers.{i}.attention.to_{x}.lora_A.weight"] = torch.randn(2, 32, generator=g) * .3
-                extra[f"transformer.layers.{i}.attention.to_{x}.lora_B.weight"] = torch.randn(rows, 2, generator=g) * .3
+                extra[f"transformer.layers.{i}.attention.to_{x}.lora_B.weight"] = \
+                    torch.randn(rows, 2, generator=g) * .3
         fl.write_family_lora(tmp_path / "subj.safetensors", host.sd_model, "lumina2", "kohya",
                              ["layers.0.feed_forward.w1"], extra=extra)
         merged, _ = host.txt2img(PROMPT, steps=2, **SIZE)

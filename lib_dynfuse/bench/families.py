@@ -105,13 +105,15 @@ class QwenBlock(nn.Module):
         k = torch.cat([attn.add_k_proj(a["txt"]), attn.to_k(a["img"])], 1)
         v = torch.cat([attn.add_v_proj(a["txt"]), attn.to_v(a["img"])], 1)
         joint = _attend(q, k, v)
-        out = {"img": getattr(attn.to_out, "0")(joint[:, txt.shape[1]:]), "txt": attn.to_add_out(joint[:, :txt.shape[1]])}
+        n = txt.shape[1]
+        out = {"img": getattr(attn.to_out, "0")(joint[:, n:]), "txt": attn.to_add_out(joint[:, :n])}
         result = []
         for s, x in (("img", img), ("txt", txt)):
             x = x + mods[s][2] * out[s]
             net = getattr(self, f"{s}_mlp").net
             up, down = getattr(net, "0").proj, getattr(net, "2")
-            result.append(x + mods[s][5] * down(F.gelu(up(_norm(x) * (1 + mods[s][4]) + mods[s][3]), approximate="tanh")))
+            hidden = F.gelu(up(_norm(x) * (1 + mods[s][4]) + mods[s][3]), approximate="tanh")
+            result.append(x + mods[s][5] * down(hidden))
         return result[0], result[1]
 
 

@@ -46,7 +46,8 @@ def _family(module, cls, repo, latent, **config):
 
 # Each family's transformer at width 16 (Lumina 2: 32, for four query heads over two key/value heads).
 FAMILIES = {
-    "zimage": _family("lumina", "NextDiT", "Tongyi-MAI/Z-Image-Turbo", Flux, z_image_modulation=True, time_scale=1000.0),
+    "zimage": _family("lumina", "NextDiT", "Tongyi-MAI/Z-Image-Turbo", Flux, z_image_modulation=True,
+                      time_scale=1000.0),
     "lumina2": _family("lumina", "NextDiT", "neta-art/Neta-Lumina", Flux, dim=32, n_heads=4, n_kv_heads=2,
                        ffn_hidden=64),
     "qwen": _family("qwen", "QwenImageTransformer2DModel", "Qwen/Qwen-Image", Wan21),
