@@ -58,14 +58,14 @@ FAMILY_NAMES = (("flux.2", "Flux.2"), ("flux", "FLUX.1"), ("chroma", "Chroma"), 
 
 
 def family_name(unet: Any) -> str:
-    """The model family Neo loaded, by its config's repository name ("this" when unknown)."""
+    """The model family Neo loaded, by its config's repository name ("" when unknown)."""
     repo = str(getattr(getattr(getattr(unet, "model", None), "config", None), "huggingface_repo", "") or "").lower()
-    return next((name for key, name in FAMILY_NAMES if key in repo), "this")
+    return next((name for key, name in FAMILY_NAMES if key in repo), "")
 
 
 def model_refusal(unet: Any) -> str | None:
     """Why the loaded model keeps its LoRAs where DynFuse cannot take them over (naming the family), else None."""
-    family = family_name(unet)
+    model = " ".join(("this", family_name(unet), "model")).replace("  ", " ")
     diffusion_model = getattr(getattr(unet, "model", None), "diffusion_model", None)
     try:
         from backend.args import dynamic_args
@@ -74,11 +74,11 @@ def model_refusal(unet: Any) -> str | None:
     except ImportError:
         nunchaku = False
     if nunchaku or isinstance(getattr(diffusion_model, "loras", None), list):
-        return (f"Forge Neo runs this {family} model with Nunchaku (SVDQ), which composes LoRAs into its quantised "
+        return (f"Forge Neo runs {model} with Nunchaku (SVDQ), which composes LoRAs into its quantised "
                 "weights instead of weight patches DynFuse can take over.")
     if type(unet).__name__ == "INT8ModelPatcher" or (isinstance(diffusion_model, torch.nn.Module) and any(
             getattr(m, "_is_quantized", False) for m in diffusion_model.modules())):
-        return (f"Forge Neo runs this {family} model in int8, whose patcher keeps online LoRAs out of its patch store "
+        return (f"Forge Neo runs {model} in int8, whose patcher keeps online LoRAs out of its patch store "
                 "and merges the others into rotated, requantised weights; DynFuse cannot take them over.")
     return None
 
