@@ -227,12 +227,13 @@ def test_offline_the_scores_are_given_up_once_per_session(host, monkeypatch, cap
 
 
 def test_a_model_without_a_guidance_decoder_keeps_the_fusion_and_the_scores(host, capsys):
-    host.sd_model.is_sd1 = False  # as Flux or SD3 in Forge: no SD1/SD2/SDXL flag
+    host.sd_model.is_sd1 = False  # as SD3 in Forge: no SD1/SD2/SDXL flag, no FLUX latent
     capsys.readouterr()
     script, processed, _ = run(host, **GUIDED)
     assert dynfuse_lines(capsys) == [
-        ("DynFuse: guidance: this model has no latent decoder for guidance (SD 1.5, SD 2 and SDXL models are "
-         "supported). Guidance is off for this generation; the fusion still runs.")]
+        ("DynFuse: guidance: this model has no latent decoder for guidance (SD 1.5, SD 2, SDXL and FLUX-latent "
+         "models -- FLUX.1, Chroma, Z-Image, Lumina 2 -- are supported). Guidance is off for this generation; the "
+         "fusion still runs.")]
     assert script.job.guidance is None and script.job.last_log is not None
     assert 'DynFuse note: "guidance off: no decoder for this model"' in processed.infotexts[0]
     assert SCORES.search(processed.infotexts[0])

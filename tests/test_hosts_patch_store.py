@@ -215,6 +215,17 @@ def test_the_single_blocks_linear1_parts_are_q_k_v_and_the_mlp_input():
     assert part_name(LayerGeometry("linear", (7 * H, H)), 2, 5) == "2-7"
 
 
+def test_the_parts_of_a_grouped_query_qkv_are_q_and_the_narrower_k_and_v():
+    """Lumina 2's attention.qkv: q as wide as the hidden state, k and v each half the rest; Flux.2's linear1 (q, k, v
+    and a gated MLP input twice as wide as FLUX's) keeps its names."""
+    gqa = LayerGeometry("linear", (2 * H, H))
+    assert [part_name(gqa, start, length) for start, length in ((0, H), (H, H // 2), (3 * H // 2, H // 2),
+                                                                (H, H), (0, 2 * H))] == ["q", "k", "v", "kv", "qkv"]
+    flux2 = LayerGeometry("linear", (9 * H, H))
+    assert [part_name(flux2, start, length) for start, length in ((0, H), (H, H), (2 * H, H), (3 * H, 6 * H))] == [
+        "q", "k", "v", "mlp"]
+
+
 class Quantised(torch.nn.Module):
     """A layer whose weight is stored packed, as bitsandbytes NF4 keeps it: the layer's shape is in its quant state."""
 

@@ -3,6 +3,7 @@
     python -m lib_dynfuse.bench --model sd15            # 512x512, batch 2 (one image with CFG)
     python -m lib_dynfuse.bench --model sdxl --size 1024
     python -m lib_dynfuse.bench --model flux --width 256 # FLUX's layers and fused shapes at a small width
+    python -m lib_dynfuse.bench --model zimage           # Z-Image; also lumina2, qwen, chroma, flux2, wan, krea2
     python -m lib_dynfuse.bench --layers attention      # only the attention projections hooked
     python -m lib_dynfuse.bench --engine decide_every=2 --engine max_tokens=1024   # cheaper decisions
     python -m lib_dynfuse.bench --guidance              # cost of one guided step, per decoder
@@ -12,7 +13,8 @@ a benchmark-only dependency). Two random rank-64 LoRAs are attached to every lay
 (``--layers all``: the transformers' linear and 1x1 layers, the resnets' and samplers' convolutions) or to the
 attention projections only. ``--model flux`` is a FLUX-shaped transformer (lib_dynfuse.bench.flux: 19 double and
 38 single blocks at ``--width`` channels) with two diffusers-named LoRAs, which patch the fused layers' q, k, v and
-MLP input apart, so those layers are hooked part by part. One step is timed three ways: no LoRA, both LoRAs merged
+MLP input apart, so those layers are hooked part by part; ``--model zimage|lumina2|qwen|chroma|flux2|wan|krea2`` is
+that family's transformer likewise (lib_dynfuse.bench.families), with LoRAs in its finest layout. One step is timed three ways: no LoRA, both LoRAs merged
 into the weights, dynamic ``kl``; on CUDA with CUDA events after warm-up. Then, on a tiny latent where the fixed
 cost of every operation dominates, the tensor operations each hooked layer call dispatches are counted for every
 method and the microseconds each costs are timed. The last line printed is one JSON object.
@@ -32,6 +34,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from lib_dynfuse.bench import families as bench_families
 from lib_dynfuse.bench import flux as bench_flux
 from lib_dynfuse.bench.opcount import count_ops
 from lib_dynfuse.bench.unets import CONFIGS, build_unet, lora_layers, unet_inputs
@@ -39,7 +42,9 @@ from lib_dynfuse.engine.deltas import LayerGeometry, LowRankDelta
 from lib_dynfuse.engine.policies import METHODS, EngineOptions
 from lib_dynfuse.engine.session import BatchLayout, FusionSession, LayerTarget, StepClock
 
-DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024, "flux": 512}
+DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024, "flux": 512, **dict.fromkeys(bench_families.FAMILIES, 512)}
+TRANSFORMERS = ("flux", *bench_families.FAMILIES)  # the models with a --width
+DEFAULT_WIDTH = {"lumina2": 384}  # whole heads for its three query heads per key/value head
 LAYER_SETS = ("all", "attention")
 TINY_LATENT = 8  # the op-count and per-call runs: small enough that every operation costs its fixed overhead
 
@@ -64,10 +69,12 @@ class Model:
 
 
 def build_model(model: str, size: int, layer_set: str, device: str, dtype: torch.dtype, width: int) -> Model:
-    if model == "flux":
-        net = bench_flux.build(width, device, dtype)
-        full, tiny = (bench_flux.inputs(net, s, 2, device, dtype) for s in (size, TINY_LATENT * 8))
-        sites = bench_flux.lora_sites(net, layer_set)
+    if model in TRANSFORMERS:
+        module = bench_flux if model == "flux" else bench_families
+        net = bench_flux.build(width, device, dtype) if model == "flux" else \
+            bench_families.build(model, width, device, dtype)
+        full, tiny = (module.inputs(net, s, 2, device, dtype) for s in (size, TINY_LATENT * 8))
+        sites = module.lora_sites(net, layer_set)
     else:
         net = build_unet(model, device, dtype)
         full, tiny = (unet_inputs(model, s, batch=2, device=device, dtype=dtype) for s in (size, TINY_LATENT * 8))
@@ -225,7 +232,7 @@ def benchmark(model: str, size: int, rank: int, device: str, dtype: torch.dtype,
     ops, micros = hooked_call_costs(bench, subject, style, options, device, repeats, warmup)
     return {
         "model": model,
-        **({"width": width} if model == "flux" else {}),
+        **({"width": width} if model in TRANSFORMERS else {}),
         "size": size,
         "device": _device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
@@ -316,10 +323,11 @@ def print_table(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib_dynfuse.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=[*sorted(CONFIGS), "flux"], default="sd15")
+    parser.add_argument("--model", choices=[*sorted(CONFIGS), *TRANSFORMERS], default="sd15")
     parser.add_argument("--size", type=int, default=None, help="image size in pixels (default 512 / 1024 / 512)")
-    parser.add_argument("--width", type=int, default=256,
-                        help=f"flux: the transformer's width, a multiple of {bench_flux.HEAD} (FLUX.1: 3072)")
+    parser.add_argument("--width", type=int, default=None,
+                        help=f"transformers: the width, a multiple of {bench_flux.HEAD} (FLUX.1: 3072), default 256 "
+                             "(lumina2: a multiple of 192, default 384)")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
@@ -347,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     size = args.size or DEFAULT_SIZE[args.model]
     result = benchmark(args.model, size, args.rank, args.device, dtype, args.repeats, args.layers,
-                       _engine_options(parser, args.engine), args.width)
+                       _engine_options(parser, args.engine), args.width or DEFAULT_WIDTH.get(args.model, 256))
     print_table(result)
     print(json.dumps(result))
     return 0

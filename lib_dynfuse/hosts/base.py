@@ -341,8 +341,9 @@ class HostAdapter(abc.ABC):
         family = self.model_family(p)
         try:
             if family is None:
-                raise GuidanceError(f"{GUIDANCE_PREFIX}this model has no latent decoder for guidance (SD 1.5, SD 2 "
-                                    "and SDXL models are supported).", "no decoder for this model")
+                raise GuidanceError(f"{GUIDANCE_PREFIX}this model has no latent decoder for guidance (SD 1.5, SD 2, "
+                                    "SDXL and FLUX-latent models -- FLUX.1, Chroma, Z-Image, Lumina 2 -- are "
+                                    "supported).", "no decoder for this model")
             job.guidance = self._guidance(p, job, family=family, decoder=job.settings.guidance_decoder, log=say)
             for note in job.guidance.reference_notes():
                 add_note(p, note)
@@ -479,7 +480,8 @@ class HostAdapter(abc.ABC):
         return None
 
     def model_family(self, p: Any) -> str | None:
-        """"SD1.5", "SD2" or "SDXL" (the guidance decoders' families); None for a model guidance cannot decode."""
+        """"SD1.5", "SD2", "SDXL" or "FLUX" (the guidance decoders' families); None for a model guidance cannot
+        decode."""
         return None
 
     def taesd_dir(self) -> str | None:

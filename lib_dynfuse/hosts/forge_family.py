@@ -107,7 +107,11 @@ class ForgeFamilyAdapter(HostAdapter):
         for flag, family in (("is_sdxl", "SDXL"), ("is_sd2", "SD2"), ("is_sd1", "SD1.5")):
             if getattr(model, flag, False):
                 return family
-        return None  # Flux, SD3, Chroma, ...: latents no guidance decoder reads
+        from lib_dynfuse.guidance.decoders import latent_family
+
+        # FLUX.1, Chroma, Z-Image, Lumina 2: the FLUX autoencoder's latent; None for the rest (Flux.2, Qwen-Image,
+        # Wan, Krea 2: latents no guidance decoder reads).
+        return latent_family(getattr(getattr(model, "model_config", None), "latent_format", None))
 
     def taesd_dir(self) -> str | None:
         from modules import paths_internal

@@ -1,5 +1,6 @@
-"""Layers a model fuses from several of its own (FLUX's ``img_attn.qkv`` and ``txt_attn.qkv``: q, k and v side by
-side; its single blocks' ``linear1``: q, k, v and the MLP input), whose LoRA patches may be slices of them.
+"""Layers a model fuses from several of its own (FLUX's, Chroma's and Flux.2's ``img_attn.qkv`` and ``txt_attn.qkv``:
+q, k and v side by side; their single blocks' ``linear1``: q, k, v and the MLP input; Z-Image's and Lumina 2's
+``attention.qkv``: q, k and v, with fewer key and value heads on Lumina 2), whose LoRA patches may be slices of them.
 
 The Forge family reads a LoRA that patches q, k and v apart (diffusers and OneTrainer names: ``to_q``, ``add_k_proj``,
 ``proj_mlp``) into patches with an offset ``(0, start, length)`` into the fused weight, and a LoRA in kohya or BFL
@@ -50,9 +51,13 @@ def layer_targets(path: str, module: torch.nn.Module, pieces: dict[str, list[Pie
 
 def part_name(geometry: Any, start: int, length: int) -> str:
     """What a slice of a fused layer's output is: q, k, v (or all three) of a projection from the hidden width, the
-    MLP input after them; else its channels."""
+    MLP input after them (FLUX's and Chroma's single blocks, Flux.2's gated one); with grouped-query attention
+    (Lumina 2's ``attention.qkv``: fewer key and value heads than query heads, no MLP) q of the hidden width and k
+    and v of half the rest each; else its channels."""
     hidden, out = geometry.weight_shape[1], geometry.out_channels
-    names = {(0, hidden): "q", (hidden, hidden): "k", (2 * hidden, hidden): "v", (0, 3 * hidden): "qkv"}
+    kv = (out - hidden) // 2 if hidden < out < 3 * hidden and (out - hidden) % 2 == 0 else hidden
+    names = {(0, hidden): "q", (hidden, kv): "k", (hidden + kv, kv): "v", (0, hidden + 2 * kv): "qkv",
+             (hidden, 2 * kv): "kv"}
     if start == 3 * hidden and start + length == out:
         return "mlp"
     return names.get((start, length), f"{start}-{start + length}")

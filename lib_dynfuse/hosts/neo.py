@@ -15,7 +15,12 @@ no file name, and merges them when the patcher loads only if its `patches_uuid` 
   back (the next batch, the hires pass, the next generation). Without a new uuid Neo would keep the weights it
   merged before, the two LoRAs included, and the hooks would add them a second time;
 * dense deltas come from Neo's merge on the original weight, which Neo keeps in `unet.backup` while a LoRA is
-  merged into it.
+  merged into it;
+* every family Neo loads keeps its LoRAs as weight patches in that store (SD 1.5, SDXL, FLUX.1, Chroma, Flux.2,
+  Z-Image, Lumina 2, Qwen-Image, Wan, Krea 2, ...), fused layers as patches on slices of them, except two kinds of
+  model, refused with the reason (`model_refusal`): a Nunchaku SVDQ model (Neo hands it the file names, and
+  Nunchaku composes the LoRAs into its quantised low-rank weights) and an int8 model (its patcher keeps online LoRAs
+  apart from the store and merges the rest into rotated, requantised weights).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lib_dynfuse.hosts.base import Job
+from lib_dynfuse.hosts.base import Job, turn_off
 from lib_dynfuse.hosts.forge_family import ForgeFamilyAdapter, role_of_file
 from lib_dynfuse.hosts.patch_store import LoadRecorder, Split, Taken
 
@@ -44,6 +49,40 @@ def watch_lora_loads() -> bool:
     return RECORDER.install(networks)
 
 
+# huggingface_repo of Neo's model configs (huggingface_guess/model_list.py), lower case -> the family's name; the
+# first match wins.
+FAMILY_NAMES = (("flux.2", "Flux.2"), ("flux", "FLUX.1"), ("chroma", "Chroma"), ("z-image", "Z-Image"),
+                ("lumina", "Lumina 2"), ("qwen", "Qwen-Image"), ("wan", "Wan"), ("krea-2", "Krea 2"),
+                ("anima", "Anima"), ("ernie", "ERNIE-Image"), ("mugen", "Mugen"), ("pid", "PiD"),
+                ("xl", "SDXL"), ("stable-diffusion-v1", "SD 1.5"))
+
+
+def family_name(unet: Any) -> str:
+    """The model family Neo loaded, by its config's repository name ("" when unknown)."""
+    repo = str(getattr(getattr(getattr(unet, "model", None), "config", None), "huggingface_repo", "") or "").lower()
+    return next((name for key, name in FAMILY_NAMES if key in repo), "")
+
+
+def model_refusal(unet: Any) -> str | None:
+    """Why the loaded model keeps its LoRAs where DynFuse cannot take them over (naming the family), else None."""
+    model = " ".join(("this", family_name(unet), "model")).replace("  ", " ")
+    diffusion_model = getattr(getattr(unet, "model", None), "diffusion_model", None)
+    try:
+        from backend.args import dynamic_args
+
+        nunchaku = bool(getattr(dynamic_args, "nunchaku", False))
+    except ImportError:
+        nunchaku = False
+    if nunchaku or isinstance(getattr(diffusion_model, "loras", None), list):
+        return (f"Forge Neo runs {model} with Nunchaku (SVDQ), which composes LoRAs into its quantised "
+                "weights instead of weight patches DynFuse can take over.")
+    if type(unet).__name__ == "INT8ModelPatcher" or (isinstance(diffusion_model, torch.nn.Module) and any(
+            getattr(m, "_is_quantized", False) for m in diffusion_model.modules())):
+        return (f"Forge Neo runs {model} in int8, whose patcher keeps online LoRAs out of its patch store "
+                "and merges the others into rotated, requantised weights; DynFuse cannot take them over.")
+    return None
+
+
 class NeoAdapter(ForgeFamilyAdapter):
     name = "forge-neo"
     host_label = "Forge Neo"
@@ -57,7 +96,16 @@ class NeoAdapter(ForgeFamilyAdapter):
     def unsupported_reason(self, p: Any) -> str | None:
         if not watch_lora_loads():
             return LOADER_CHANGED
-        return super().unsupported_reason(p)
+        unet = _unet(p)
+        return (model_refusal(unet) if unet is not None else None) or super().unsupported_reason(p)
+
+    def take_over(self, p: Any, job: Job) -> None:
+        unet = _unet(p)
+        refused = None if job.failed or unet is None else model_refusal(unet)
+        if refused is not None:  # a model loaded after the job began
+            turn_off(p, job, refused, f"off: {refused}")
+            return
+        super().take_over(p, job)
 
     def prepare(self, p: Any, job: Job) -> None:
         super().prepare(p, job)
@@ -102,6 +150,10 @@ class NeoAdapter(ForgeFamilyAdapter):
     def base_weight(self, unet: Any, key: str, module: torch.nn.Module) -> torch.Tensor:
         saved = unet.backup.get(key)
         return saved.weight if saved is not None else getattr(module, key.rpartition(".")[2])
+
+
+def _unet(p: Any) -> Any:
+    return getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), "unet", None)
 
 
 def derived_uuid(source: Any, taken: list[Taken], split: Split) -> uuid.UUID:

@@ -155,6 +155,11 @@ def check_entry(entry: Sequence, geometry: Any) -> None:
     kind, values = payload_parts(entry[1])
     if kind == "lora" and len(values) > 5 and values[5] is not None:
         raise NotFusable("the patch pads the layer's weight")
+    rows = geometry.out_channels if offset is None else offset[2]
+    if kind == "lora" and int(values[0].shape[0]) != rows:
+        # A key map that gives a slice the wrong width (Forge Neo's diffusers names of Lumina 2's narrower k and v):
+        # the host's merge skips or fails on it, and a hook must not add it either.
+        raise NotFusable(f"a patch of {int(values[0].shape[0])} output channels on {rows} channels of the layer")
 
 
 def quantised(weight: torch.Tensor) -> bool:

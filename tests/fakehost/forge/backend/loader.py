@@ -9,7 +9,8 @@
 # scaling and shift factors, all is_* flags False; weights stored in the storage dtype (bf16, or fp8 with the
 # layers casting them to the computation dtype, as Forge's manual cast does) or quantized ("gguf": the
 # transformer built under using_forge_operations with GGUF layers, its block weights quantized, storage dtype
-# 'gguf'), the LoRA key maps' model config (huggingface_repo). Simplified: random weights from a seed; tiny widths and depths (SDXL's transformer depths
+# 'gguf'), the LoRA key maps' model config (huggingface_repo), Flux's model_config.latent_format (channels, scale and
+# shift). Simplified: random weights from a seed; tiny widths and depths (SDXL's transformer depths
 # 2/10 become 2/2, Flux's 19 + 38 blocks 2 + 2 at width 16); one text encoder stands in for CLIP and T5; the
 # distilled CFG scale is always Forge's default 3.5. The fake Forge Neo builds its model here too, with its own
 # operation and patcher classes.
@@ -110,6 +111,9 @@ class Flux(StableDiffusion):
         super().__init__(unet, clip, vae)
         self.is_sd1 = False
         self.use_distilled_cfg_scale = True
+        # huggingface_guess's latent format for Flux (the estimated config's latent_format)
+        self.model_config = SimpleNamespace(latent_format=SimpleNamespace(
+            latent_channels=16, scale_factor=0.3611, shift_factor=0.1159))
 
     @torch.inference_mode()
     def get_learned_conditioning(self, prompt):

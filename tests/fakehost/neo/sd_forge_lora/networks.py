@@ -6,8 +6,10 @@
 # unet_multipliers) -- no dyn_dims --, with Network shells in loaded_networks, online_mode from
 # dynamic_args.online_lora, the compiled_lora_targets hash and its early return, a fresh start from
 # forge_objects_original, load_lora_for_models looked up as a module global per file, and
-# forge_objects_after_applying_lora = forge_objects.shallow_copy(). Simplified: no Nunchaku or Anima special cases,
-# one LoRA folder, no hash lookup table.
+# forge_objects_after_applying_lora = forge_objects.shallow_copy(); with dynamic_args.nunchaku (an SVDQ model) no
+# patches at all: the file name and strength are appended to the diffusion model's `loras` list (cleared before the
+# files are loaded), which Nunchaku composes into its quantised weights. Simplified: no Anima special case, one LoRA
+# folder, no hash lookup table.
 import functools
 import os
 
@@ -22,6 +24,9 @@ load_lora_state_dict = functools.partial(load_torch_file, safe_load=True)
 
 
 def load_lora_for_models(model, clip, lora, strength_model, strength_clip, filename="default", online_mode=False):
+    if dynamic_args.nunchaku:
+        model.model.diffusion_model.loras.append((filename, strength_model))
+        return model, clip
     unet_keys = model_lora_keys_unet(model.model) if model is not None else {}
     clip_keys = model_lora_keys_clip(clip.cond_stage_model) if clip is not None else {}
 
@@ -84,6 +89,8 @@ def load_networks(names, te_multipliers=None, unet_multipliers=None):
     current_sd.current_lora_hash = compiled_lora_targets_hash
     current_sd.forge_objects.unet = current_sd.forge_objects_original.unet
     current_sd.forge_objects.clip = current_sd.forge_objects_original.clip
+    if dynamic_args.nunchaku:
+        current_sd.forge_objects.unet.model.diffusion_model.loras.clear()
 
     for filename, strength_model, strength_clip, online_mode in compiled_lora_targets:
         lora_sd = load_lora_state_dict(filename)

@@ -54,6 +54,6 @@ class LoRAAdapter(WeightAdapterBase):
             rows = torch.mm(up[start:start + 1024], down)
             if strength * alpha != 1.0:
                 rows.mul_(strength * alpha)
-            target = weight[start:start + 1024]
+            target = weight[start:start + rows.shape[0]]  # as many rows as the patch has, even in a wider slice
             target += function(rows.reshape(target.shape)).type(weight.dtype)
         return weight
