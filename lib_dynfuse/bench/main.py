@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from lib_dynfuse.bench import flux as bench_flux
-from lib_dynfuse.bench.opcount import count_ops
+from lib_dynfuse.bench.opcount import count_ops_per_call
 from lib_dynfuse.bench.unets import CONFIGS, build_unet, lora_layers, unet_inputs
 from lib_dynfuse.engine.deltas import LayerGeometry, LowRankDelta
-from lib_dynfuse.engine.policies import METHODS, EngineOptions
+from lib_dynfuse.engine.policies import DIVERGENCE_METHODS, METHODS, EngineOptions
 from lib_dynfuse.engine.session import BatchLayout, FusionSession, LayerTarget, StepClock
 
 DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024, "flux": 512}
@@ -222,7 +222,8 @@ def benchmark(model: str, size: int, rank: int, device: str, dtype: torch.dtype,
     extra_flops = dynamic_flops - unet_flops + kl_flops(sites, run, deciding_rows=1)
     factor_bytes = sum(d.factor_bytes() for d in (*subject.values(), *style.values()))
     del session  # its prepared factors: the per-call runs prepare their own
-    ops, micros = hooked_call_costs(bench, subject, style, options, device, repeats, warmup)
+    ops = hooked_call_ops(bench.tiny_run, sites, subject, style, options)
+    micros = hooked_call_micros(bench, subject, style, options, device, repeats, warmup)
     return {
         "model": model,
         **({"width": width} if model == "flux" else {}),
@@ -238,7 +239,8 @@ def benchmark(model: str, size: int, rank: int, device: str, dtype: torch.dtype,
         "base_step_s": round(base_s, 4),
         "static_step_s": round(static_s, 4),
         "dynamic_step_s": round(dynamic_s, 4),
-        "ops_per_hooked_call": ops,
+        "ops_per_hooked_call": {method: mean for method, (mean, _) in ops.items()},
+        "max_ops_per_hooked_call": {method: most for method, (_, most) in ops.items()},
         "us_per_hooked_call": micros,
         "ratio": round(dynamic_s / static_s, 4),
         "floor": round(1 + extra_flops / unet_flops, 4),
@@ -250,26 +252,49 @@ def benchmark(model: str, size: int, rank: int, device: str, dtype: torch.dtype,
     }
 
 
-def _session(sites: Sites, subject: dict, style: dict, options: EngineOptions) -> FusionSession:
+def _session(sites: Sites, subject: dict, style: dict, options: EngineOptions,
+             layout: BatchLayout = BatchLayout.a1111(1)) -> FusionSession:
     session = FusionSession([LayerTarget(name, module, subject[name], style[name], channels)
                              for name, (module, channels) in sites.items()], options)
-    session.set_layout(BatchLayout.a1111(1))
+    session.set_layout(layout)
     session.set_step(StepClock(10, 20))
     return session
 
 
-def hooked_call_costs(bench: Model, subject: dict, style: dict, options: EngineOptions, device: str, repeats: int,
-                      warmup: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Per method: the tensor operations one hooked layer call dispatches, and the microseconds it adds to a UNet
-    call, on a tiny latent where the fixed cost of each operation dominates. Every counted or timed call is a step
-    of its own, so the choosing methods decide at each."""
-    run, layers = bench.tiny_run, bench.hooked
+def hooked_call_ops(run: Callable[[], object], sites: Sites, subject: dict, style: dict, options: EngineOptions,
+                    layout: BatchLayout = BatchLayout.a1111(1)) -> dict[str, tuple[float, int]]:
+    """Per method: the mean and the most tensor operations one hooked layer call adds to the layer's own, at steps
+    whose factors are prepared: the choosing methods decide at each (deciding every n steps: the mean over n
+    consecutive steps), the others run a step they have run once already (a new pair of weights prepares its
+    factors once)."""
+    modules = list(_modules(sites).values())
     with torch.no_grad():
-        base_ops = count_ops(run).total
-    ops: dict[str, float] = {}
+        plain = [n for _, n in count_ops_per_call(run, modules)]
+    ops: dict[str, tuple[float, int]] = {}
+    # One method at a time: every session prepares its own copy of the factors, and SDXL's would not fit twice.
+    for method in METHODS:
+        session = _session(sites, subject, style, replace(options, method=method), layout)
+        warmup = 2 * options.switch_every  # factors prepared for both of switch's phases
+        added: list[int] = []
+        with torch.no_grad(), session:
+            for step in range(warmup + options.decide_every):
+                session.set_step(StepClock(step, 1000))
+                if step < warmup or method not in DIVERGENCE_METHODS:
+                    run()
+                if step >= warmup:
+                    added += [n - p for (_, n), p in zip(count_ops_per_call(run, modules), plain)]
+        ops[method] = (round(sum(added) / len(added), 1), max(added))
+        del session
+    return ops
+
+
+def hooked_call_micros(bench: Model, subject: dict, style: dict, options: EngineOptions, device: str, repeats: int,
+                       warmup: int) -> dict[str, float]:
+    """Per method: the microseconds one hooked layer call adds to a UNet call, on a tiny latent where the fixed cost
+    of each operation dominates. Every timed call is a step of its own, so the choosing methods decide at each."""
+    run, layers = bench.tiny_run, bench.hooked
     micros: dict[str, float] = {}
     steps = itertools.count()
-    # One method at a time: every session prepares its own copy of the factors, and SDXL's would not fit twice.
     for method in METHODS:
         session = _session(bench.sites, subject, style, replace(options, method=method))
 
@@ -278,18 +303,13 @@ def hooked_call_costs(bench: Model, subject: dict, style: dict, options: EngineO
             return run()
 
         with torch.no_grad(), session:
-            # Factors prepared, for both of switch's phases: its first flip folds the second set.
             for _ in range(2 * options.switch_every):
                 call()
-            # Deciding every n steps: the mean over n consecutive steps.
-            calls = options.decide_every
-            counted = sum(count_ops(call).total - base_ops for _ in range(calls))
-            ops[method] = round(counted / calls / layers, 1)
         timed = time_modes({"base": run, method: call}, {"base": nullcontext, method: lambda s=session: s}, device,
                            max(repeats, 5), warmup)
         micros[method] = round((timed[method][0] - timed["base"][0]) / layers * 1e6, 2)
         del session, call
-    return ops, micros
+    return micros
 
 
 def _device_name(device: str) -> str:

@@ -99,7 +99,10 @@ class LinearLowRank(_LowRankPair):
     def candidates(self, x: Tensor, base: Tensor) -> Tensor:
         out = base.shape[-1]
         h = x.reshape(-1, x.shape[-1]).mm(self.down_t)
-        z = torch.baddbmm(base.reshape(1, -1, out), h.view(-1, 2, self.rank).transpose(0, 1), self.ups_t)
+        # h is [tokens, 2·rank]: each LoRA's intermediates as a batch [2, tokens, rank], in one view.
+        tokens = h.shape[0]
+        per_lora = h.as_strided((2, tokens, self.rank), (self.rank, 2 * self.rank, 1))
+        z = torch.baddbmm(base.reshape(1, -1, out), per_lora, self.ups_t)
         return z.view(2, *base.shape)
 
     def weighted(self, x: Tensor, base: Tensor, w_subject: float, w_style: float) -> Tensor:

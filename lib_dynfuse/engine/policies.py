@@ -40,6 +40,8 @@ class EngineOptions:
     decide_every: int = 1
     max_tokens: int = 0
     compiled: bool = False  # the divergence as compiled kernels (lib_dynfuse.engine.compiled); meant for CUDA
+    # The divergence's memory budget in MB (0: lib_dynfuse.engine.divergence.memory_budget's default for the device)
+    divergence_budget_mb: int = 0
 
     def validate(self) -> None:
         checks = {
@@ -54,6 +56,8 @@ class EngineOptions:
             "klora_schedule": self.klora_schedule in KLORA_SCHEDULES,
             "decide_every": int(self.decide_every) == self.decide_every and self.decide_every >= 1,
             "max_tokens": int(self.max_tokens) == self.max_tokens and self.max_tokens >= 0,
+            "divergence_budget_mb": int(self.divergence_budget_mb) == self.divergence_budget_mb
+            and self.divergence_budget_mb >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
