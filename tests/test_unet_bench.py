@@ -65,7 +65,7 @@ def test_every_locon_layer_stays_within_the_operation_budgets_in_every_dtype(mon
     monkeypatch.setitem(unets.CONFIGS, "tiny", TINY if config == "sd15" else TINY_XL)
     model = bench.build_model("tiny", 64, "all", "cpu", bench.DTYPES[dtype], 0)
     subject, style = (bench.random_loras(model.sites, 4, seed, "cpu", bench.DTYPES[dtype]) for seed in (1, 2))
-    ops = bench.hooked_call_ops(model.tiny_run, model.sites, subject, style, EngineOptions(switch_every=1))
+    ops = bench.hooked_call_ops(model.tiny_run, model.sites, subject, style, EngineOptions())
     assert ops["kl"][1] <= 20 and ops["kl-soft"][1] <= 24
     fixed = {method: count for method, count in ops.items() if method not in DIVERGENCE_METHODS}
     assert all(mean <= 5 and most <= 6 for mean, most in fixed.values())

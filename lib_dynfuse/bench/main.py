@@ -278,14 +278,13 @@ def hooked_call_ops(run: Callable[[], object], sites: Sites, subject: dict, styl
     # One method at a time: every session prepares its own copy of the factors, and SDXL's would not fit twice.
     for method in METHODS:
         session = _session(sites, subject, style, replace(options, method=method), layout)
-        warmup = 2 * options.switch_every  # factors prepared for both of switch's phases
         added: list[int] = []
         with torch.no_grad(), session:
-            for step in range(warmup + options.decide_every):
+            for step in range(1 + options.decide_every):  # step 0 prepares the factors
                 session.set_step(StepClock(step, 1000))
-                if step < warmup or method not in DIVERGENCE_METHODS:
+                if step == 0 or method not in DIVERGENCE_METHODS:
                     run()
-                if step >= warmup:
+                if step > 0:
                     added += [n - p for (_, n), p in zip(count_ops_per_call(run, modules), plain)]
         ops[method] = (round(sum(added) / len(added), 1), max(added))
         del session
