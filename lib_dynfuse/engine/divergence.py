@@ -8,7 +8,7 @@ operation is a kernel launch whatever its size.
 
 Everything is computed in fp32 whatever the layer's dtype (log-softmax underflows in fp16). The temporaries alive
 at once, the fp32 casts of fp16/bf16 inputs included, never exceed a memory budget in bytes (:func:`memory_budget`:
-the Settings tab's, else half of what the CUDA allocator can hand out, else a fixed share on the CPU); rows whose
+the Settings tab's, else half of what the CUDA allocator can hand out, else 1 GiB off CUDA); rows whose
 temporaries would exceed it are measured in chunks of tokens, each chunk a few more operations. The per-token
 kernels themselves are in :mod:`lib_dynfuse.engine.measure`.
 
@@ -27,7 +27,8 @@ from torch import Tensor
 from lib_dynfuse.engine import compiled
 from lib_dynfuse.engine.measure import MeasureOptions, measure_tokens
 
-# The budget off CUDA (CPU, Apple's MPS): the largest SD1.5 and SDXL layers at 1024x1024 fit in one piece.
+# The budget off CUDA (CPU, Apple's MPS): one image's divergence of every SD1.5 layer up to 1152x1152 and of every
+# SDXL layer up to 1536x1536 fits in one piece.
 CPU_BUDGET = 1 << 30
 # The least CUDA budget, however little the allocator has free: a smaller one would cut a large layer's divergence
 # into hundreds of chunks.
@@ -36,8 +37,8 @@ MIN_CUDA_BUDGET = 64 << 20
 
 def memory_budget(device: torch.device, megabytes: int = 0) -> int:
     """The bytes the divergence's temporaries may take at once on ``device``: ``megabytes`` when set (the Settings
-    tab), else on CUDA half of what the allocator can hand out without growing (the device's free memory and what
-    it holds unused), else :data:`CPU_BUDGET`. A CUDA budget is read from the allocator, a driver call: once per
+    tab), else on CUDA half of what the allocator can hand out (the device's free memory and what it holds
+    unused), else :data:`CPU_BUDGET`. A CUDA budget is read from the allocator, a driver call: once per
     step, not per layer (:class:`lib_dynfuse.engine.fusion.StepState`)."""
     if megabytes > 0:
         return megabytes << 20
@@ -51,7 +52,7 @@ def memory_budget(device: torch.device, megabytes: int = 0) -> int:
 def needed_bytes(base: Tensor, candidates: Tensor, *, channel_dim: int, options: MeasureOptions,
                  groups: int | None = None) -> int:
     """The bytes the divergence of these rows takes in one piece: the least budget that does not chunk it."""
-    copies = _live_copies(options, candidates.shape[0], base.dtype, base.device)
+    copies = _live_copies(options, candidates.shape[0], base.dtype)
     tokens, channels, _ = _token_layout(base, channel_dim)
     return _fixed_bytes(base, candidates, groups) + tokens * _token_bytes(base, candidates, channels, copies, options,
                                                                           groups)
@@ -92,7 +93,7 @@ def divergence_sums(base: Tensor, candidates: Tensor, *, channel_dim: int, optio
                 return _sums(base, candidates, channel_dim, options, budget, 1, compiled.measure, groups)
             except compiled.Unavailable:
                 pass
-    copies = _live_copies(options, candidates.shape[0], base.dtype, base.device)
+    copies = _live_copies(options, candidates.shape[0], base.dtype)
     return _sums(base, candidates, channel_dim, options, budget, copies, measure_tokens, groups)
 
 
@@ -142,7 +143,7 @@ def _fixed_bytes(base: Tensor, candidates: Tensor, groups: int | None) -> int:
     return 2 * 4 * candidates.shape[0] * base.shape[0] * (groups or 1)
 
 
-def _live_copies(options: MeasureOptions, k: int, dtype: torch.dtype, device: torch.device) -> int:
+def _live_copies(options: MeasureOptions, k: int, dtype: torch.dtype) -> int:
     """How many fp32 tensors of one chunk's base size :func:`measure_tokens` holds at once, at most, for ``k``
     candidates: the base's log-probabilities, ``k`` candidate ones and what each measure adds, or for ``dot`` the
     products and the fp32 casts of the inputs. A log-softmax of fp16/bf16 or of scaled logits overwrites its own
