@@ -226,10 +226,11 @@ class DynFuseSettings:
         False, "bool", "show loss plot", "Add the guidance loss curve to the outputs."
     )
 
-    def engine_options(self, *, compiled: bool = False) -> EngineOptions:
-        """The engine's share of the settings; ``compiled`` comes from the WebUI's Settings tab, not from here."""
+    def engine_options(self, *, compiled: bool = False, budget_mb: int = 0) -> EngineOptions:
+        """The engine's share of the settings; ``compiled`` and the divergence's memory budget come from the WebUI's
+        Settings tab, not from here."""
         shared = {f.name: getattr(self, f.name) for f in fields(EngineOptions) if f.name in FIELDS}
-        return EngineOptions(**shared, compiled=compiled)
+        return EngineOptions(**shared, compiled=compiled, divergence_budget_mb=budget_mb)
 
     def validate(self) -> None:
         for f in fields(self):

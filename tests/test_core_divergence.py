@@ -1,14 +1,9 @@
-import functools
-import weakref
-
 import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from torch._decomp import decomposition_table
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from lib_dynfuse.bench.memory import AllocationTracker
 from lib_dynfuse.engine import divergence
 from lib_dynfuse.engine.divergence import divergences
 from lib_dynfuse.engine.measure import MEASURES, MeasureOptions
@@ -84,42 +79,6 @@ def test_grows_with_the_scale_of_the_delta(seed, measure):
     values = [float(measured(base, s * delta, measure=measure)) for s in (0.1, 0.5, 1.0, 2.0)]
     assert values == sorted(values)
     assert values[0] < values[-1]
-
-
-class AllocationTracker(TorchDispatchMode):
-    """The peak, over the block, of the bytes held by tensor storages created inside it and still alive.
-
-    Operators without a CPU kernel of their own (composites such as logsumexp) run through their reference
-    decomposition, so the temporaries they make inside are counted too.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._alive: dict[int, weakref.ref] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CPU") and func in decomposition_table:
-            with self:
-                return decomposition_table[func](*args, **kwargs)
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            if storage.nbytes() == 0 or storage.data_ptr() in inputs or id(storage) in self._alive:
-                continue  # a view or an in-place result: nothing new was allocated
-            key, nbytes = id(storage), storage.nbytes()
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            self._alive[key] = weakref.ref(storage, functools.partial(self._freed, key, nbytes))
-        return out
-
-    def _freed(self, key: int, nbytes: int, _ref: weakref.ref) -> None:
-        self.live -= nbytes
-        del self._alive[key]
 
 
 def peak_extra_bytes(base, candidates, **kwargs) -> int:

@@ -68,11 +68,13 @@ def unit_rows(layout, rows, decide_per):
 
 
 def with_budget(factor):
-    """The hot path with its divergence budget scaled: << 1 cuts the divergence into many chunks."""
+    """The hot path with its divergence budget ``factor`` copies of the layer output: << 1 cuts the divergence into
+    many chunks."""
     original = fusion.divergence_sums
 
-    def scaled(*args, budget_bytes, **kwargs):
-        return original(*args, budget_bytes=max(1, int(budget_bytes * factor)), **kwargs)
+    def scaled(base, candidates, *args, budget_bytes, **kwargs):
+        output = candidates[0].numel() * candidates.element_size()
+        return original(base, candidates, *args, budget_bytes=max(1, int(output * factor)), **kwargs)
 
     return mock.patch.object(fusion, "divergence_sums", scaled)
 

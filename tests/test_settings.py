@@ -115,8 +115,20 @@ def test_engine_options_carry_the_same_values():
         "decide_every": 2,
         "max_tokens": 0,
         "compiled": False,  # a WebUI setting, not a generation's
+        "divergence_budget_mb": 0,  # a WebUI setting too
     }
     assert s.engine_options(compiled=True).compiled
+    assert s.engine_options(budget_mb=256).divergence_budget_mb == 256
+
+
+def test_the_settings_tabs_divergence_budget_reaches_the_engine(monkeypatch, capsys):
+    from lib_dynfuse.hosts import options
+
+    for value, expected in ((512.0, 512), (0, 0), (-5, 0), ("lots", 0)):
+        monkeypatch.setattr(options, "read_option", lambda key, v=value: v if key == options.BUDGET_KEY else False)
+        assert options.engine_options(DEFAULTS).divergence_budget_mb == expected
+    out = capsys.readouterr().out
+    assert "Memory for the divergence in MB" in out and "'lots', not a number of MB >= 0" in out
 
 
 def test_defaults_are_valid():

@@ -12,6 +12,7 @@ import torch
 
 from lib_dynfuse.bench import main as bench
 from lib_dynfuse.bench import unets
+from lib_dynfuse.engine.policies import DIVERGENCE_METHODS, EngineOptions
 
 pytest.importorskip("diffusers")
 
@@ -19,6 +20,11 @@ TINY = dict(unets._COMMON, sample_size=8, block_out_channels=(32, 64), cross_att
             layers_per_block=1, norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
+
+# SDXL's block types, linear projections, several transformer layers per block and pooled-text embedding, small.
+TINY_XL = dict(unets.CONFIGS["sdxl"], block_out_channels=(32, 64, 64), cross_attention_dim=16,
+               attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 2), layers_per_block=1,
+               norm_num_groups=8, addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
 
 SD15_TABLE = Path(__file__).parent / "data" / "sd15-unet-layers.tsv"
 
@@ -47,6 +53,22 @@ def test_the_last_line_is_one_json_object_with_the_costs_per_hooked_call(monkeyp
     assert set(ops) == set(result["us_per_hooked_call"]) == {"kl", "kl-soft", "k-lora", "switch", "static",
                                                                "subject-only", "style-only"}
     assert ops["static"] <= 12 and ops["kl"] <= 30
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("config", ["sd15", "sdxl"])
+def test_every_locon_layer_stays_within_the_operation_budgets_in_every_dtype(monkeypatch, config, dtype):
+    """Every layer a kohya LoCon LoRA touches in a small SD1.5- or SDXL-shaped UNet (the same kinds of layers and
+    inputs as the real ones), one image with CFG: kl at most 20 operations per call, kl-soft 24, and the methods with
+    fixed weights 5 on average (6 on SDXL's proj_in, whose input arrives strided and is copied for the down
+    product, as the layer's own product copies it)."""
+    monkeypatch.setitem(unets.CONFIGS, "tiny", TINY if config == "sd15" else TINY_XL)
+    model = bench.build_model("tiny", 64, "all", "cpu", bench.DTYPES[dtype], 0)
+    subject, style = (bench.random_loras(model.sites, 4, seed, "cpu", bench.DTYPES[dtype]) for seed in (1, 2))
+    ops = bench.hooked_call_ops(model.tiny_run, model.sites, subject, style, EngineOptions())
+    assert ops["kl"][1] <= 20 and ops["kl-soft"][1] <= 24
+    fixed = {method: count for method, count in ops.items() if method not in DIVERGENCE_METHODS}
+    assert all(mean <= 5 and most <= 6 for mean, most in fixed.values())
 
 
 def test_engine_options_are_checked(capsys):

@@ -7,6 +7,7 @@
     python -m lib_dynfuse.bench --layers attention      # only the attention projections hooked
     python -m lib_dynfuse.bench --engine decide_every=2 --engine max_tokens=1024   # cheaper decisions
     python -m lib_dynfuse.bench --guidance              # cost of one guided step, per decoder
+    python -m lib_dynfuse.bench --counts-only --dtype fp16   # only the operations per hooked call, in fp16
 
 The UNet is diffusers' ``UNet2DConditionModel`` built from the model's config with random weights (diffusers is
 a benchmark-only dependency). Two random rank-64 LoRAs are attached to every layer a kohya LoCon LoRA touches
@@ -36,16 +37,19 @@ from torch import nn
 
 from lib_dynfuse.bench import families as bench_families
 from lib_dynfuse.bench import flux as bench_flux
-from lib_dynfuse.bench.opcount import count_ops
+from lib_dynfuse.bench.memory import peak_bytes
+from lib_dynfuse.bench.opcount import count_ops_per_call
 from lib_dynfuse.bench.unets import CONFIGS, build_unet, lora_layers, unet_inputs
 from lib_dynfuse.engine.deltas import LayerGeometry, LowRankDelta
-from lib_dynfuse.engine.policies import METHODS, EngineOptions
+from lib_dynfuse.engine.policies import DIVERGENCE_METHODS, METHODS, EngineOptions
 from lib_dynfuse.engine.session import BatchLayout, FusionSession, LayerTarget, StepClock
 
 DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024, "flux": 512, **dict.fromkeys(bench_families.FAMILIES, 512)}
 TRANSFORMERS = ("flux", *bench_families.FAMILIES)  # the models with a --width
 DEFAULT_WIDTH = {"lumina2": 384}  # whole heads for its three query heads per key/value head
 LAYER_SETS = ("all", "attention")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          **{name: getattr(torch, name) for name in ("float32", "float16", "bfloat16")}}
 TINY_LATENT = 8  # the op-count and per-call runs: small enough that every operation costs its fixed overhead
 
 
@@ -123,33 +127,6 @@ def merged(sites: Sites, *all_deltas: dict[str, LowRankDelta]):
                 m.weight.copy_(backup[key])
 
 
-def _reset_peak(device: str) -> int:
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    try:  # Linux: writing 5 resets the process's peak resident set size
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return _rss("VmRSS")
-
-
-def _peak(device: str) -> int:
-    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss("VmHWM")
-
-
-def _rss(field: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def _timed(run: Callable[[], object], device: str) -> float:
     """Seconds of one call: CUDA events on the GPU (the host returns before the kernels finish), else wall time."""
     if device.startswith("cuda"):
@@ -165,22 +142,31 @@ def _timed(run: Callable[[], object], device: str) -> float:
 
 
 def time_modes(modes: dict[str, Callable[[], object]], enter: dict[str, Callable[[], object]], device: str,
-               repeats: int, warmup: int = 1) -> dict[str, tuple[float, int]]:
-    """Median seconds of one step and peak memory above the level before it, per mode. The modes take turns
-    within each repeat, so that a machine that slows down or speeds up affects all of them alike. The first
-    ``warmup`` rounds (kernels chosen, factors prepared, caches filled) are not counted."""
+               repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of one step per mode. The modes take turns within each repeat, so that a machine that slows
+    down or speeds up affects all of them alike. The first ``warmup`` rounds (kernels chosen, factors prepared,
+    caches filled) are not counted."""
     times: dict[str, list[float]] = {m: [] for m in modes}
-    peaks: dict[str, int] = {m: 0 for m in modes}
     with torch.no_grad():
         for round_ in range(repeats + warmup):
             for mode, run in modes.items():
                 with enter[mode]():
-                    base = _reset_peak(device)
                     elapsed = _timed(run, device)
-                    peaks[mode] = max(peaks[mode], _peak(device) - base)
                 if round_ >= warmup:
                     times[mode].append(elapsed)
-    return {m: (statistics.median(times[m]), peaks[m]) for m in modes}
+    return {m: statistics.median(times[m]) for m in modes}
+
+
+def peak_modes(modes: dict[str, Callable[[], object]], enter: dict[str, Callable[[], object]],
+               device: str) -> dict[str, int]:
+    """The memory one step allocates at its peak, per mode, once the modes have been warmed up (a session's factors
+    are prepared at its first step and held for the generation: not part of a step's peak)."""
+    peaks = {}
+    with torch.no_grad():
+        for mode, run in modes.items():
+            with enter[mode]():
+                peaks[mode] = peak_bytes(run, device)
+    return peaks
 
 
 def count_flops(run: Callable[[], object]) -> int:
@@ -219,17 +205,18 @@ def benchmark(model: str, size: int, rank: int, device: str, dtype: torch.dtype,
 
     session = _session(sites, subject, style, options)
     warmup = 3 if device.startswith("cuda") else 1
-    results = time_modes({"base": run, "static": run, "dynamic": run},
-                         {"base": nullcontext, "static": lambda: merged(sites, subject, style),
-                          "dynamic": lambda: session}, device, repeats, warmup)
-    (base_s, _), (static_s, static_mem), (dynamic_s, dynamic_mem) = results.values()
+    modes = {"base": run, "static": run, "dynamic": run}
+    enter = {"base": nullcontext, "static": lambda: merged(sites, subject, style), "dynamic": lambda: session}
+    base_s, static_s, dynamic_s = time_modes(modes, enter, device, repeats, warmup).values()
+    peaks = peak_modes({"static": run, "dynamic": run}, enter, device)
     unet_flops = count_flops(run)
     with session:
         dynamic_flops = count_flops(run)
     extra_flops = dynamic_flops - unet_flops + kl_flops(sites, run, deciding_rows=1)
     factor_bytes = sum(d.factor_bytes() for d in (*subject.values(), *style.values()))
     del session  # its prepared factors: the per-call runs prepare their own
-    ops, micros = hooked_call_costs(bench, subject, style, options, device, repeats, warmup)
+    ops = hooked_call_ops(bench.tiny_run, sites, subject, style, options)
+    micros = hooked_call_micros(bench, subject, style, options, device, repeats, warmup)
     return {
         "model": model,
         **({"width": width} if model in TRANSFORMERS else {}),
@@ -245,38 +232,79 @@ def benchmark(model: str, size: int, rank: int, device: str, dtype: torch.dtype,
         "base_step_s": round(base_s, 4),
         "static_step_s": round(static_s, 4),
         "dynamic_step_s": round(dynamic_s, 4),
-        "ops_per_hooked_call": ops,
+        "ops_per_hooked_call": {method: mean for method, (mean, _) in ops.items()},
+        "max_ops_per_hooked_call": {method: most for method, (_, most) in ops.items()},
         "us_per_hooked_call": micros,
         "ratio": round(dynamic_s / static_s, 4),
         "floor": round(1 + extra_flops / unet_flops, 4),
         "unet_gflops": round(unet_flops / 1e9, 1),
         "extra_gflops": round(extra_flops / 1e9, 2),
         "lora_factors_mb": round(factor_bytes / 2**20, 1),
-        "extra_mem_mb": round((dynamic_mem - static_mem) / 2**20, 1),
-        "memory_measure": "cuda max_memory_allocated" if device.startswith("cuda") else "peak RSS (VmHWM)",
+        "static_peak_mb": round(peaks["static"] / 2**20, 1),
+        "dynamic_peak_mb": round(peaks["dynamic"] / 2**20, 1),
+        "extra_mem_mb": round((peaks["dynamic"] - peaks["static"]) / 2**20, 1),
+        "memory_measure": ("cuda max_memory_allocated" if device.startswith("cuda")
+                           else "tensors allocated in the step (lib_dynfuse.bench.memory)"),
     }
 
 
-def _session(sites: Sites, subject: dict, style: dict, options: EngineOptions) -> FusionSession:
+def operation_counts(model: str, rank: int, device: str, dtype: torch.dtype, layer_set: str = "all",
+                     engine: dict[str, object] | None = None, width: int = 256) -> dict:
+    """The operations per hooked layer call of every method, on the tiny latent, without timing anything."""
+    bench = build_model(model, TINY_LATENT * 8, layer_set, device, dtype, width)
+    subject = random_loras(bench.sites, rank, 1, device, dtype)
+    style = random_loras(bench.sites, rank, 2, device, dtype)
+    options = EngineOptions(**{"method": "kl", **(engine or {})})
+    ops = hooked_call_ops(bench.tiny_run, bench.sites, subject, style, options)
+    return {"model": model, "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
+            "layers": layer_set, "hooked_layers": bench.hooked,
+            "engine": {k: v for k, v in options.non_defaults().items() if k != "method"},
+            "ops_per_hooked_call": {method: mean for method, (mean, _) in ops.items()},
+            "max_ops_per_hooked_call": {method: most for method, (_, most) in ops.items()}}
+
+
+def _session(sites: Sites, subject: dict, style: dict, options: EngineOptions,
+             layout: BatchLayout = BatchLayout.a1111(1)) -> FusionSession:
     session = FusionSession([LayerTarget(name, module, subject[name], style[name], channels)
                              for name, (module, channels) in sites.items()], options)
-    session.set_layout(BatchLayout.a1111(1))
+    session.set_layout(layout)
     session.set_step(StepClock(10, 20))
     return session
 
 
-def hooked_call_costs(bench: Model, subject: dict, style: dict, options: EngineOptions, device: str, repeats: int,
-                      warmup: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Per method: the tensor operations one hooked layer call dispatches, and the microseconds it adds to a UNet
-    call, on a tiny latent where the fixed cost of each operation dominates. Every counted or timed call is a step
-    of its own, so the choosing methods decide at each."""
-    run, layers = bench.tiny_run, bench.hooked
+def hooked_call_ops(run: Callable[[], object], sites: Sites, subject: dict, style: dict, options: EngineOptions,
+                    layout: BatchLayout = BatchLayout.a1111(1)) -> dict[str, tuple[float, int]]:
+    """Per method: the mean and the most tensor operations one hooked layer call adds to the layer's own, at steps
+    whose factors are prepared: the choosing methods decide at each (deciding every n steps: the mean over n
+    consecutive steps), the others run a step they have run once already (a new pair of weights prepares its
+    factors once)."""
+    modules = list(_modules(sites).values())
     with torch.no_grad():
-        base_ops = count_ops(run).total
-    ops: dict[str, float] = {}
+        plain = [n for _, n in count_ops_per_call(run, modules)]
+    ops: dict[str, tuple[float, int]] = {}
+    # One method at a time: every session prepares its own copy of the factors, and SDXL's would not fit twice.
+    for method in METHODS:
+        session = _session(sites, subject, style, replace(options, method=method), layout)
+        added: list[int] = []
+        with torch.no_grad(), session:
+            for step in range(1 + options.decide_every):  # step 0 prepares the factors
+                session.set_step(StepClock(step, 1000))
+                if step == 0 or method not in DIVERGENCE_METHODS:
+                    run()
+                if step > 0:
+                    added += [n - p for (_, n), p in zip(count_ops_per_call(run, modules), plain)]
+        ops[method] = (round(sum(added) / len(added), 1), max(added))
+        del session
+    return ops
+
+
+def hooked_call_micros(bench: Model, subject: dict, style: dict, options: EngineOptions, device: str, repeats: int,
+                       warmup: int) -> dict[str, float]:
+    """Per method: the microseconds one hooked layer call adds to a UNet call, on a tiny latent where the fixed cost
+    of each operation dominates. Every timed call is a step of its own, so the choosing methods decide at each."""
+    run, layers = bench.tiny_run, bench.hooked
     micros: dict[str, float] = {}
     steps = itertools.count()
-    # One method at a time: every session prepares its own copy of the factors, and SDXL's would not fit twice.
     for method in METHODS:
         session = _session(bench.sites, subject, style, replace(options, method=method))
 
@@ -285,18 +313,13 @@ def hooked_call_costs(bench: Model, subject: dict, style: dict, options: EngineO
             return run()
 
         with torch.no_grad(), session:
-            # Factors prepared, for both of switch's phases: its first flip folds the second set.
             for _ in range(2 * options.switch_every):
                 call()
-            # Deciding every n steps: the mean over n consecutive steps.
-            calls = options.decide_every
-            counted = sum(count_ops(call).total - base_ops for _ in range(calls))
-            ops[method] = round(counted / calls / layers, 1)
         timed = time_modes({"base": run, method: call}, {"base": nullcontext, method: lambda s=session: s}, device,
                            max(repeats, 5), warmup)
-        micros[method] = round((timed[method][0] - timed["base"][0]) / layers * 1e6, 2)
+        micros[method] = round((timed[method] - timed["base"]) / layers * 1e6, 2)
         del session, call
-    return ops, micros
+    return micros
 
 
 def _device_name(device: str) -> str:
@@ -330,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(lumina2: a multiple of 192, default 384)")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                        help="default float16 on CUDA, float32 on CPU")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--counts-only", action="store_true",
+                        help="only count the operations per hooked layer call, for every method (no timing)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", choices=LAYER_SETS, default="all",
                         help="all: every layer a kohya LoCon LoRA touches; attention: the attention projections")
@@ -346,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         from lib_dynfuse.quality.bench import main as quality
 
         return quality(args.quality)
-    dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
+    dtype = DTYPES[args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")]
     if args.guidance:
         from lib_dynfuse.bench import guidance as guidance_bench
 
@@ -354,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     size = args.size or DEFAULT_SIZE[args.model]
+    if args.counts_only:
+        print(json.dumps(operation_counts(args.model, args.rank, args.device, dtype, args.layers,
+                                          _engine_options(parser, args.engine), args.width)))
+        return 0
     result = benchmark(args.model, size, args.rank, args.device, dtype, args.repeats, args.layers,
                        _engine_options(parser, args.engine), args.width or DEFAULT_WIDTH.get(args.model, 256))
     print_table(result)

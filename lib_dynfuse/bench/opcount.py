@@ -7,8 +7,9 @@ Counts are deterministic for a given torch version and input shapes: tests may a
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -33,3 +34,23 @@ def count_ops(run: Callable[[], object]) -> OpCounter:
     with counter:
         run()
     return counter
+
+
+def count_ops_per_call(run: Callable[[], object], modules: Iterable[nn.Module]) -> list[tuple[nn.Module, int]]:
+    """Each call of any of ``modules`` inside ``run``, in call order, with the operations it dispatches: from just
+    before its forward to just after its forward hooks, those installed before this is called (a session's)
+    included."""
+    counter = OpCounter()
+    starts: list[int] = []
+    calls: list[tuple[nn.Module, int]] = []
+    handles = []
+    for module in modules:
+        handles.append(module.register_forward_pre_hook(lambda *_: starts.append(counter.total)))
+        handles.append(module.register_forward_hook(lambda m, *_: calls.append((m, counter.total - starts.pop()))))
+    try:
+        with counter:
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls

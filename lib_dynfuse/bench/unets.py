@@ -43,8 +43,10 @@ def unet_inputs(model: str, size: int, batch: int, device: str, dtype: torch.dty
         timestep=torch.tensor(500),
         encoder_hidden_states=torch.randn(batch, 77, context_dim, generator=g),
     )
-    if model == "sdxl":
-        inputs["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, 1280, generator=g),
+    config = CONFIGS[model]
+    if config.get("addition_embed_type") == "text_time":  # SDXL: the pooled text embedding and six size numbers
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        inputs["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, pooled, generator=g),
                                            time_ids=torch.tensor([[size, size, 0, 0, size, size]] * batch).float())
     return _move(inputs, device, dtype)
 

@@ -1,10 +1,9 @@
 """The divergence as compiled kernels (``torch.compile``): meant for CUDA, where each eager operation is a kernel
-launch and the one-copy memory budget cuts an fp16 divergence into several chunks.
+launch.
 
 The compiler fuses the log-softmaxes, the weighted differences and the sums into a few kernels that keep per-token
-values only, so the compiled divergence runs on the whole rows at once. It is compiled once per set of measure
-options, with dynamic shapes: new token counts, channel counts and numbers of rows reuse the same kernels (the
-compiler specialises a single row once). A compiler that fails (no Triton, no C++ compiler) is said once in the
+values only. It is compiled once per set of measure options, with dynamic shapes: new token counts, channel counts
+and numbers of rows reuse the same kernels (the compiler specialises a single row once). A compiler that fails (no Triton, no C++ compiler) is said once in the
 console and the standard path takes over for the rest of the process. The one full-size buffer the kernels keep,
 the base rows' probabilities in fp32, counts against the divergence's memory budget like the standard path's.
 """

@@ -6,10 +6,11 @@ distribution of each candidate output (base plus one LoRA's delta, as the layer 
 over the row's tokens. All candidates are measured by the same few batched operations, because on a GPU every
 operation is a kernel launch whatever its size.
 
-Everything is computed in fp32 whatever the layer's dtype (log-softmax underflows in fp16), in chunks of tokens
-small enough that all temporaries alive at once, the fp32 casts of fp16/bf16 inputs included, never exceed the
-memory budget: by default the size of the layer output the rows come from. The per-token kernels themselves
-are in :mod:`lib_dynfuse.engine.measure`.
+Everything is computed in fp32 whatever the layer's dtype (log-softmax underflows in fp16). The temporaries alive
+at once, the fp32 casts of fp16/bf16 inputs included, never exceed a memory budget in bytes (:func:`memory_budget`:
+the Settings tab's, else half of what the CUDA allocator can hand out, else 1 GiB off CUDA); rows whose
+temporaries would exceed it are measured in chunks of tokens, each chunk a few more operations. The per-token
+kernels themselves are in :mod:`lib_dynfuse.engine.measure`.
 
 The output channels of a linear layer may be measured in equal groups (the q, k and v of a fused projection): each
 group is then its own distribution, and each row gets one divergence per group from the same operations.
@@ -17,6 +18,7 @@ group is then its own distribution, and each row gets one divergence per group f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -24,6 +26,36 @@ from torch import Tensor
 
 from lib_dynfuse.engine import compiled
 from lib_dynfuse.engine.measure import MeasureOptions, measure_tokens
+
+# The budget off CUDA (CPU, Apple's MPS): one image's divergence of every SD1.5 layer up to 1152x1152 and of every
+# SDXL layer up to 1536x1536 fits in one piece.
+CPU_BUDGET = 1 << 30
+# The least CUDA budget, however little the allocator has free: a smaller one would cut a large layer's divergence
+# into hundreds of chunks.
+MIN_CUDA_BUDGET = 64 << 20
+
+
+def memory_budget(device: torch.device, megabytes: int = 0) -> int:
+    """The bytes the divergence's temporaries may take at once on ``device``: ``megabytes`` when set (the Settings
+    tab), else on CUDA half of what the allocator can hand out (the device's free memory and what it holds
+    unused), else :data:`CPU_BUDGET`. A CUDA budget is read from the allocator, a driver call: once per
+    step, not per layer (:class:`lib_dynfuse.engine.fusion.StepState`)."""
+    if megabytes > 0:
+        return megabytes << 20
+    if device.type != "cuda":
+        return CPU_BUDGET
+    free, _ = torch.cuda.mem_get_info(device)
+    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(MIN_CUDA_BUDGET, (free + unused) // 2)
+
+
+def needed_bytes(base: Tensor, candidates: Tensor, *, channel_dim: int, options: MeasureOptions,
+                 groups: int | None = None) -> int:
+    """The bytes the divergence of these rows takes in one piece: the least budget that does not chunk it."""
+    copies = _live_copies(options, candidates.shape[0], base.dtype)
+    tokens, channels, _ = _token_layout(base, channel_dim)
+    return _fixed_bytes(base, candidates, groups) + tokens * _token_bytes(base, candidates, channels, copies, options,
+                                                                          groups)
 
 
 def divergences(base: Tensor, candidates: Tensor, *, channel_dim: int, options: MeasureOptions = MeasureOptions(),
@@ -33,7 +65,7 @@ def divergences(base: Tensor, candidates: Tensor, *, channel_dim: int, options: 
     ``base`` holds the rows that are measured, ``[rows, ...]``; ``candidates`` is ``[K, rows, ...]`` (the same
     rows with each LoRA's delta added). ``channel_dim`` is 1 for conv outputs ``[rows, C, H, W]`` and -1 for
     linear outputs ``[rows, N, C]`` / ``[rows, C]``. ``budget_bytes`` caps the memory allocated at once
-    (default: the byte size of ``base``); it is exceeded only when one token alone does not fit.
+    (default: :func:`memory_budget` of the rows' device); it is exceeded only when one token alone does not fit.
     """
     sums, tokens = divergence_sums(base, candidates, channel_dim=channel_dim, options=options,
                                    budget_bytes=budget_bytes)
@@ -53,7 +85,7 @@ def divergence_sums(base: Tensor, candidates: Tensor, *, channel_dim: int, optio
     if groups is not None and ((base.dim() > 2 and channel_dim % base.dim() == 1) or base.shape[-1] % groups):
         raise ValueError(f"{groups} channel groups need a linear output whose channels they divide, not "
                          f"{list(base.shape)}")
-    budget = budget_bytes if budget_bytes is not None else base.numel() * base.element_size()
+    budget = budget_bytes if budget_bytes is not None else memory_budget(base.device)
     if options.compiled:
         if compiled.failure is None:
             try:
@@ -61,7 +93,7 @@ def divergence_sums(base: Tensor, candidates: Tensor, *, channel_dim: int, optio
                 return _sums(base, candidates, channel_dim, options, budget, 1, compiled.measure, groups)
             except compiled.Unavailable:
                 pass
-    copies = _live_copies(options, candidates.shape[0], base.dtype, base.device)
+    copies = _live_copies(options, candidates.shape[0], base.dtype)
     return _sums(base, candidates, channel_dim, options, budget, copies, measure_tokens, groups)
 
 
@@ -70,16 +102,11 @@ def _sums(base: Tensor, candidates: Tensor, channel_dim: int, options: MeasureOp
     """:func:`divergence_sums` by ``measure``, in chunks of tokens for which ``copies`` fp32 copies of the rows fit
     the budget."""
     rows, k = base.shape[0], candidates.shape[0]
-    channels_first = base.dim() > 2 and channel_dim % base.dim() == 1
-    channels = base.shape[1] if channels_first else base.shape[-1]
-    tokens = base[0].numel() // channels
+    tokens, channels, channels_first = _token_layout(base, channel_dim)
     stride = -(-tokens // options.max_tokens) if 0 < options.max_tokens < tokens else 1
     measured = -(-tokens // stride)
-    # The per-row sums (the running total and a chunk's) and a standardising scale per token are small but
-    # counted too.
-    sums = k * rows * (groups or 1)
-    token_bytes = 4 * rows * (channels * copies + _token_values(options, k) * (groups or 1))
-    chunk = max(1, (budget - 2 * 4 * sums) // token_bytes)
+    token_bytes = _token_bytes(base, candidates, channels, copies, options, groups)
+    chunk = max(1, (budget - _fixed_bytes(base, candidates, groups)) // token_bytes)
     if stride == 1 and chunk >= tokens:
         return measure(base, candidates, channels_first, options, groups), tokens
     # [rows, T, C] or [rows, C, T]: one token axis to subsample and to cut into chunks.
@@ -96,19 +123,34 @@ def _sums(base: Tensor, candidates: Tensor, channel_dim: int, options: MeasureOp
     return total, measured
 
 
-def _live_copies(options: MeasureOptions, k: int, dtype: torch.dtype, device: torch.device) -> int:
+def _token_layout(base: Tensor, channel_dim: int) -> tuple[int, int, bool]:
+    """Tokens per row, channels per token, and whether the channels come before the tokens (conv outputs). From
+    the shape alone: indexing the tensor would be an operation."""
+    channels_first = base.dim() > 2 and channel_dim % base.dim() == 1
+    channels = base.shape[1] if channels_first else base.shape[-1]
+    return math.prod(base.shape[1:]) // channels, channels, channels_first
+
+
+def _token_bytes(base: Tensor, candidates: Tensor, channels: int, copies: int, options: MeasureOptions,
+                 groups: int | None) -> int:
+    """The temporaries' bytes per token of a chunk: ``copies`` fp32 copies of its channels in every row, and the
+    per-token values beside them (a standardising scale, or the dot measure's norms)."""
+    return 4 * base.shape[0] * (channels * copies + _token_values(options, candidates.shape[0]) * (groups or 1))
+
+
+def _fixed_bytes(base: Tensor, candidates: Tensor, groups: int | None) -> int:
+    """The per-row sums, the running total's and a chunk's: small, but counted too."""
+    return 2 * 4 * candidates.shape[0] * base.shape[0] * (groups or 1)
+
+
+def _live_copies(options: MeasureOptions, k: int, dtype: torch.dtype) -> int:
     """How many fp32 tensors of one chunk's base size :func:`measure_tokens` holds at once, at most, for ``k``
     candidates: the base's log-probabilities, ``k`` candidate ones and what each measure adds, or for ``dot`` the
-    products and the fp32 casts of the inputs."""
+    products and the fp32 casts of the inputs. A log-softmax of fp16/bf16 or of scaled logits overwrites its own
+    fp32 copy, so no dtype or temperature adds one."""
     if options.measure == "dot":
         return k + (0 if dtype == torch.float32 else 1 + k)
-    copies = {"kl": 1 + k, "kl-reverse": 1 + 2 * k, "js": 1 + 3 * k}[options.measure]
-    # A CUDA fp16 softmax writes fp32 directly; other dtypes, and scaled logits, take a copy of the candidates
-    # that lives beside their log-softmax for a moment.
-    native = dtype == torch.float32 or (dtype == torch.float16 and device.type == "cuda")
-    if options.scaled or not native:
-        copies = max(copies, 1 + 2 * k)
-    return copies
+    return {"kl": 1 + k, "kl-reverse": 1 + 2 * k, "js": 1 + 3 * k}[options.measure]
 
 
 def _token_values(options: MeasureOptions, k: int) -> int:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lib_dynfuse.engine.decisions import DecisionLog
 from lib_dynfuse.engine.deltas import Delta, LayerGeometry
-from lib_dynfuse.engine.divergence import divergence_sums
+from lib_dynfuse.engine.divergence import divergence_sums, memory_budget
 from lib_dynfuse.engine.measure import MeasureOptions
 from lib_dynfuse.engine.layout import BatchLayout, StepClock
 from lib_dynfuse.engine.pair import PairKernel, pair_kernel
@@ -69,6 +69,7 @@ class StepState:
     epoch: int = 0  # counts set_layout calls: the UNet calls after one cover its layout's rows in order
     _plans: dict[tuple[int, int], DecisionPlan] = field(default_factory=dict)
     _tensors: dict[tuple, Tensor] = field(default_factory=dict)
+    _budgets: dict[torch.device, tuple[StepClock, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.measure: MeasureOptions = self.options.measure_options()
@@ -90,13 +91,21 @@ class StepState:
             self._plans[key] = plan
         return plan
 
-    def index(self, values: tuple[int, ...], device: torch.device) -> Tensor:
-        """``values`` as a long tensor on ``device``, made once per layout (the hooks must not copy per call)."""
-        key = (values, device)
+    def index(self, values: tuple[int, ...], device: torch.device, trailing: tuple[int, ...] = ()) -> Tensor:
+        """``values`` as a long tensor on ``device`` (with ``trailing`` axes of size 1: what it indexes comes out
+        shaped to broadcast), made once per layout (the hooks must not copy per call)."""
+        key = (values, device, trailing)
         t = self._tensors.get(key)
         if t is None:
-            t = self._tensors[key] = torch.tensor(values, dtype=torch.long, device=device)
+            t = self._tensors[key] = torch.tensor(values, dtype=torch.long, device=device).view(-1, *trailing)
         return t
+
+    def budget(self, device: torch.device) -> int:
+        """The divergence's memory budget in bytes on ``device``, read once per step (on CUDA from the allocator)."""
+        read = self._budgets.get(device)
+        if read is None or read[0] != self.clock:
+            read = self._budgets[device] = (self.clock, memory_budget(device, self.options.divergence_budget_mb))
+        return read[1]
 
     def set_layout(self, layout: BatchLayout | None) -> None:
         self.epoch += 1
@@ -250,8 +259,7 @@ class LayerFusion:
                 state: StepState) -> _Decided:
         # A decision is never differentiated (the divergence works in place), whoever runs the model with gradients.
         with torch.no_grad():
-            sums, tokens = self._measure(*_rows(base, candidates, rows, state), state,
-                                         budget=base.numel() * base.element_size())
+            sums, tokens = self._measure(*_rows(base, candidates, rows, state), state, budget=state.budget(base.device))
             decided = _Decided(units, state.clock.index, state.policy.decide(sums, tokens), sums, tokens)
         for position, unit in enumerate(units):
             self._made[unit] = (decided, position)
@@ -274,14 +282,18 @@ class LayerFusion:
         """Each row's candidate: the winner's (hard rules), the blend by the subject's weight (soft rules), or the
         base plus each delta at its own weight (two-weight rules)."""
         device = candidates.device
-        per_row = decision if plan.one_row_per_unit else decision[state.index(plan.unit_of_row, device)]
-        if state.policy.one_hot:
-            return candidates[per_row, state.index(tuple(range(len(plan.unit_of_row))), device)]
-        if state.policy.two_weights:
+        if state.policy.one_hot or state.policy.two_weights:
+            per_row = decision if plan.one_row_per_unit else decision[state.index(plan.unit_of_row, device)]
+            if state.policy.one_hot:
+                return candidates[per_row, state.index(tuple(range(len(plan.unit_of_row))), device)]
             weights = per_row.to(candidates.dtype).T.reshape((2, -1) + (1,) * (candidates.dim() - 2))
             return _two_weighted(base, candidates, weights)
-        weight = per_row.to(candidates.dtype).view((-1,) + (1,) * (candidates.dim() - 2))
-        return torch.lerp(candidates[1], candidates[0], weight)
+        broadcast = (1,) * (candidates.dim() - 2)
+        weight = decision.to(candidates.dtype)
+        weight = (weight.view(-1, *broadcast) if plan.one_row_per_unit
+                  else weight[state.index(plan.unit_of_row, device, broadcast)])
+        subject, style = candidates.unbind(0)
+        return torch.lerp(style, subject, weight)
 
 
 class SlicedLayerFusion(LayerFusion):

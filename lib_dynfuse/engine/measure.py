@@ -94,12 +94,17 @@ def _scale(a: Tensor, dim: int, options: MeasureOptions) -> float | Tensor:
 
 
 def _log_softmax32(t: Tensor, dim: int, scale: float | Tensor) -> Tensor:
-    """log-softmax of ``t · scale`` over ``dim``, in fp32."""
+    """log-softmax of ``t · scale`` over ``dim``, in fp32, in at most one new fp32 tensor of ``t``'s size."""
     if isinstance(scale, float) and scale == 1.0:
-        # One kernel: a CUDA fp16 softmax writes fp32 directly; others cast first.
-        return torch.log_softmax(t, dim) if t.dtype == torch.float32 else torch.log_softmax(t, dim, dtype=torch.float32)
-    scaled = t * scale if t.dtype == torch.float32 else t.float().mul_(scale)
-    return torch.log_softmax(scaled, dim)
+        if t.dtype == torch.float32:
+            return torch.log_softmax(t, dim)
+        if t.dtype == torch.float16 and t.is_cuda:
+            return torch.log_softmax(t, dim, dtype=torch.float32)  # one kernel: it reads fp16 and writes fp32
+        scaled = t.float()
+    else:
+        scaled = t * scale if t.dtype == torch.float32 else t.float().mul_(scale)
+    # The fp32 copy becomes its own log-softmax: a second copy would live beside it for a moment.
+    return torch.log_softmax(scaled, dim, out=scaled)
 
 
 def _fp32(t: Tensor) -> Tensor:

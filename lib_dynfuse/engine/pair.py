@@ -72,11 +72,18 @@ class _LowRankPair(PairKernel):
         self.both = subject is not None and style is not None
         self.rank = max(d.rank for d in self.pair if d is not None)
         self.device, self.dtype = device, dtype
-        # Scales are folded in fp32 once here; the hooks see the layer's dtype.
-        self.downs = [None if d is None else padded(d.down.float(), 0, self.rank) for d in self.pair]
-        self.ups = [None if d is None else padded(d.up.float() * d.scale, 1, self.rank) for d in self.pair]
         # (subject weight, style weight) -> the factors of weighted(); () when both weights are zero
         self._weighted: dict[tuple[float, float], tuple] = {}
+
+    # The padded fp32 factors, scales folded in, are made when factors are prepared and not kept: kept, they would
+    # hold a second (for fp16 layers a third) copy of every LoRA for the whole generation.
+    @property
+    def downs(self) -> list[Tensor | None]:
+        return [None if d is None else padded(d.down.float(), 0, self.rank) for d in self.pair]
+
+    @property
+    def ups(self) -> list[Tensor | None]:
+        return [None if d is None else padded(d.up.float() * d.scale, 1, self.rank) for d in self.pair]
 
     def _on_device(self, t: Tensor) -> Tensor:
         return t.to(device=self.device, dtype=self.dtype).contiguous()
@@ -99,7 +106,10 @@ class LinearLowRank(_LowRankPair):
     def candidates(self, x: Tensor, base: Tensor) -> Tensor:
         out = base.shape[-1]
         h = x.reshape(-1, x.shape[-1]).mm(self.down_t)
-        z = torch.baddbmm(base.reshape(1, -1, out), h.view(-1, 2, self.rank).transpose(0, 1), self.ups_t)
+        # h is [tokens, 2·rank]: each LoRA's intermediates as a batch [2, tokens, rank], in one view.
+        tokens = h.shape[0]
+        per_lora = h.as_strided((2, tokens, self.rank), (self.rank, 2 * self.rank, 1))
+        z = torch.baddbmm(base.reshape(1, -1, out), per_lora, self.ups_t)
         return z.view(2, *base.shape)
 
     def weighted(self, x: Tensor, base: Tensor, w_subject: float, w_style: float) -> Tensor:

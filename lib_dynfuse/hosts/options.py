@@ -11,6 +11,7 @@ from lib_dynfuse.guidance.scorers import SETTING_LABELS, ScorerConfig, settings_
 SECTION = ("dynfuse", "DynFuse")
 UNLOAD_KEY = "dynfuse_unload_after"
 COMPILED_KEY = "dynfuse_compiled_divergence"
+BUDGET_KEY = "dynfuse_divergence_budget_mb"
 
 # key -> (default, label, ScorerConfig field or None). The CLIP/DINO models serve both guidance and the scores;
 # their options carry the labels their error messages name (guidance.scorers.SETTING_LABELS).
@@ -20,6 +21,8 @@ OPTIONS: dict[str, tuple[object, str, str | None]] = {
     UNLOAD_KEY: (False, "Unload the CLIP/DINO models after each generation", None),
     COMPILED_KEY: (False, "Compile the divergence with torch.compile (CUDA; the first generation compiles for a "
                           "minute)", None),
+    BUDGET_KEY: (0, "Memory for the divergence in MB; past it, it is computed in pieces (0: half of the free GPU "
+                    "memory, 1024 on the CPU)", None),
 }
 
 
@@ -79,5 +82,20 @@ def scorer_config() -> ScorerConfig:
 
 
 def engine_options(settings: Any) -> Any:
-    """A generation's engine options, with the compiled-divergence switch of the Settings tab."""
-    return settings.engine_options(compiled=bool(read_option(COMPILED_KEY)))
+    """A generation's engine options, with the compiled-divergence switch and the divergence's memory budget of the
+    Settings tab."""
+    return settings.engine_options(compiled=bool(read_option(COMPILED_KEY)), budget_mb=divergence_budget_mb())
+
+
+def divergence_budget_mb() -> int:
+    """The Settings tab's divergence budget (a number box may give a float); a negative or unreadable one is said in
+    the console and the default (0) is used."""
+    value = read_option(BUDGET_KEY)
+    try:
+        budget = int(value)
+    except (TypeError, ValueError):
+        budget = -1
+    if budget < 0:
+        print(f"DynFuse: {where(BUDGET_KEY)} is {value!r}, not a number of MB >= 0; the default (0) is used.")
+        return 0
+    return budget
