@@ -72,7 +72,7 @@ def test_the_choosing_methods_stay_within_their_operation_budgets_in_every_dtype
 @pytest.mark.parametrize("layer,x", [(LINEAR, linear_input(2)), (CONV, torch.randn(4, 320, 8, 8))])
 def test_kl_even_adds_its_two_weights_within_30_operations(layer, x):
     # Both deltas at their own weight cost 11 operations more than kl's one winner: over the 20 of kl's budget.
-    ops = ops_per_hooked_call(layer, x, EngineOptions(method="kl-even"), BatchLayout.a1111(2), "unbounded")
+    ops = ops_per_hooked_call(layer, x, EngineOptions(method="kl-even"), BatchLayout.a1111(2))
     assert ops <= 30
 
 
