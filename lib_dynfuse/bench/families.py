@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The families take FLUX's inputs: 16 latent channels in 2x2 patches, 64 text tokens and a conditioning vector.
+from lib_dynfuse.bench.flux import LATENT_CHANNELS, inputs  # noqa: F401 - inputs is this module's too
+
 HEAD = 64  # channels per attention head
-LATENT_CHANNELS = 64  # 16 latent channels in 2x2 patches
-TEXT_TOKENS = 64
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
@@ -307,15 +308,6 @@ def build(family: str, width: int, device: str, dtype: torch.dtype) -> FamilySha
     torch.manual_seed(0)
     return FamilyShaped(family, width).to(device=device, dtype=dtype).eval().requires_grad_(False)
 
-
-def inputs(model: FamilyShaped, size: int, batch: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """An image of ``size`` pixels (8x latents in 2x2 patches), 64 text tokens and a conditioning vector."""
-    g = torch.Generator(device="cpu").manual_seed(1)
-    width = model.img_in.out_features
-    tokens = (size // 16) ** 2
-    values = dict(img=torch.randn(batch, tokens, LATENT_CHANNELS, generator=g),
-                  txt=torch.randn(batch, TEXT_TOKENS, width, generator=g), vec=torch.randn(batch, width, generator=g))
-    return {k: v.to(device=device, dtype=dtype) for k, v in values.items()}
 
 
 def lora_sites(model: FamilyShaped, which: str = "all") -> dict[str, tuple[nn.Module, tuple[int, int] | None]]:

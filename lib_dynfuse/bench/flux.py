@@ -108,8 +108,9 @@ def build(width: int, device: str, dtype: torch.dtype) -> FluxShaped:
     return FluxShaped(width).to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def inputs(model: FluxShaped, size: int, batch: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """An image of ``size`` pixels (8x latents in 2x2 patches), 64 text tokens and the pooled vector."""
+def inputs(model: nn.Module, size: int, batch: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """An image of ``size`` pixels (8x latents in 2x2 patches), 64 text tokens and the pooled vector, for FLUX and
+    the other families of FLUX's input shapes (lib_dynfuse.bench.families)."""
     g = torch.Generator(device="cpu").manual_seed(1)
     width = model.img_in.out_features
     tokens = (size // 16) ** 2
