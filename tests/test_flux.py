@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import importlib
-import importlib.util
 import re
 from pathlib import Path
 
@@ -18,17 +17,9 @@ import tolerances as tol
 
 from lib_dynfuse.hosts.base import NOTE_KEY, SELECTION_KEY
 from lib_dynfuse.settings import DynFuseSettings
+from family_harnesses import fh, nh
 
 
-def _harness(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fh = _harness("forge_harness", "fakehost/forge/forge_harness.py")
-nh = _harness("neo_harness", "fakehost/neo/neo_harness.py")
 TABLE = Path(__file__).parent / "data" / "flux-dev-layers.tsv"
 PROMPT = "a dog <lora:subj:0.8> <lora:style:1> <lora:other:0.5>"
 SIZE = dict(width=32, height=32, cfg_scale=1.0)  # FLUX dev: distilled guidance, no uncond pass

@@ -5,7 +5,6 @@ turns itself off, the note alone, without the settings that would turn it on aga
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import re
 import sys
@@ -16,17 +15,9 @@ import torch
 
 from lib_dynfuse.hosts.base import NOTE_KEY
 from lib_dynfuse.settings import DynFuseSettings, from_infotext
+from family_harnesses import fh, nh
 
 
-def _harness(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fh = _harness("forge_harness", "fakehost/forge/forge_harness.py")
-nh = _harness("neo_harness", "fakehost/neo/neo_harness.py")
 HOSTS = {"forge": (fh.forge_host, "lib_dynfuse.hosts.forge", "ForgeAdapter"),
          "neo": (nh.neo_host, "lib_dynfuse.hosts.neo", "NeoAdapter")}
 PROMPT = fh.PROMPT

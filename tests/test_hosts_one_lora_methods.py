@@ -5,7 +5,6 @@ text-encoder half stays with the WebUI (as for every method)."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from pathlib import Path
 
@@ -13,17 +12,9 @@ import pytest
 import torch
 
 from lib_dynfuse.settings import DynFuseSettings
+from family_harnesses import fh, nh
 
 
-def _harness(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fh = _harness("forge_harness", "fakehost/forge/forge_harness.py")
-nh = _harness("neo_harness", "fakehost/neo/neo_harness.py")
 HOSTS = {"forge": (fh.forge_host, "lib_dynfuse.hosts.forge", "ForgeAdapter"),
          "neo": (nh.neo_host, "lib_dynfuse.hosts.neo", "NeoAdapter")}
 FORGE_PROMPT = "a dog <lora:subj:0.8> <lora:style:1> <lora:other:0.5>"
