@@ -6,10 +6,7 @@ why it has none."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import re
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +16,7 @@ from PIL import Image
 from lib_dynfuse.guidance import make_decoder
 from lib_dynfuse.guidance.decoders import ApproxDecoder, TaesdDecoder, VaeDecoder, latent_family
 from lib_dynfuse.settings import DynFuseSettings
+from family_harnesses import fh, fl, nh
 
 # ComfyUI's and Forge Neo's published FLUX.1 preview factors (latent_formats.py / latent.py, class Flux), per
 # latent channel, and the bias per colour.
@@ -79,16 +77,6 @@ def test_the_flux_latent_is_told_by_its_channels_scale_and_shift():
 
 
 # ---- end to end on the fake Forge Neo -------------------------------------------------------------------------------
-def _load(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-nh = _load("neo_harness", "fakehost/neo/neo_harness.py")
-fl = _load("family_loras", "fakehost/neo/family_loras.py")
 PROMPT = "a dog <lora:subj:0.8> <lora:style:1> <lora:other:0.5>"
 GUIDED = {"guidance": True, "guidance_strength": 0.5, "guidance_start": 0.0, "guidance_end": 1.0,
           "subject_refs": (Image.new("RGB", (32, 32), (250, 10, 10)),),
@@ -145,7 +133,6 @@ def test_flux1_gets_guidance_and_scores_on_forge_and_neo(tmp_path, monkeypatch, 
     """FLUX.1 dev at its distilled CFG 1 (no uncond pass: the x0 estimate sizes the step)."""
     pytest.importorskip("open_clip")
     pytest.importorskip("timm")
-    fh = _load("forge_harness", "fakehost/forge/forge_harness.py")
     factory, adapter = {"forge": (fh.forge_host, "lib_dynfuse.hosts.forge:ForgeAdapter"),
                         "neo": (nh.neo_host, "lib_dynfuse.hosts.neo:NeoAdapter")}[which]
     with factory(tmp_path, family="flux") as host, fh.tiny_guidance_models(host, monkeypatch, adapter=adapter):

@@ -16,6 +16,7 @@ import torch
 from lib_dynfuse.hosts.base import NOTE_KEY
 from lib_dynfuse.settings import DynFuseSettings, from_infotext
 from family_harnesses import fh, nh
+from test_a1111_generation import _opened_sessions
 
 
 HOSTS = {"forge": (fh.forge_host, "lib_dynfuse.hosts.forge", "ForgeAdapter"),
@@ -51,20 +52,6 @@ PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 def parsed(infotext: str) -> dict[str, str]:
     """The parameters line as the WebUI's paste reads it (quoted values unquoted)."""
     return {key: json.loads(value) if value.startswith('"') else value for key, value in PARAM.findall(infotext)}
-
-
-def _opened_sessions(monkeypatch) -> list:
-    from lib_dynfuse.engine import session
-
-    opened = []
-    init = session.FusionSession.__init__
-
-    def recording_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        opened.append(self)
-
-    monkeypatch.setattr(session.FusionSession, "__init__", recording_init)
-    return opened
 
 
 def _share(logs, image: int) -> str:

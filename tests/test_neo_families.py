@@ -8,8 +8,6 @@ were; what it cannot take over it refuses with a line and a note."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,18 +15,9 @@ import torch
 
 from lib_dynfuse.hosts.base import NOTE_KEY
 from lib_dynfuse.settings import DynFuseSettings
+from family_harnesses import fl, nh
 
 
-def _load(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-nh = _load("neo_harness", "fakehost/neo/neo_harness.py")
-fl = _load("family_loras", "fakehost/neo/family_loras.py")
 PROMPT = "a dog <lora:subj:0.8> <lora:style:1> <lora:other:0.5>"
 SIZE = dict(width=32, height=32)
 
