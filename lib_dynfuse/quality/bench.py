@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.retrain:
         train.retrain(args.assets, recipe, log=log)
     world_model = World.load(args.assets)
-    summaries, differences, grids = {}, {}, {}
+    summaries, differences = {}, {}
     os.makedirs(args.out, exist_ok=True)
     for name in names:
         log(f"pair {name}: {pairs.PAIRS[name].note}")
